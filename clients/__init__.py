@@ -1,0 +1,1 @@
+"""Triton gRPC client and PACS integration (DICOM node, DICOMweb, DICOM SEG)."""

@@ -1,0 +1,162 @@
+"""Build the deployable units of a DuPLUS checkpoint.
+
+    python export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository
+
+checkpoint -> merge LoRA/DoRA adapters (checked numerically) -> ONNX per unit (named I/O, dynamic
+axes) -> onnx.checker + shape inference + contract check -> parity against PyTorch on fresh random
+inputs (over tolerance: error, non-zero exit) -> engines (TensorRT where it imports and a GPU
+exists, else ONNX Runtime) -> <output>/<unit>/1/model.onnx (+ model.plan) and manifest.json.
+
+Status: the Triton configurations (config.pbtxt, ensemble, segment_volume BLS) are the next step;
+this command currently writes the exported units, their checks and the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from export.adapters import merge_adapters  # noqa: E402
+from export.onnx_export import ContractError, ParityError, check_onnx, export_onnx, ort_session, parity  # noqa: E402
+from export.tensorrt_engine import ShapeProfile, build_engine, tensorrt_available  # noqa: E402
+from export.units import (ConditioningUnit, SegmenterUnit, TextEncoderUnit, contracts,  # noqa: E402
+                          example_inputs)
+from training.inference import load_checkpoint  # noqa: E402
+from training.model import DuPLUS, DuPLUSConfig  # noqa: E402
+from training.text_encoder import TextEncoder  # noqa: E402
+
+log = logging.getLogger("build_engines")
+
+# max abs / max relative tolerances per unit for fp32 ONNX Runtime vs PyTorch eager
+TOLERANCES = {"text_encoder": (1e-4, 1e-3), "conditioning": (1e-4, 1e-3), "segmenter": (2e-3, 1e-2)}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build(checkpoint: Path, output: Path, *, engine: str = "auto", precision: str = "fp32",
+          patch_size: tuple[int, int, int] | None = None, max_batch_size: int = 4, max_targets: int = 16,
+          units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2) -> dict:
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    cfg = DuPLUSConfig.from_dict(ckpt["model_config"])
+    patch = tuple(patch_size or cfg.patch_size)
+    factor = 2 ** (len(cfg.channels) - 1)
+    if any(p % factor for p in patch):
+        raise ValueError(f"--patch-size {patch} must be multiples of {factor}")
+    model = DuPLUS(cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    encoder = TextEncoder(cfg.text_encoder)
+
+    def run_text(m):
+        feed = example_inputs("text_encoder", cfg, seed=123)
+        return m(feed["input_ids"], feed["attention_mask"])
+
+    encoder = merge_adapters(encoder, run_text)
+    modules = {"text_encoder": TextEncoderUnit(encoder), "conditioning": ConditioningUnit(model),
+               "segmenter": SegmenterUnit(model)}
+    spec = contracts(cfg)
+    if engine == "auto":
+        engine = "tensorrt" if tensorrt_available()[0] else "onnxruntime"
+    elif engine == "tensorrt":
+        ok, why = tensorrt_available()
+        if not ok:
+            raise RuntimeError(f"--engine tensorrt: {why}")
+    manifest = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "engine": engine,
+                "precision": precision, "patch_size": list(patch), "max_batch_size": max_batch_size,
+                "model_config": cfg.to_dict(), "units": {}}
+    failures = []
+    for name in units:
+        contract = spec[name]
+        onnx_path = output / name / "1" / "model.onnx"
+        example = example_inputs(name, cfg, batch=2, k=3, spatial=patch, seed=0)
+        export_onnx(modules[name], contract, example, onnx_path)
+        check_onnx(onnx_path, contract)
+        session = ort_session(onnx_path)
+        # fresh inputs with other dynamic sizes than the tracing example
+        fresh = [example_inputs(name, cfg, batch=1 + (i % 2), k=1 + 2 * i, tokens=7 + 5 * i,
+                                spatial=tuple(p if i == 0 else p + factor for p in patch[:2]) + (patch[2],),
+                                seed=1000 + i) for i in range(parity_runs)]
+        atol, rtol = TOLERANCES[name]
+        results = parity(modules[name], onnx_path, contract, fresh, atol=atol, rtol=rtol, session=session)
+        failures += [str(r) for r in results if not r.ok]
+        entry = {"onnx": str(onnx_path.relative_to(output)), "sha256": file_sha256(onnx_path),
+                 "inputs": [[t.name, t.dtype, list(t.shape)] for t in contract.inputs],
+                 "outputs": [[t.name, t.dtype, list(t.shape)] for t in contract.outputs],
+                 "parity": [{"output": r.output, "max_abs": r.max_abs, "max_rel": r.max_rel, "atol": r.atol,
+                             "rtol": r.rtol} for r in results]}
+        if engine == "tensorrt":
+            profile = _profile(name, cfg, patch, max_batch_size, max_targets)
+            plan = build_engine(onnx_path, output / name / "1" / "model.plan", contract, profile,
+                                precision=precision, timing_cache=output / ".timing.cache")
+            entry["plan"] = str(plan.relative_to(output))
+        manifest["units"][name] = entry
+    if failures:
+        raise ParityError("parity over tolerance: " + "; ".join(failures))
+    manifest["seconds"] = round(time.perf_counter() - t0, 1)
+    (output / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log.info("built %s with %s in %.0f s", ", ".join(units), engine, manifest["seconds"])
+    return manifest
+
+
+def _profile(name: str, cfg: DuPLUSConfig, patch, max_batch: int, max_targets: int) -> ShapeProfile:
+    e = cfg.text_dim
+    if name == "text_encoder":
+        return ShapeProfile({"input_ids": ((1, 1), (8, 16), (64, 64)), "attention_mask": ((1, 1), (8, 16), (64, 64))})
+    if name == "conditioning":
+        return ShapeProfile({"t1_embedding": ((1, e), (1, e), (max_batch, e)),
+                             "t2_embedding": ((1, e), (4, e), (max_targets, e))})
+    p = tuple(patch)
+    return ShapeProfile({"image": ((1, 1) + p, (max_batch, 1) + p, (max_batch, 1) + p),
+                         "modality": ((1,), (max_batch,), (max_batch,)),
+                         "film": ((1, cfg.film_size), (max_batch, cfg.film_size), (max_batch, cfg.film_size)),
+                         "head_params": ((1, cfg.head_params), (4, cfg.head_params),
+                                         (max_targets, cfg.head_params))})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python export/build_engines.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt", help="DuPLUS checkpoint to export")
+    ap.add_argument("--output", default="model_repository", help="folder to write the units into")
+    ap.add_argument("--engine", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+                    help="auto: TensorRT where it imports and a GPU exists, else ONNX Runtime")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                    help="TensorRT precision (ONNX Runtime units stay fp32)")
+    ap.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                    help="sliding-window patch; default: the checkpoint's training patch")
+    ap.add_argument("--max-batch-size", type=int, default=4, help="largest batch of patches (engine profiles)")
+    ap.add_argument("--max-targets", type=int, default=16, help="largest number of target prompts K per request")
+    ap.add_argument("--units", nargs="+", default=["text_encoder", "conditioning", "segmenter"],
+                    choices=("text_encoder", "conditioning", "segmenter"), help="which units to build")
+    ap.add_argument("--log-level", default="INFO", help="logging level")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        build(Path(args.checkpoint), Path(args.output), engine=args.engine, precision=args.precision,
+              patch_size=tuple(args.patch_size) if args.patch_size else None, max_batch_size=args.max_batch_size,
+              max_targets=args.max_targets, units=tuple(args.units))
+    except (ContractError, ParityError, ValueError, RuntimeError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The exported units and their tensor contract.
+
+Each deployable part of DuPLUS is one exported unit with named inputs/outputs, dtypes and
+dynamic axes. The contract below is the single source of truth: the ONNX export, the parity
+check, the engine builders and the Triton configurations all read it, and tests check the
+exported files against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.model import DuPLUS, DuPLUSConfig
+from training.text_encoder import TextEncoder
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                     # numpy dtype name: float32, int64, uint8
+    shape: tuple[int | str, ...]   # ints are fixed, strings name dynamic axes
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float16", "int64", "int32", "uint8", "bool"):
+            raise ValueError(f"TensorSpec {self.name}: unsupported dtype {self.dtype!r}")
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: s for i, s in enumerate(self.shape) if isinstance(s, str)}
+
+
+@dataclass(frozen=True)
+class UnitContract:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str = ""
+
+
+def contracts(cfg: DuPLUSConfig) -> dict[str, UnitContract]:
+    e = cfg.text_dim
+    return {
+        "text_encoder": UnitContract(
+            "text_encoder",
+            (TensorSpec("input_ids", "int64", ("n", "tokens")), TensorSpec("attention_mask", "int64", ("n", "tokens"))),
+            (TensorSpec("embedding", "float32", ("n", e)),),
+            "frozen sentence encoder, mean-pooled and L2-normalised"),
+        "conditioning": UnitContract(
+            "conditioning",
+            (TensorSpec("t1_embedding", "float32", ("b", e)), TensorSpec("t2_embedding", "float32", ("k", e))),
+            (TensorSpec("film", "float32", ("b", cfg.film_size)),
+             TensorSpec("head_params", "float32", ("k", cfg.head_params))),
+            "T1 -> FiLM gamma/beta of every stage; T2 -> dynamic-head parameters (controller)"),
+        "segmenter": UnitContract(
+            "segmenter",
+            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")), TensorSpec("modality", "int64", ("b",)),
+             TensorSpec("film", "float32", ("b", cfg.film_size)),
+             TensorSpec("head_params", "float32", ("k", cfg.head_params))),
+            (TensorSpec("logits", "float32", ("b", "k", "x", "y", "z")),),
+            "modality stems + FiLM U-Net + K dynamic heads, one backbone pass for K targets"),
+    }
+
+
+class SegmenterUnit(nn.Module):
+    def __init__(self, model: DuPLUS):
+        super().__init__()
+        self.segmenter = model.segmenter
+
+    def forward(self, image, modality, film, head_params):
+        return self.segmenter(image, modality, film, head_params)
+
+
+class ConditioningUnit(nn.Module):
+    def __init__(self, model: DuPLUS):
+        super().__init__()
+        self.conditioning = model.conditioning
+
+    def forward(self, t1_embedding, t2_embedding):
+        return self.conditioning(t1_embedding, t2_embedding)
+
+
+class TextEncoderUnit(nn.Module):
+    def __init__(self, encoder: TextEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(input_ids, attention_mask)
+
+
+def example_inputs(name: str, cfg: DuPLUSConfig, *, batch: int = 2, k: int = 3, spatial=None, tokens: int = 12,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fresh random inputs that satisfy a unit's contract (for export tracing and parity checks)."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "text_encoder":
+        ids = torch.randint(1000, 20000, (batch, tokens), generator=g)
+        ids[:, 0] = 101  # [CLS]
+        mask = torch.ones(batch, tokens, dtype=torch.int64)
+        mask[-1, tokens // 2:] = 0  # one padded prompt exercises the pooling mask
+        return {"input_ids": ids, "attention_mask": mask}
+    if name == "conditioning":
+        t1 = torch.nn.functional.normalize(torch.randn(batch, cfg.text_dim, generator=g), dim=1)
+        t2 = torch.nn.functional.normalize(torch.randn(k, cfg.text_dim, generator=g), dim=1)
+        return {"t1_embedding": t1, "t2_embedding": t2}
+    if name == "segmenter":
+        spatial = tuple(spatial or cfg.patch_size)
+        return {"image": torch.randn(batch, 1, *spatial, generator=g),
+                "modality": torch.randint(0, len(cfg.modalities), (batch,), generator=g),
+                "film": torch.randn(batch, cfg.film_size, generator=g) * 0.1,
+                "head_params": torch.randn(k, cfg.head_params, generator=g) * 0.3}
+    raise ValueError(f"unknown unit {name!r}")

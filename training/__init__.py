@@ -1,0 +1,1 @@
+"""DuPLUS training code: prompts, text encoder, model, phantoms, data, preprocessing, training and evaluation."""

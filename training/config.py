@@ -1,0 +1,119 @@
+"""Training configuration: frozen dataclasses, loaded from YAML and validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from training.model import DuPLUSConfig
+from training.prompts import MODALITIES, REGIONS, TARGET_SYNONYMS
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """How to generate a phantom data set when its folder does not exist yet."""
+
+    region: str
+    modality: str
+    cases: int
+    seed: int
+    labelled: tuple[str, ...] | None = None
+    sequence: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.region not in REGIONS:
+            raise ValueError(f"phantom.region must be one of {REGIONS}, got {self.region!r}")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"phantom.modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.cases < 1:
+            raise ValueError(f"phantom.cases must be >= 1, got {self.cases}")
+        if self.labelled is not None:
+            object.__setattr__(self, "labelled", tuple(self.labelled))
+            bad = [t for t in self.labelled if t not in TARGET_SYNONYMS]
+            if bad:
+                raise ValueError(f"phantom.labelled has unknown targets {bad}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: str                         # Decathlon folder, relative to TrainConfig.data_root or absolute
+    phantom: PhantomSpec | None = None
+    val_cases: int = 2                # the last N cases are held out for validation
+    weight: float = 1.0               # sampling weight between data sets
+    region: str | None = None         # override when dataset.json does not say
+
+    def __post_init__(self) -> None:
+        if isinstance(self.phantom, dict):
+            object.__setattr__(self, "phantom", PhantomSpec(**self.phantom))
+        if self.val_cases < 0:
+            raise ValueError(f"dataset.val_cases must be >= 0, got {self.val_cases}")
+        if self.weight <= 0:
+            raise ValueError(f"dataset.weight must be > 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    steps: int = 2000
+    batch_size: int = 2
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    warmup: int = 50
+    grad_clip: float = 1.0
+    targets_per_step: int = 3         # K target prompts asked per step (a random subset of the labelled ones)
+    foreground_prob: float = 0.85     # chance that a patch is centred on a labelled voxel
+    bf16: bool = True                 # bfloat16 autocast (AMX on recent x86 CPUs, tensor cores on GPUs)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "targets_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"optim.lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.foreground_prob <= 1:
+            raise ValueError(f"optim.foreground_prob must be in [0, 1], got {self.foreground_prob}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output: str
+    datasets: tuple[DatasetSpec, ...]
+    data_root: str = "data"
+    model: DuPLUSConfig = field(default_factory=DuPLUSConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    val_every: int = 250
+    seed: int = 0
+    threads: int = 0                  # 0: all cores
+    device: str = "auto"              # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datasets", tuple(d if isinstance(d, DatasetSpec) else DatasetSpec(**d)
+                                                   for d in self.datasets))
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", DuPLUSConfig(**self.model))
+        if isinstance(self.optim, dict):
+            object.__setattr__(self, "optim", OptimConfig(**self.optim))
+        if not self.datasets:
+            raise ValueError("datasets must list at least one data set")
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def dataset_path(self, spec: DatasetSpec) -> Path:
+        p = Path(spec.path)
+        return p if p.is_absolute() else Path(self.data_root) / p
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown configuration keys {sorted(unknown)}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**raw)

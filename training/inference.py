@@ -1,0 +1,184 @@
+"""Layered inference, from files down to logits (nnU-Net style):
+
+    predict_file(path)                 NIfTI in -> labels (+ probabilities) on the input grid
+    predict_array(image, affine, ...)  array + geometry -> labels on the input grid
+    predict_preprocessed(x, ...)       one model-space volume -> per-target probabilities (sliding window)
+    patch_logits(patch, ...)           one batch of patches -> logits
+
+Prompts are encoded once per call through the embedding cache, and conditioning (FiLM and
+head parameters) is computed once per call, never per sliding-window patch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from training.model import DuPLUS, DuPLUSConfig
+from training.preprocessing import fuse_labels, to_input_grid, to_model_space
+from training.prompts import PromptVocabulary, normalise_text, validate_prompt
+from training.text_encoder import EmbeddingCache, TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+class UnknownPromptError(ValueError):
+    """A prompt that is not close to anything the model was trained on."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    t1: str
+    targets: tuple[str, ...]         # the user's target prompts
+    resolved: tuple[str, ...]        # canonical target each prompt was matched to
+    similarity: tuple[float, ...]    # cosine similarity of that match
+    film: torch.Tensor               # [1, F]
+    head_params: torch.Tensor        # [K, P]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: np.ndarray                    # uint8 on the input grid, value i = targets[i-1]
+    affine: np.ndarray                    # the input's affine
+    targets: tuple[str, ...]
+    resolved: tuple[str, ...]
+    probabilities: np.ndarray | None      # float32 [K, ...] on the input grid, only on request
+    seconds: float
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    for key in ("model_config", "state_dict", "vocabulary"):
+        if key not in ckpt:
+            raise ValueError(f"{path} is not a DuPLUS checkpoint (missing {key!r})")
+    return ckpt
+
+
+class Predictor:
+    """A trained DuPLUS model with its frozen text encoder and prompt cache."""
+
+    def __init__(self, model: DuPLUS, vocabulary: PromptVocabulary, text_encoder: TextEncoder | None = None, *,
+                 device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int = 2,
+                 target_similarity: float = 0.6, bf16: bool = False):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.cfg: DuPLUSConfig = model.cfg
+        self.vocabulary = vocabulary
+        self.text_encoder = text_encoder or TextEncoder(self.cfg.text_encoder)
+        self.cache = EmbeddingCache(self.text_encoder)
+        self.overlap = overlap
+        self.sw_batch_size = sw_batch_size
+        self.target_similarity = target_similarity
+        self.bf16 = bf16  # bfloat16 autocast for the sliding window (validation during training)
+        self._known_t2: list[tuple[str, str]] = [(t, p) for t, ps in vocabulary.all_t2().items() for p in ps]
+        self._known_t2_emb: torch.Tensor | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> Predictor:
+        ckpt = load_checkpoint(path)
+        model = DuPLUS(DuPLUSConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["state_dict"])
+        return cls(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), device=device, **kwargs)
+
+    # ---- prompts -------------------------------------------------------------------------
+    def resolve_targets(self, targets: list[str] | tuple[str, ...]) -> tuple[list[str], list[float]]:
+        """Match each target prompt to the nearest known target; unknown prompts raise."""
+        if not targets:
+            raise ValueError("no target prompts given")
+        if self._known_t2_emb is None:
+            self._known_t2_emb = self.cache.encode([p for _, p in self._known_t2])
+        emb = self.cache.encode([validate_prompt(t, "target (T2)") for t in targets])
+        sim = emb @ self._known_t2_emb.T
+        names = [n for n, _ in self._known_t2]
+        resolved, scores = [], []
+        for text, row in zip(targets, sim):
+            per_target: dict[str, float] = {}
+            for n, s in zip(names, row.tolist()):
+                per_target[n] = max(per_target.get(n, -1.0), s)
+            exact = [n for n, ps in self.vocabulary.all_t2().items()
+                     if normalise_text(text) in {normalise_text(p) for p in ps}]
+            ranked = sorted(per_target.items(), key=lambda kv: -kv[1])
+            (name, s), (second, s2) = ranked[0], ranked[1] if len(ranked) > 1 else ("", -1.0)
+            if exact:
+                name, s = exact[0], 1.0
+            elif s < self.target_similarity:
+                raise UnknownPromptError(f"unknown target prompt {text!r}: the closest known target is {name!r} "
+                                         f"(similarity {s:.2f} < {self.target_similarity})")
+            elif s - s2 < 0.02:
+                raise UnknownPromptError(f"ambiguous target prompt {text!r}: it matches {name!r} ({s:.2f}) and "
+                                         f"{second!r} ({s2:.2f}) almost equally; be more specific")
+            resolved.append(name)
+            scores.append(float(s))
+        return resolved, scores
+
+    @torch.no_grad()
+    def condition(self, t1: str, targets: list[str] | tuple[str, ...]) -> Conditioning:
+        t1 = validate_prompt(t1, "context (T1)")
+        resolved, scores = self.resolve_targets(list(targets))
+        t1_emb = self.cache.encode([t1]).to(self.device)
+        t2_emb = self.cache.encode(list(targets)).to(self.device)
+        film, head = self.model.conditioning(t1_emb, t2_emb)
+        return Conditioning(t1, tuple(targets), tuple(resolved), tuple(scores), film, head)
+
+    # ---- layers ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def patch_logits(self, patch: torch.Tensor, modality: str, cond: Conditioning) -> torch.Tensor:
+        b = patch.shape[0]
+        mod = self.model.modality_index([modality] * b).to(self.device)
+        return self.model.segmenter(patch.to(self.device), mod, cond.film.expand(b, -1), cond.head_params)
+
+    @torch.no_grad()
+    def predict_preprocessed(self, image: torch.Tensor, modality: str, cond: Conditioning) -> torch.Tensor:
+        """[1, X, Y, Z] model-space volume -> [K, X, Y, Z] probabilities (Gaussian-blended sliding window)."""
+        mod_index = self.model.modality_index(modality).to(self.device)
+
+        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            b = patch.shape[0]
+            return self.model.segmenter(patch, mod_index.expand(b), cond.film.expand(b, -1), cond.head_params)
+
+        x = torch.as_tensor(image)[None].float().to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = sliding_window_inference(x, self.cfg.patch_size, self.sw_batch_size, predictor,
+                                              overlap=self.overlap, mode="gaussian", padding_mode="replicate")
+        return torch.sigmoid(torch.as_tensor(logits)[0].float()).cpu()
+
+    def predict_array(self, image: np.ndarray, affine: np.ndarray, modality: str, t1: str,
+                      targets: list[str] | tuple[str, ...], *, return_probabilities: bool = False) -> Prediction:
+        t0 = time.perf_counter()
+        if modality not in self.cfg.modalities:
+            raise ValueError(f"unknown modality {modality!r}; this model has stems for {self.cfg.modalities}")
+        cond = self.condition(t1, targets)
+        x, _ = to_model_space(image, affine, modality, self.cfg.spacing)
+        probs = self.predict_preprocessed(x, modality, cond)
+        probs_in = to_input_grid(probs, x.affine, affine, tuple(image.shape))
+        labels = fuse_labels(probs_in).numpy()
+        return Prediction(labels=labels, affine=np.asarray(affine, dtype=np.float64), targets=tuple(targets),
+                          resolved=cond.resolved, probabilities=probs_in.numpy() if return_probabilities else None,
+                          seconds=time.perf_counter() - t0)
+
+    def predict_file(self, path: str | Path, modality: str, t1: str, targets: list[str], *,
+                     out: str | Path | None = None) -> Prediction:
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        pred = self.predict_array(data, img.affine, modality, t1, targets)
+        if out is not None:
+            nib.save(nib.Nifti1Image(pred.labels, img.affine), str(out))
+        return pred
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    denom = pred.sum() + truth.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)

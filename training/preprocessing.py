@@ -1,0 +1,130 @@
+"""Preprocessing shared by training and inference, and its inverse.
+
+Forward (input grid -> model space): orientation to RAS, resampling to the model spacing
+(1.5 mm by default), per-modality intensity normalisation. All of it with MONAI transforms
+on MetaTensors, so the affine travels with the data.
+
+Inverse (model space -> input grid): resample per-target probabilities onto the input's own
+shape and affine (trilinear), then fuse to labels there, so that masks come back in the
+geometry the image came in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensityRange, Spacing, SpatialResample
+
+log = logging.getLogger(__name__)
+
+# world axis labels of RAS+ (nibabel/NIfTI): x runs left -> right, y posterior -> anterior, z inferior -> superior
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+@dataclass(frozen=True)
+class IntensityPolicy:
+    """How one modality's intensities are mapped to the network's range."""
+
+    kind: str  # "window" (fixed range, e.g. HU or SUV) or "zscore" (per image, inside the body)
+    low: float = 0.0
+    high: float = 1.0
+    out_low: float = 0.0
+    out_high: float = 1.0
+    clip: tuple[float, float] = (-5.0, 5.0)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("window", "zscore"):
+            raise ValueError(f"IntensityPolicy.kind must be 'window' or 'zscore', got {self.kind!r}")
+        if self.kind == "window" and not self.high > self.low:
+            raise ValueError(f"IntensityPolicy window needs high > low, got low={self.low}, high={self.high}")
+
+
+INTENSITY_POLICIES: dict[str, IntensityPolicy] = {
+    # soft-tissue CT window in Hounsfield units, -250..350 HU -> -1..1 (bone and air saturate)
+    "CT": IntensityPolicy("window", low=-250.0, high=350.0, out_low=-1.0, out_high=1.0, clip=(-1.5, 3.0)),
+    # MR has no absolute scale: z-score over the body (non-zero) voxels
+    "MR": IntensityPolicy("zscore", clip=(-4.0, 6.0)),
+    # PET in SUV: 0..10 SUV -> 0..2, hot lesions keep their contrast up to the clip
+    "PET": IntensityPolicy("window", low=0.0, high=10.0, out_low=0.0, out_high=2.0, clip=(0.0, 5.0)),
+}
+
+
+def normalise_intensity(image: torch.Tensor, modality: str) -> torch.Tensor:
+    if modality not in INTENSITY_POLICIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {tuple(INTENSITY_POLICIES)}")
+    policy = INTENSITY_POLICIES[modality]
+    if policy.kind == "window":
+        out = ScaleIntensityRange(policy.low, policy.high, policy.out_low, policy.out_high, clip=False)(image)
+    else:
+        body = image > (image.mean() * 0.1 if image.numel() else 0)
+        out = NormalizeIntensity(subtrahend=float(image[body].mean()) if body.any() else 0.0,
+                                 divisor=float(image[body].std()) + 1e-6 if body.any() else 1.0)(image)
+    return torch.clamp(out, *policy.clip)
+
+
+def check_volume(image: np.ndarray, affine: np.ndarray, *, min_spacing: float = 0.2, max_spacing: float = 10.0,
+                 max_voxels: int = 512 * 512 * 1024) -> None:
+    """Reject inputs that cannot be segmented, naming the problem."""
+    if image.ndim != 3:
+        raise ValueError(f"volume must be 3-D, got shape {tuple(image.shape)}")
+    if min(image.shape) < 1:
+        raise ValueError(f"volume has an empty axis: shape {tuple(image.shape)}")
+    if image.size > max_voxels:
+        raise ValueError(f"volume has {image.size} voxels; the limit is {max_voxels}")
+    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+        raise ValueError(f"volume dtype must be real numeric, got {image.dtype}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError("volume contains NaN or Inf values")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if (spacing < min_spacing).any() or (spacing > max_spacing).any():
+        raise ValueError(f"voxel spacing {np.round(spacing, 3).tolist()} mm is outside "
+                         f"[{min_spacing}, {max_spacing}] mm")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise ValueError("affine is singular")
+
+
+def to_model_space(image: np.ndarray | torch.Tensor, affine: np.ndarray, modality: str,
+                   spacing: tuple[float, float, float] = (1.5, 1.5, 1.5), *,
+                   label: np.ndarray | torch.Tensor | None = None, check: bool = True
+                   ) -> tuple[MetaTensor, MetaTensor | None]:
+    """Input grid -> RAS, model spacing, normalised intensities. Returns [1, X, Y, Z] MetaTensors."""
+    if check:
+        check_volume(np.asarray(image), affine)
+    affine_t = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+    img = MetaTensor(torch.as_tensor(np.asarray(image, dtype=np.float32))[None], affine=affine_t)
+    img = Orientation(axcodes="RAS", labels=RAS_LABELS)(img)
+    img = Spacing(pixdim=spacing, mode="bilinear", padding_mode="border")(img)
+    img = MetaTensor(normalise_intensity(img, modality), meta=img.meta)
+    lab = None
+    if label is not None:
+        lab = MetaTensor(torch.as_tensor(np.asarray(label, dtype=np.float32))[None], affine=affine_t)
+        lab = Orientation(axcodes="RAS", labels=RAS_LABELS)(lab)
+        lab = Spacing(pixdim=spacing, mode="nearest", padding_mode="zeros")(lab)
+        if lab.shape != img.shape:
+            raise RuntimeError(f"label resampled to {tuple(lab.shape)} but image to {tuple(img.shape)}")
+    return img, lab
+
+
+def to_input_grid(values: torch.Tensor, model_affine: np.ndarray | torch.Tensor, input_affine: np.ndarray,
+                  input_shape: tuple[int, int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Model-space [C, X, Y, Z] -> the input's own grid [C, I, J, K] (same shape and affine as the input)."""
+    src = MetaTensor(values.float(), affine=torch.as_tensor(np.asarray(model_affine, dtype=np.float64)))
+    out = SpatialResample(mode=mode, padding_mode="border" if mode != "nearest" else "zeros", dtype=torch.float32)(
+        src, dst_affine=torch.as_tensor(np.asarray(input_affine, dtype=np.float64)), spatial_size=tuple(input_shape))
+    out = out.as_tensor() if isinstance(out, MetaTensor) else out
+    if tuple(out.shape[1:]) != tuple(input_shape):
+        raise RuntimeError(f"inverse resampling produced {tuple(out.shape[1:])}, expected {tuple(input_shape)}")
+    return out
+
+
+def fuse_labels(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """[K, ...] per-target probabilities -> uint8 labels 1..K (0 where no target reaches the threshold)."""
+    best, index = probabilities.max(dim=0)
+    return torch.where(best >= threshold, index + 1, torch.zeros_like(index)).to(torch.uint8)

@@ -1,0 +1,193 @@
+"""Prompt vocabulary for the two DuPLUS prompts.
+
+T1 (context) names the imaging modality and the body region, e.g. "CT of the abdomen".
+T2 (target) names the structure to segment, e.g. "liver".
+
+Every canonical entry carries paraphrases and synonyms. Training draws from them at
+random (prompt augmentation), so that what a user types is not limited to one template.
+Following Zeus, each target also has a short *descriptive instruction* drawn from a small
+offline knowledge base ("the liver, the large organ of the right upper abdomen"), which
+conditions the model in the same way as a bare class name.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+MODALITIES: tuple[str, ...] = ("CT", "MR", "PET")
+REGIONS: tuple[str, ...] = ("abdomen", "head_neck")
+
+# modality (+ MR sequence) -> how people write it
+MODALITY_PHRASES: dict[str, tuple[str, ...]] = {
+    "CT": ("CT", "computed tomography", "CT scan", "contrast-enhanced CT", "CT image", "x-ray CT"),
+    "MR:T1": ("T1-weighted MRI", "T1-weighted MR", "T1w MRI", "MRI T1", "T1 weighted magnetic resonance image"),
+    "MR:T2": ("T2-weighted MRI", "T2-weighted MR", "T2w MRI", "MRI T2", "T2 weighted magnetic resonance image"),
+    "MR": ("MRI", "MR", "magnetic resonance imaging", "MR scan"),
+    "PET": ("PET", "FDG PET", "FDG-PET", "positron emission tomography", "18F-FDG PET", "PET scan"),
+}
+
+REGION_PHRASES: dict[str, tuple[str, ...]] = {
+    "abdomen": ("the abdomen", "abdomen", "the abdominal region", "the upper abdomen", "the abdominal cavity"),
+    "head_neck": ("the head and neck", "head and neck", "the neck", "the head-and-neck region", "the oropharynx and neck"),
+}
+
+T1_TEMPLATES: tuple[str, ...] = (
+    "{modality} of {region}",
+    "{modality} scan of {region}",
+    "{modality} image of {region}",
+    "a {modality} of {region}",
+    "{modality} showing {region}",
+)
+
+# canonical target -> synonyms (the first is the canonical display name)
+TARGET_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "liver": ("liver", "the liver", "hepatic parenchyma", "liver parenchyma", "hepar"),
+    "spleen": ("spleen", "the spleen", "splenic parenchyma", "lien"),
+    "left kidney": ("left kidney", "the left kidney", "kidney left", "left renal parenchyma", "kidney_left", "l kidney"),
+    "right kidney": ("right kidney", "the right kidney", "kidney right", "right renal parenchyma", "kidney_right", "r kidney"),
+    "aorta": ("aorta", "the aorta", "abdominal aorta", "aortic lumen"),
+    "pancreas": ("pancreas", "the pancreas", "pancreatic gland", "pancreatic parenchyma"),
+    "stomach": ("stomach", "the stomach", "gastric wall and lumen", "gaster"),
+    "primary tumour": ("primary tumour", "primary tumor", "the primary tumour", "GTVp", "primary gross tumour volume",
+                       "primary cancer"),
+    "lymph node": ("lymph node", "lymph nodes", "metastatic lymph node", "GTVn", "nodal gross tumour volume",
+                   "involved cervical lymph nodes", "nodal metastasis"),
+}
+
+# Zeus-style instructions: descriptive text from an offline knowledge base.
+TARGET_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "liver": ("the liver, the large organ of the right upper abdomen under the diaphragm",),
+    "spleen": ("the spleen, an oval organ in the left upper abdomen behind the stomach",),
+    "left kidney": ("the left kidney, a bean-shaped organ beside the spine on the left",),
+    "right kidney": ("the right kidney, a bean-shaped organ below the liver on the right",),
+    "aorta": ("the aorta, the large artery running down in front of the spine",),
+    "pancreas": ("the pancreas, an elongated gland lying across the back of the abdomen",),
+    "stomach": ("the stomach, the hollow organ of the left upper abdomen",),
+    "primary tumour": ("the primary tumour, an FDG-avid mass in the oropharynx",),
+    "lymph node": ("a metastatic lymph node in the lateral neck",),
+}
+
+# which targets exist in which region (used for validation and default target lists)
+REGION_TARGETS: dict[str, tuple[str, ...]] = {
+    "abdomen": ("liver", "spleen", "left kidney", "right kidney", "aorta", "pancreas", "stomach"),
+    "head_neck": ("primary tumour", "lymph node"),
+}
+
+
+def normalise_text(text: str) -> str:
+    """Lower-case, collapse whitespace and underscores; used as the embedding-cache key."""
+    return re.sub(r"\s+", " ", text.replace("_", " ")).strip().lower()
+
+
+def validate_prompt(text: str, what: str, max_chars: int = 256) -> str:
+    """Reject empty, non-string or over-long prompts with an error that names the problem."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} prompt must be a string, got {type(text).__name__}")
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError(f"{what} prompt is empty")
+    if len(stripped) > max_chars:
+        raise ValueError(f"{what} prompt is {len(stripped)} characters long; at most {max_chars} are allowed")
+    return stripped
+
+
+def modality_key(modality: str, sequence: str | None = None) -> str:
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    if modality == "MR" and sequence:
+        if sequence not in ("T1", "T2"):
+            raise ValueError(f"unknown MR sequence {sequence!r}; expected 'T1' or 'T2'")
+        return f"MR:{sequence}"
+    return modality
+
+
+def canonical_t1(modality: str, region: str, sequence: str | None = None) -> str:
+    """The plain context prompt, e.g. 'CT of the abdomen'."""
+    if region not in REGIONS:
+        raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
+    return T1_TEMPLATES[0].format(modality=MODALITY_PHRASES[modality_key(modality, sequence)][0],
+                                  region=REGION_PHRASES[region][0])
+
+
+def t1_paraphrases(modality: str, region: str, sequence: str | None = None) -> list[str]:
+    """All T1 prompts the vocabulary can write for one context."""
+    keys = [modality_key(modality, sequence)]
+    if modality == "MR" and sequence:
+        keys.append("MR")  # a T1w image may also be called just 'MRI of the abdomen'
+    out = []
+    for key in keys:
+        for mod in MODALITY_PHRASES[key]:
+            for reg in REGION_PHRASES[region]:
+                for template in T1_TEMPLATES:
+                    out.append(template.format(modality=mod, region=reg))
+    return out
+
+
+def t2_paraphrases(target: str, descriptions: bool = True) -> list[str]:
+    if target not in TARGET_SYNONYMS:
+        raise ValueError(f"unknown target {target!r}; expected one of {tuple(TARGET_SYNONYMS)}")
+    out = list(TARGET_SYNONYMS[target])
+    if descriptions:
+        out += list(TARGET_DESCRIPTIONS.get(target, ()))
+    return out
+
+
+def canonical_target(name: str) -> str | None:
+    """Map a label name from a data set (e.g. 'GTVp', 'kidney_left', 'Liver') to a canonical target."""
+    key = normalise_text(name)
+    for target, synonyms in TARGET_SYNONYMS.items():
+        if key in {normalise_text(s) for s in synonyms}:
+            return target
+    return None
+
+
+@dataclass(frozen=True)
+class PromptVocabulary:
+    """The vocabulary a checkpoint was trained with; stored inside the checkpoint."""
+
+    targets: tuple[str, ...] = tuple(TARGET_SYNONYMS)
+    target_synonyms: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(TARGET_SYNONYMS))
+    target_descriptions: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(TARGET_DESCRIPTIONS))
+    modality_phrases: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(MODALITY_PHRASES))
+    region_phrases: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(REGION_PHRASES))
+
+    def __post_init__(self) -> None:
+        missing = [t for t in self.targets if t not in self.target_synonyms]
+        if missing:
+            raise ValueError(f"targets without synonyms in the vocabulary: {missing}")
+
+    def all_t2(self) -> dict[str, list[str]]:
+        return {t: list(self.target_synonyms[t]) + list(self.target_descriptions.get(t, ())) for t in self.targets}
+
+    def all_t1(self) -> dict[str, list[str]]:
+        """context key ('CT|abdomen', 'MR:T1|abdomen', ...) -> paraphrases."""
+        out: dict[str, list[str]] = {}
+        for key, mods in self.modality_phrases.items():
+            for region, regs in self.region_phrases.items():
+                out[f"{key}|{region}"] = [t.format(modality=m, region=r) for m in mods for r in regs for t in T1_TEMPLATES]
+        return out
+
+    def to_dict(self) -> dict:
+        return {"targets": list(self.targets),
+                "target_synonyms": {k: list(v) for k, v in self.target_synonyms.items()},
+                "target_descriptions": {k: list(v) for k, v in self.target_descriptions.items()},
+                "modality_phrases": {k: list(v) for k, v in self.modality_phrases.items()},
+                "region_phrases": {k: list(v) for k, v in self.region_phrases.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PromptVocabulary:
+        return cls(targets=tuple(d["targets"]),
+                   target_synonyms={k: tuple(v) for k, v in d["target_synonyms"].items()},
+                   target_descriptions={k: tuple(v) for k, v in d["target_descriptions"].items()},
+                   modality_phrases={k: tuple(v) for k, v in d["modality_phrases"].items()},
+                   region_phrases={k: tuple(v) for k, v in d["region_phrases"].items()})
+
+
+def sample_t1(rng: random.Random, modality: str, region: str, sequence: str | None = None) -> str:
+    return rng.choice(t1_paraphrases(modality, region, sequence))
+
+
+def sample_t2(rng: random.Random, target: str) -> str:
+    return rng.choice(t2_paraphrases(target))

@@ -1,0 +1,324 @@
+"""Train the DuPLUS segmenter.
+
+    python -m training.train_segmentation --config configs/demo.yaml
+
+Each step draws one data set, B patches from its training cases and a random subset of
+the targets it labels (partial labels: a data set is only asked about its own targets),
+with random T1/T2 paraphrases as prompt augmentation. Loss: BCE + soft Dice per target.
+Progress bar, validation Dice per target on held-out cases, checkpoints with the model
+config and the prompt vocabulary, resume from ``last.pt``, and a PNG of the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training.config import DatasetSpec, TrainConfig
+from training.data import CaseRecord, load_decathlon, read_case
+from training.inference import Predictor, dice
+from training.model import DuPLUS, count_parameters
+from training.preprocessing import fuse_labels, to_model_space
+from training.prompts import PromptVocabulary, canonical_t1, t1_paraphrases, t2_paraphrases
+from training.text_encoder import EmbeddingCache, TextEncoder
+
+log = logging.getLogger("train_segmentation")
+
+
+@dataclass
+class PreparedCase:
+    record: CaseRecord
+    image: torch.Tensor                 # [1, X, Y, Z] model space, normalised
+    label: np.ndarray                   # [X, Y, Z] uint8
+    centres: dict[int, np.ndarray]      # label value -> sample of voxel coordinates [n, 3]
+
+
+def _pad_to(image: torch.Tensor, label: np.ndarray, size: tuple[int, int, int]):
+    pads = [max(0, s - d) for s, d in zip(size, label.shape)]
+    if not any(pads):
+        return image, label
+    widths = [(p // 2, p - p // 2) for p in pads]
+    img = np.pad(image[0].numpy(), widths, mode="constant", constant_values=float(image.min()))
+    return torch.from_numpy(img)[None], np.pad(label, widths, mode="constant")
+
+
+def prepare_case(record: CaseRecord, spacing, patch_size, rng: np.random.Generator, max_centres: int = 4000):
+    image, label, affine = read_case(record)
+    x, lab = to_model_space(image, affine, record.modality, spacing, label=label)
+    x, lab_np = _pad_to(x.as_tensor().float(), lab[0].numpy().astype(np.uint8), patch_size)
+    centres = {}
+    for value in record.targets:
+        idx = np.argwhere(lab_np == value)
+        if len(idx) == 0:
+            continue
+        if len(idx) > max_centres:
+            idx = idx[rng.choice(len(idx), max_centres, replace=False)]
+        centres[value] = idx.astype(np.int32)
+    return PreparedCase(record, x.contiguous(), lab_np, centres)
+
+
+def prepare_datasets(cfg: TrainConfig) -> list[tuple[DatasetSpec, list[CaseRecord]]]:
+    out = []
+    for spec in cfg.datasets:
+        path = cfg.dataset_path(spec)
+        if not (path / "dataset.json").is_file():
+            if spec.phantom is None:
+                raise FileNotFoundError(f"{path}/dataset.json is missing and no phantom spec is given")
+            from training.phantoms import write_decathlon_dataset
+
+            p = spec.phantom
+            log.info("generating phantom data set %s (%s %s, %d cases, seed %d)", path, p.modality, p.region,
+                     p.cases, p.seed)
+            write_decathlon_dataset(path.parent, path.name, p.region, p.modality, p.cases, p.seed,
+                                    labelled=p.labelled, sequence=p.sequence)
+        out.append((spec, load_decathlon(path, region=spec.region)))
+    return out
+
+
+def crop(case: PreparedCase, centre: np.ndarray, size: tuple[int, int, int]):
+    starts = [int(min(max(c - s // 2, 0), d - s)) for c, s, d in zip(centre, size, case.label.shape)]
+    sl = tuple(slice(a, a + s) for a, s in zip(starts, size))
+    return case.image[(slice(None),) + sl], case.label[sl]
+
+
+class PatchSampler:
+    def __init__(self, cfg: TrainConfig, datasets: list[tuple[DatasetSpec, list[PreparedCase]]], seed: int):
+        self.cfg = cfg
+        self.datasets = [(s, c) for s, c in datasets if c]
+        self.weights = np.array([s.weight for s, _ in self.datasets], dtype=np.float64)
+        self.weights /= self.weights.sum()
+        self.rng = np.random.default_rng(seed)
+        self.prompt_rng = random.Random(seed)
+
+    def sample(self):
+        o = self.cfg.optim
+        size = self.cfg.model.patch_size
+        spec, cases = self.datasets[self.rng.choice(len(self.datasets), p=self.weights)]
+        values = sorted(cases[0].record.targets)
+        chosen = sorted(self.rng.choice(values, size=min(o.targets_per_step, len(values)), replace=False).tolist())
+        images, masks, t1s, modalities = [], [], [], []
+        for _ in range(o.batch_size):
+            case = cases[self.rng.integers(len(cases))]
+            present = [v for v in chosen if v in case.centres]
+            if present and self.rng.random() < o.foreground_prob:
+                pts = case.centres[present[self.rng.integers(len(present))]]
+                centre = pts[self.rng.integers(len(pts))]
+            else:
+                centre = np.array([self.rng.integers(d) for d in case.label.shape])
+            img, lab = crop(case, centre, size)
+            # intensity augmentation on the normalised image (no flips: laterality is part of the task)
+            img = img * float(self.rng.uniform(0.9, 1.1)) + float(self.rng.uniform(-0.1, 0.1))
+            if self.rng.random() < 0.3:
+                img = img + torch.randn_like(img) * float(self.rng.uniform(0.0, 0.1))
+            images.append(img)
+            masks.append(np.stack([lab == v for v in chosen]))
+            r = case.record
+            t1s.append(self.prompt_rng.choice(t1_paraphrases(r.modality, r.region, r.sequence)))
+            modalities.append(r.modality)
+        t2s = [self.prompt_rng.choice(t2_paraphrases(cases[0].record.targets[v])) for v in chosen]
+        return (torch.stack(images), torch.from_numpy(np.stack(masks)).float(), modalities, t1s, t2s)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE over every voxel + soft Dice per target over the whole batch, for targets present in the batch.
+
+    A per-sample Dice is ~1 for a target absent from a patch whatever the prediction (no useful
+    gradient, a misleading loss floor); pooling over the batch and skipping absent targets keeps
+    the Dice term informative while BCE still pushes absent targets to zero.
+    """
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    dims = (0,) + tuple(range(2, logits.ndim))
+    inter = (prob * target).sum(dims)
+    truth = target.sum(dims)
+    soft_dice = 1.0 - (2.0 * inter + 1.0) / (prob.sum(dims) + truth + 1.0)
+    present = truth > 0
+    return bce + (soft_dice[present].mean() if bool(present.any()) else soft_dice.new_zeros(()))
+
+
+def validate(predictor: Predictor, cases: list[PreparedCase]) -> dict[str, float]:
+    scores: dict[str, list[float]] = {}
+    for case in cases:
+        r = case.record
+        values = sorted(r.targets)
+        names = [r.targets[v] for v in values]
+        cond = predictor.condition(canonical_t1(r.modality, r.region, r.sequence), names)
+        labels = fuse_labels(predictor.predict_preprocessed(case.image, r.modality, cond)).numpy()
+        for i, (v, name) in enumerate(zip(values, names)):
+            scores.setdefault(name, []).append(dice(labels == i + 1, case.label == v))
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    steps, losses = zip(*history["loss"]) if history["loss"] else ((), ())
+    if losses:
+        k = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        axes[0].plot(steps, losses, alpha=0.25, color="tab:blue")
+        axes[0].plot(steps[k - 1:], smooth, color="tab:blue")
+    axes[0].set(title="training loss (BCE + soft Dice)", xlabel="step", yscale="log")
+    for target in sorted({t for _, d in history["val"] for t in d}):
+        pts = [(s, d[target]) for s, d in history["val"] if target in d]
+        axes[1].plot(*zip(*pts), marker="o", label=target)
+    axes[1].set(title="validation Dice per target", xlabel="step", ylim=(0, 1))
+    axes[1].legend(fontsize=8, loc="lower right")
+    axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_checkpoint(path: Path, model: DuPLUS, vocab: PromptVocabulary, cfg: TrainConfig, step: int,
+                    history: dict, training_seeds: list[int], extra: dict | None = None) -> None:
+    state = {"model_config": model.cfg.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in
+                                                                  model.state_dict().items()},
+             "vocabulary": vocab.to_dict(), "train_config": cfg.to_dict(), "step": step, "history": history,
+             "training_seeds": sorted(set(training_seeds)), "format": "duplus-checkpoint/1"}
+    state.update(extra or {})
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def train(cfg: TrainConfig, resume: bool = True) -> Path:
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    datasets = prepare_datasets(cfg)
+    train_sets, val_cases, training_seeds = [], [], []
+    bar = tqdm(total=sum(len(r) for _, r in datasets), desc="preprocessing", unit="case")
+    for spec, records in datasets:
+        n_val = min(spec.val_cases, max(0, len(records) - 1))
+        prepared = []
+        for r in records:
+            prepared.append(prepare_case(r, cfg.model.spacing, cfg.model.patch_size, rng))
+            bar.update()
+        train_sets.append((spec, prepared[:len(prepared) - n_val]))
+        val_cases += prepared[len(prepared) - n_val:]
+        training_seeds += [r.seed for r in records if r.seed is not None]
+    bar.close()
+
+    vocab = PromptVocabulary()
+    encoder = TextEncoder(cfg.model.text_encoder)
+    if encoder.dim != cfg.model.text_dim:
+        raise ValueError(f"model.text_dim={cfg.model.text_dim} but the text encoder gives {encoder.dim}")
+    cache = EmbeddingCache(encoder, max_entries=100_000)
+    contexts = {(c.record.modality, c.record.region, c.record.sequence) for _, cs in train_sets for c in cs}
+    targets = {t for _, cs in train_sets for c in cs for t in c.record.targets.values()}
+    cache.preload([p for m, r, s in contexts for p in t1_paraphrases(m, r, s)] +
+                  [p for t in targets for p in t2_paraphrases(t)])
+    log.info("prompt cache: %d embeddings for %d contexts and %d targets", len(cache), len(contexts), len(targets))
+
+    model = DuPLUS(cfg.model).to(device)
+    log.info("DuPLUS: %.2f M parameters", count_parameters(model) / 1e6)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.optim.warmup:
+            return (step + 1) / cfg.optim.warmup
+        t = (step - cfg.optim.warmup) / max(1, cfg.optim.steps - cfg.optim.warmup)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    history = {"loss": [], "val": []}
+    start, best = 0, -1.0
+    last = out / "last.pt"
+    if resume and last.is_file():
+        ckpt = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start, history, best = ckpt["step"], ckpt["history"], ckpt.get("best", -1.0)
+        log.info("resumed from %s at step %d", last, start)
+    trained = {}
+    for _, cs in train_sets:
+        for c in cs:
+            key = f"{c.record.modality}|{c.record.region}"
+            trained[key] = sorted(set(trained.get(key, [])) | set(c.record.targets.values()))
+    meta = {"trained_contexts": trained}
+    sampler = PatchSampler(cfg, train_sets, seed=cfg.seed + start)
+    predictor = Predictor(model, vocab, encoder, device=device, sw_batch_size=2, bf16=cfg.optim.bf16)
+    predictor.cache = cache
+
+    model.train()
+    pbar = tqdm(range(start, cfg.optim.steps), initial=start, total=cfg.optim.steps, desc="training", unit="step")
+    t0 = time.time()
+    for step in pbar:
+        images, masks, modalities, t1s, t2s = sampler.sample()
+        images, masks = images.to(device), masks.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.optim.bf16):
+            logits = model(images, model.modality_index(modalities).to(device), cache.encode(t1s).to(device),
+                           cache.encode(t2s).to(device))
+        loss = segmentation_loss(logits, masks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        history["loss"].append((step + 1, float(loss.detach())))
+        pbar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        done = step + 1
+        if done % cfg.val_every == 0 or done == cfg.optim.steps:
+            model.eval()
+            scores = validate(predictor, val_cases) if val_cases else {}
+            model.train()
+            history["val"].append((done, scores))
+            mean = float(np.mean(list(scores.values()))) if scores else 0.0
+            log.info("step %d: validation mean Dice %.3f %s (%.0f s)", done, mean,
+                     {k: round(v, 3) for k, v in scores.items()}, time.time() - t0)
+            if mean > best:
+                best = mean
+                save_checkpoint(out / "best.pt", model, vocab, cfg, done, history, training_seeds,
+                                {"val_mean_dice": mean, **meta})
+            save_checkpoint(last, model, vocab, cfg, done, history, training_seeds,
+                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best, **meta})
+            plot_curves(history, out / "curves.png")
+    log.info("done: best validation mean Dice %.3f; checkpoints in %s", best, out)
+    return out / "best.pt"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m training.train_segmentation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML training configuration (see configs/demo.yaml)")
+    ap.add_argument("--output", help="override the output folder of the configuration")
+    ap.add_argument("--steps", type=int, help="override optim.steps")
+    ap.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT/last.pt exists")
+    ap.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig.from_yaml(args.config, output=args.output)
+    if args.steps:
+        from dataclasses import replace
+
+        cfg = replace(cfg, optim=replace(cfg.optim, steps=args.steps))
+    train(cfg, resume=not args.no_resume)
+
+
+if __name__ == "__main__":
+    main()
