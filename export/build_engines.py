@@ -24,13 +24,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from export.adapters import merge_adapters  # noqa: E402
 from export.onnx_export import ContractError, ParityError, check_onnx, export_onnx, ort_session, parity  # noqa: E402
 from export.tensorrt_engine import ShapeProfile, build_engine, tensorrt_available  # noqa: E402
-from export.units import (ConditioningUnit, SegmenterUnit, TextEncoderUnit, contracts,  # noqa: E402
-                          example_inputs)
+from export.units import ConditioningUnit, SegmenterUnit, TextEncoderUnit, contracts, example_inputs  # noqa: E402
 from training.inference import load_checkpoint  # noqa: E402
 from training.model import DuPLUS, DuPLUSConfig  # noqa: E402
 from training.text_encoder import TextEncoder  # noqa: E402

@@ -86,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0                  # 0: all cores
     device: str = "auto"              # auto | cpu | cuda
+    init_from: str | None = None      # start from these weights (fine-tuning / continuing on another machine)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(d if isinstance(d, DatasetSpec) else DatasetSpec(**d)

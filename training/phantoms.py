@@ -1319,9 +1319,10 @@ def _tables(values: dict[_T, tuple[float, float]]) -> tuple[np.ndarray, np.ndarr
 
 
 def _render_ct(canvas: _Canvas, anatomy: _Anatomy, acq: AcquisitionSpec, rng: np.random.Generator) -> np.ndarray:
-    """Contrast-enhanced CT in HU: tissue values, texture, slight blur, Gaussian noise."""
+    """Contrast-enhanced CT in HU (portal-venous phase, the standard abdominal protocol): tissue values,
+    texture, slight blur, Gaussian noise."""
     u = rng.uniform
-    liver, aorta, cortex = u(52.0, 68.0), u(180.0, 250.0), u(145.0, 180.0)
+    liver, aorta, cortex = u(95.0, 115.0), u(160.0, 220.0), u(150.0, 190.0)
     T = _T
     mean, tex = _tables(
         {
@@ -1344,7 +1345,7 @@ def _render_ct(canvas: _Canvas, anatomy: _Anatomy, acq: AcquisitionSpec, rng: np
             T.KIDNEY_MEDULLA: (cortex - u(30.0, 50.0), 10.0),
             T.AORTA: (aorta, 8.0),
             T.IVC: (aorta * u(0.55, 0.75), 8.0),
-            T.PANCREAS: (u(75.0, 88.0), 7.0),
+            T.PANCREAS: (u(70.0, 82.0), 7.0),
             T.STOMACH_WALL: (u(45.0, 58.0), 5.0),
             T.STOMACH_FLUID: (u(5.0, 15.0), 4.0),
             T.STOMACH_GAS: (-1000.0, 0.0),

@@ -115,7 +115,8 @@ def to_model_space(image: np.ndarray | torch.Tensor, affine: np.ndarray, modalit
 def to_input_grid(values: torch.Tensor, model_affine: np.ndarray | torch.Tensor, input_affine: np.ndarray,
                   input_shape: tuple[int, int, int], mode: str = "bilinear") -> torch.Tensor:
     """Model-space [C, X, Y, Z] -> the input's own grid [C, I, J, K] (same shape and affine as the input)."""
-    src = MetaTensor(values.float(), affine=torch.as_tensor(np.asarray(model_affine, dtype=np.float64)))
+    plain = values.as_tensor() if isinstance(values, MetaTensor) else values
+    src = MetaTensor(plain.float(), affine=torch.as_tensor(np.asarray(model_affine, dtype=np.float64)))
     out = SpatialResample(mode=mode, padding_mode="border" if mode != "nearest" else "zeros", dtype=torch.float32)(
         src, dst_affine=torch.as_tensor(np.asarray(input_affine, dtype=np.float64)), spatial_size=tuple(input_shape))
     out = out.as_tensor() if isinstance(out, MetaTensor) else out

@@ -236,6 +236,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
     model = DuPLUS(cfg.model).to(device)
     log.info("DuPLUS: %.2f M parameters", count_parameters(model) / 1e6)
+    if cfg.init_from:
+        init = torch.load(cfg.init_from, map_location=device, weights_only=False)
+        if init.get("model_config") != cfg.model.to_dict():
+            raise ValueError(f"init_from {cfg.init_from}: its model config differs from this configuration's")
+        model.load_state_dict(init["state_dict"])
+        log.info("initialised from %s (trained %s steps)", cfg.init_from, init.get("step"))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -245,6 +251,10 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    # centre the controller's input on the trained targets' prompts (saved with the weights)
+    if not cfg.init_from:
+        prompts = [p for t in sorted(targets) for p in t2_paraphrases(t)]
+        model.conditioning.set_t2_statistics(cache.encode(prompts).to(device))
     history = {"loss": [], "val": []}
     start, best = 0, -1.0
     last = out / "last.pt"
@@ -308,11 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", required=True, help="YAML training configuration (see configs/demo.yaml)")
     ap.add_argument("--output", help="override the output folder of the configuration")
     ap.add_argument("--steps", type=int, help="override optim.steps")
+    ap.add_argument("--init-from", help="start from the weights of this checkpoint (fresh optimizer and schedule), "
+                    "e.g. to continue training the shipped checkpoint on a faster machine")
     ap.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT/last.pt exists")
     ap.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig.from_yaml(args.config, output=args.output)
+    cfg = TrainConfig.from_yaml(args.config, output=args.output, init_from=args.init_from)
     if args.steps:
         from dataclasses import replace
 

@@ -15,7 +15,7 @@ from training.model import DuPLUS, DuPLUSConfig
 from training.prompts import PromptVocabulary
 
 SMALL = DuPLUSConfig(channels=(4, 8, 16), patch_size=(32, 32, 16), film_hidden=32, controller_hidden=32,
-                     head_channels=4)
+                     head_channels=4, head_levels=2)
 
 
 def _small_model(seed=0):

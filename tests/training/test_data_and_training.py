@@ -109,7 +109,7 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
                {"path": "PET", "phantom": {"region": "head_neck", "modality": "PET", "cases": 2, "seed": 12,
                                            "labelled": ["primary tumour"]}, "val_cases": 1}],
            "model": {"channels": [4, 8, 16], "patch_size": [32, 32, 32], "film_hidden": 32,
-                     "controller_hidden": 32, "head_channels": 4},
+                     "controller_hidden": 32, "head_channels": 4, "head_levels": 2},
            "optim": {"steps": 2, "batch_size": 1, "targets_per_step": 2}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -127,3 +127,13 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     train_main(["--config", str(path), "--steps", "4"])
     ckpt = torch.load(run / "last.pt", weights_only=False)
     assert ckpt["step"] == 4 and [s for s, _ in ckpt["history"]["loss"]] == [1, 2, 3, 4]
+    # init_from: a new run starts from those weights with a fresh schedule
+    train_main(["--config", str(path), "--output", str(tmp_path / "finetune"), "--steps", "2",
+                "--init-from", str(run / "last.pt")])
+    tuned = torch.load(tmp_path / "finetune" / "last.pt", weights_only=False)
+    assert tuned["step"] == 2
+    assert torch.equal(tuned["state_dict"]["conditioning.t2_center"], ckpt["state_dict"]["conditioning.t2_center"])
+    cfg["model"]["head_channels"] = 8
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="model config differs"):
+        train_main(["--config", str(path), "--output", str(tmp_path / "bad"), "--init-from", str(run / "last.pt")])

@@ -5,7 +5,7 @@ import torch
 
 from training.model import DuPLUS, DuPLUSConfig, apply_dynamic_head
 
-SMALL = dict(channels=(4, 8, 16), patch_size=(16, 16, 16), film_hidden=32, controller_hidden=32, head_channels=4)
+SMALL = dict(channels=(4, 8, 16), patch_size=(16, 16, 16), film_hidden=32, controller_hidden=32, head_channels=4, head_levels=2)
 
 SHAPE_CASES = [
     # (config overrides, batch, modalities, K, spatial)
@@ -134,7 +134,7 @@ def test_stem_selection_matches_per_modality_and_mixed_batches():
 def test_dynamic_head_equals_explicit_convolutions():
     cfg = DuPLUSConfig(**SMALL)
     torch.manual_seed(3)
-    feats = torch.randn(2, cfg.channels[0], 4, 5, 6)
+    feats = torch.randn(2, cfg.head_in_channels, 4, 5, 6)
     params = torch.randn(3, cfg.head_params)
     out = apply_dynamic_head(feats, params, cfg.head_shapes)
     ref = []
