@@ -4,11 +4,19 @@
 
 checkpoint -> merge LoRA/DoRA adapters (checked numerically) -> ONNX per unit (named I/O, dynamic
 axes) -> onnx.checker + shape inference + contract check -> parity against PyTorch on fresh random
-inputs (over tolerance: error, non-zero exit) -> engines (TensorRT where it imports and a GPU
-exists, else ONNX Runtime) -> <output>/<unit>/1/model.onnx (+ model.plan) and manifest.json.
+inputs (over tolerance: error, non-zero exit) -> engines -> a Triton model repository:
 
-Status: the Triton configurations (config.pbtxt, ensemble, segment_volume BLS) are the next step;
-this command currently writes the exported units, their checks and the manifest.
+    <output>/manifest.json                 checkpoint hash, options, model config, vocabulary, unit I/O
+    <output>/tokenizer/1/                  model.py (python backend) + the saved tokenizer
+    <output>/text_encoder|conditioning|segmenter/1/model.onnx (+ model.plan with TensorRT)
+    <output>/encode_prompts, segment_patch  ensembles
+    <output>/segment_volume/1/             model.py (BLS) + known_targets.npz
+    <output>/<model>/config.pbtxt          generated from typed objects (export/triton_config.py)
+
+Engines: TensorRT where it imports and a GPU exists; else ONNX Runtime (CUDA provider when
+present); or PyTorch (CUDA on a GPU without TensorRT). ``--target embedded`` (default) serves the
+units from python-backend models on the Triton server of the nvidia-pytriton wheel;
+``--target ngc`` writes native onnxruntime_onnx / tensorrt_plan models for the NGC container.
 """
 
 from __future__ import annotations
@@ -17,9 +25,13 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +39,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from export.adapters import merge_adapters  # noqa: E402
 from export.onnx_export import ContractError, ParityError, check_onnx, export_onnx, ort_session, parity  # noqa: E402
+from export.serving import KNOWN_TARGETS  # noqa: E402
 from export.tensorrt_engine import ShapeProfile, build_engine, tensorrt_available  # noqa: E402
+from export.triton_config import RepositoryOptions, ServingLimits, parse_pbtxt, repository_models  # noqa: E402
 from export.units import ConditioningUnit, SegmenterUnit, TextEncoderUnit, contracts, example_inputs  # noqa: E402
 from training.inference import load_checkpoint  # noqa: E402
 from training.model import DuPLUS, DuPLUSConfig  # noqa: E402
@@ -47,8 +61,36 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build(checkpoint: Path, output: Path, *, engine: str = "auto", precision: str = "fp32",
-          patch_size: tuple[int, int, int] | None = None, max_batch_size: int = 4, max_targets: int = 16,
+SOURCE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+def resolve_engine(engine: str, flavour: str) -> tuple[str, str]:
+    """(engine, device) for ``--engine``; auto prefers TensorRT, then a GPU, then ONNX Runtime on CPU."""
+    import onnxruntime as ort
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if engine == "auto":
+        if tensorrt_available()[0]:
+            return "tensorrt", "gpu"
+        if gpu and ("CUDAExecutionProvider" in ort.get_available_providers() or flavour == "ngc"):
+            return "onnxruntime", "gpu"
+        if gpu:
+            return "torch", "gpu"
+        return "onnxruntime", "cpu"
+    if engine == "tensorrt":
+        ok, why = tensorrt_available()
+        if not ok:
+            raise RuntimeError(f"--engine tensorrt: {why}")
+        return "tensorrt", "gpu"
+    if engine == "torch" and flavour == "ngc":
+        raise ValueError("--engine torch cannot be served by the ngc flavour (native onnxruntime/tensorrt models)")
+    return engine, "gpu" if gpu else "cpu"
+
+
+def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: str = "auto",
+          precision: str = "fp32", patch_size: tuple[int, int, int] | None = None, max_batch_size: int = 4,
+          max_targets: int = 16, instances: int = 1, threads: int = 0,
           units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2) -> dict:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
@@ -57,6 +99,8 @@ def build(checkpoint: Path, output: Path, *, engine: str = "auto", precision: st
     factor = 2 ** (len(cfg.channels) - 1)
     if any(p % factor for p in patch):
         raise ValueError(f"--patch-size {patch} must be multiples of {factor}")
+    if output.resolve() == SOURCE_REPOSITORY.resolve() and target == "ngc":
+        raise ValueError(f"the ngc flavour must go to another folder than {SOURCE_REPOSITORY} (use --output)")
     model = DuPLUS(cfg)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
@@ -70,18 +114,23 @@ def build(checkpoint: Path, output: Path, *, engine: str = "auto", precision: st
     modules = {"text_encoder": TextEncoderUnit(encoder), "conditioning": ConditioningUnit(model),
                "segmenter": SegmenterUnit(model)}
     spec = contracts(cfg)
-    if engine == "auto":
-        engine = "tensorrt" if tensorrt_available()[0] else "onnxruntime"
-    elif engine == "tensorrt":
-        ok, why = tensorrt_available()
-        if not ok:
-            raise RuntimeError(f"--engine tensorrt: {why}")
-    manifest = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "engine": engine,
-                "precision": precision, "patch_size": list(patch), "max_batch_size": max_batch_size,
-                "model_config": cfg.to_dict(), "units": {}}
+    engine, device = resolve_engine(engine, target)
+    limits = ServingLimits(max_targets=max_targets, sw_batch_size=max_batch_size)
+    opts = RepositoryOptions(flavour=target, engine=engine, device=device, segmenter_instances=instances,
+                             threads=threads, patch_size=patch, limits=limits)
+    log.info("building the %s repository in %s: engine %s on %s, precision %s, patch %s", target, output, engine,
+             device, precision, patch)
+    output.mkdir(parents=True, exist_ok=True)
+    manifest = {"checkpoint": checkpoint.name, "checkpoint_sha256": file_sha256(checkpoint), "target": target,
+                "engine": engine, "device": device, "precision": precision, "patch_size": list(patch),
+                "max_batch_size": max_batch_size, "max_targets": max_targets,
+                "model_config": cfg.to_dict(), "vocabulary": ckpt["vocabulary"], "units": {}}
     failures = []
-    for name in units:
+    for name in tqdm(units, desc="export units", unit="unit", disable=None):
         contract = spec[name]
+        for kind, tensors in (("input", contract.inputs), ("output", contract.outputs)):
+            for t in tensors:
+                log.info("  %s %s %s %s %s", name, kind, t.name, t.dtype, t.shape)
         onnx_path = output / name / "1" / "model.onnx"
         example = example_inputs(name, cfg, batch=2, k=3, spatial=patch, seed=0)
         export_onnx(modules[name], contract, example, onnx_path)
@@ -105,12 +154,41 @@ def build(checkpoint: Path, output: Path, *, engine: str = "auto", precision: st
                                 precision=precision, timing_cache=output / ".timing.cache")
             entry["plan"] = str(plan.relative_to(output))
         manifest["units"][name] = entry
+        log.info("built %s: %s", name, entry.get("plan", entry["onnx"]))
     if failures:
         raise ParityError("parity over tolerance: " + "; ".join(failures))
+    _write_triton_repository(output, opts, spec, encoder, model, ckpt, checkpoint)
     manifest["seconds"] = round(time.perf_counter() - t0, 1)
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    log.info("built %s with %s in %.0f s", ", ".join(units), engine, manifest["seconds"])
+    log.info("built the %s repository (%s) in %.0f s", target, engine, manifest["seconds"])
     return manifest
+
+
+def _write_triton_repository(output: Path, opts: RepositoryOptions, spec, encoder: TextEncoder, model: DuPLUS,
+                             ckpt: dict, checkpoint: Path) -> None:
+    """config.pbtxt for every model, python-backend sources, tokenizer files and known-target embeddings."""
+    from training.inference import Predictor
+    from training.prompts import PromptVocabulary
+
+    for m in repository_models(spec, opts):
+        folder = output / m.name
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        text = m.pbtxt()
+        parse_pbtxt(text)  # Triton's own schema
+        (folder / "config.pbtxt").write_text(text)
+        if m.name in opts.python_models:
+            source = SOURCE_REPOSITORY / m.name / "1" / "model.py"
+            if (folder / "1" / "model.py").resolve() != source.resolve():
+                shutil.copyfile(source, folder / "1" / "model.py")
+        elif (folder / "1" / "model.py").exists() and folder.resolve().parent != SOURCE_REPOSITORY.resolve():
+            (folder / "1" / "model.py").unlink()   # a native model of the ngc flavour
+        log.info("wrote %s/config.pbtxt (%s)", m.name, m.backend or m.platform)
+    encoder.tokenizer.save_pretrained(str(output / "tokenizer" / "1" / "tokenizer"))
+    predictor = Predictor(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), encoder)
+    names, emb = predictor.known_target_embeddings()
+    np.savez(output / "segment_volume" / "1" / KNOWN_TARGETS, names=np.array(names), embeddings=emb.numpy())
+    if opts.engine == "torch":
+        shutil.copyfile(checkpoint, output / "checkpoint.pt")
 
 
 def _profile(name: str, cfg: DuPLUSConfig, patch, max_batch: int, max_targets: int) -> ShapeProfile:
@@ -132,24 +210,34 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python export/build_engines.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt", help="DuPLUS checkpoint to export")
-    ap.add_argument("--output", default="model_repository", help="folder to write the units into")
-    ap.add_argument("--engine", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
-                    help="auto: TensorRT where it imports and a GPU exists, else ONNX Runtime")
+    ap.add_argument("--output", default=None,
+                    help="model repository to write (default: model_repository for embedded, "
+                         "model_repository_ngc for ngc)")
+    ap.add_argument("--target", choices=("embedded", "ngc"), default="embedded",
+                    help="embedded: python-backend models on the nvidia-pytriton server (what tests and the demo "
+                         "use); ngc: native onnxruntime_onnx / tensorrt_plan models for the full Triton container")
+    ap.add_argument("--engine", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
+                    help="auto: TensorRT where it imports and a GPU exists, else ONNX Runtime (CUDA provider when "
+                         "present), else PyTorch CUDA on a GPU, else ONNX Runtime on CPU")
     ap.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
-                    help="TensorRT precision (ONNX Runtime units stay fp32)")
+                    help="TensorRT precision (ONNX Runtime and PyTorch units stay fp32)")
     ap.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                     help="sliding-window patch; default: the checkpoint's training patch")
-    ap.add_argument("--max-batch-size", type=int, default=4, help="largest batch of patches (engine profiles)")
+    ap.add_argument("--max-batch-size", type=int, default=4,
+                    help="windows per segmenter call in segment_volume, and the TensorRT profile's largest batch")
     ap.add_argument("--max-targets", type=int, default=16, help="largest number of target prompts K per request")
+    ap.add_argument("--instances", type=int, default=1, help="segmenter instances (2 helps on a GPU)")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance (0: all cores)")
     ap.add_argument("--units", nargs="+", default=["text_encoder", "conditioning", "segmenter"],
-                    choices=("text_encoder", "conditioning", "segmenter"), help="which units to build")
+                    choices=("text_encoder", "conditioning", "segmenter"), help="which units to export")
     ap.add_argument("--log-level", default="INFO", help="logging level")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    output = Path(args.output or ("model_repository" if args.target == "embedded" else "model_repository_ngc"))
     try:
-        build(Path(args.checkpoint), Path(args.output), engine=args.engine, precision=args.precision,
+        build(Path(args.checkpoint), output, target=args.target, engine=args.engine, precision=args.precision,
               patch_size=tuple(args.patch_size) if args.patch_size else None, max_batch_size=args.max_batch_size,
-              max_targets=args.max_targets, units=tuple(args.units))
+              max_targets=args.max_targets, instances=args.instances, threads=args.threads, units=tuple(args.units))
     except (ContractError, ParityError, ValueError, RuntimeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1

@@ -8,37 +8,12 @@ exported files against it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from export.contract import TensorSpec, UnitContract
 from training.model import DuPLUS, DuPLUSConfig
 from training.text_encoder import TextEncoder
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str                     # numpy dtype name: float32, int64, uint8
-    shape: tuple[int | str, ...]   # ints are fixed, strings name dynamic axes
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float16", "int64", "int32", "uint8", "bool"):
-            raise ValueError(f"TensorSpec {self.name}: unsupported dtype {self.dtype!r}")
-        object.__setattr__(self, "shape", tuple(self.shape))
-
-    @property
-    def dynamic_axes(self) -> dict[int, str]:
-        return {i: s for i, s in enumerate(self.shape) if isinstance(s, str)}
-
-
-@dataclass(frozen=True)
-class UnitContract:
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    description: str = ""
 
 
 def contracts(cfg: DuPLUSConfig) -> dict[str, UnitContract]:
@@ -60,8 +35,10 @@ def contracts(cfg: DuPLUSConfig) -> dict[str, UnitContract]:
             (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")), TensorSpec("modality", "int64", ("b",)),
              TensorSpec("film", "float32", ("b", cfg.film_size)),
              TensorSpec("head_params", "float32", ("k", cfg.head_params))),
-            (TensorSpec("logits", "float32", ("b", "k", "x", "y", "z")),),
-            "modality stems + FiLM U-Net + K dynamic heads, one backbone pass for K targets"),
+            (TensorSpec("logits", "float32", ("b", "k", "x", "y", "z")),
+             TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z"))),
+            "modality stems + FiLM U-Net + K dynamic heads, one backbone pass for K targets; logits for "
+            "Gaussian blending in the sliding window, their sigmoid for single-patch clients"),
     }
 
 
@@ -71,7 +48,8 @@ class SegmenterUnit(nn.Module):
         self.segmenter = model.segmenter
 
     def forward(self, image, modality, film, head_params):
-        return self.segmenter(image, modality, film, head_params)
+        logits = self.segmenter(image, modality, film, head_params)
+        return logits, torch.sigmoid(logits)
 
 
 class ConditioningUnit(nn.Module):

@@ -1,8 +1,10 @@
 """The demo: segment sample phantom volumes with the shipped checkpoint and write demo_out/.
 
-    python -m training.demo --checkpoint checkpoints/duplus_demo.pt --out demo_out
+    python -m training.demo --checkpoint checkpoints/duplus_demo.pt --out demo_out --serve model_repository
 
-For each sample (CT abdomen, MR abdomen, CT and PET head and neck; seeds never used in
+With ``--serve`` (what ``make demo`` does) it starts the embedded Triton server on the built
+repository and segments every sample over gRPC through the ``segment_volume`` model; without it,
+in-process PyTorch. For each sample (CT abdomen, MR abdomen, CT and PET head and neck; seeds never used in
 training) it writes the input volume, the predicted label map (NIfTI, input geometry), a PNG
 overlay with the ground truth outlined, and ``summary.json`` with per-case modality, prompts,
 Dice per target and seconds.
@@ -35,14 +37,38 @@ SAMPLES = (("ct_abdomen", "abdomen", "CT", 424242),
            ("pet_head_neck", "head_neck", "PET", 444444))
 
 
-def run(checkpoint: str, out: Path, device: str = "cpu", samples=SAMPLES) -> dict:
+def run(checkpoint: str, out: Path, device: str = "cpu", samples=SAMPLES, serve: str | None = None) -> dict:
+    if serve is None:
+        predictor = Predictor.from_checkpoint(checkpoint, device=device)
+
+        def segment(image, affine, modality, t1, targets):
+            pred = predictor.predict_array(image, affine, modality, t1, targets)
+            return labels, resolved
+
+        return _run(checkpoint, out, segment, "in-process", device, samples)
+
+    from clients.grpc_client import SegmentationClient
+    from export.serve import TritonServer
+
+    with TritonServer(serve, checkpoint=checkpoint, log_file=out / "triton.log") as server:
+        with SegmentationClient(server.grpc_url) as client:
+            client.check_ready()
+
+            def segment(image, affine, modality, t1, targets):
+                res = client.segment_volume(image, affine, modality, t1, targets)
+                return res.labels, res.resolved
+
+            return _run(checkpoint, out, segment, "triton", "triton:" + server.manifest["engine"], samples,
+                        extra={"grpc_url": server.grpc_url, "repository": str(serve)})
+
+
+def _run(checkpoint: str, out: Path, segment, served_by: str, device: str, samples, extra=None) -> dict:
     import nibabel as nib
 
     from training.phantoms import generate_phantom
 
     ckpt = load_checkpoint(checkpoint)
     contexts = trained_contexts(ckpt)
-    predictor = Predictor.from_checkpoint(checkpoint, device=device)
     out.mkdir(parents=True, exist_ok=True)
     used = set(ckpt.get("training_seeds", []))
     cases = []
@@ -52,28 +78,30 @@ def run(checkpoint: str, out: Path, device: str = "cpu", samples=SAMPLES) -> dic
         ph = generate_phantom(region, modality, seed)
         targets = contexts.get((modality, region)) or list(ph.label_names)
         t1 = canonical_t1(modality, region, ph.sequence)
-        pred = predictor.predict_array(ph.image, ph.affine, modality, t1, targets)
+        t0 = time.perf_counter()
+        labels, resolved = segment(ph.image, ph.affine, modality, t1, targets)
+        seconds = time.perf_counter() - t0
         case_dir = out / name
         case_dir.mkdir(exist_ok=True)
         nib.save(nib.Nifti1Image(ph.image, ph.affine), str(case_dir / "image.nii.gz"))
-        nib.save(nib.Nifti1Image(pred.labels, ph.affine), str(case_dir / "mask.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, ph.affine), str(case_dir / "mask.nii.gz"))
         truth = np.zeros_like(ph.label)
         scores = {}
         for k, target in enumerate(targets):
-            gt = ph.label == ph.label_names.index(pred.resolved[k]) + 1
+            gt = ph.label == ph.label_names.index(resolved[k]) + 1
             truth[gt] = k + 1
-            scores[target] = round(dice(pred.labels == k + 1, gt), 4)
+            scores[target] = round(dice(labels == k + 1, gt), 4)
         window = (-200.0, 300.0) if modality == "CT" else None
-        overlay_png(ph.image, pred.labels, ph.affine, case_dir / "overlay.png", targets, truth=truth, window=window,
+        overlay_png(ph.image, labels, ph.affine, case_dir / "overlay.png", targets, truth=truth, window=window,
                     title=f"{name}: T1 = '{t1}', Dice {np.mean(list(scores.values())):.3f}")
         cases.append({"case": name, "modality": modality, "region": region, "sequence": ph.sequence,
                       "t1": t1, "targets": list(targets), "seed": seed, "shape": list(ph.image.shape),
                       "spacing_mm": np.round(np.linalg.norm(ph.affine[:3, :3], axis=0), 3).tolist(),
                       "dice": scores, "mean_dice": round(float(np.mean(list(scores.values()))), 4),
-                      "seconds": round(pred.seconds, 2),
+                      "seconds": round(seconds, 2),
                       "files": {k: f"{name}/{k}" for k in ("image.nii.gz", "mask.nii.gz", "overlay.png")}})
-        log.info("%s: mean Dice %.3f in %.1f s", name, cases[-1]["mean_dice"], pred.seconds)
-    summary = {"checkpoint": str(checkpoint), "served_by": "in-process", "device": device,
+        log.info("%s: mean Dice %.3f in %.1f s", name, cases[-1]["mean_dice"], seconds)
+    summary = {"checkpoint": str(checkpoint), "served_by": served_by, "device": device, **(extra or {}),
                "machine": platform.machine(), "python": platform.python_version(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "cases": cases}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -85,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt", help="DuPLUS checkpoint to run")
     ap.add_argument("--out", default="demo_out", help="output folder (created; files are overwritten)")
-    ap.add_argument("--device", default="cpu", help="torch device (cpu or cuda)")
+    ap.add_argument("--device", default="cpu", help="torch device for in-process inference (cpu or cuda)")
+    ap.add_argument("--serve", metavar="REPOSITORY", default=None,
+                    help="start Triton on this model repository (built by export/build_engines.py from the same "
+                         "checkpoint) and segment over gRPC; without it: in-process PyTorch")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = run(args.checkpoint, Path(args.out), args.device)
+    summary = run(args.checkpoint, Path(args.out), args.device, serve=args.serve)
     for c in summary["cases"]:
         print(f"{c['case']:15s} {c['modality']:4s} mean Dice {c['mean_dice']:.3f}  {c['seconds']:6.1f} s  "
               f"{json.dumps(c['dice'])}")

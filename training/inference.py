@@ -93,35 +93,20 @@ class Predictor:
         return cls(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), device=device, **kwargs)
 
     # ---- prompts -------------------------------------------------------------------------
+    def known_target_embeddings(self) -> tuple[list[str], torch.Tensor]:
+        """Every phrasing of every known target, and its embedding (computed once)."""
+        if self._known_t2_emb is None:
+            self._known_t2_emb = self.cache.encode([p for _, p in self._known_t2])
+        return [n for n, _ in self._known_t2], self._known_t2_emb
+
     def resolve_targets(self, targets: list[str] | tuple[str, ...]) -> tuple[list[str], list[float]]:
         """Match each target prompt to the nearest known target; unknown prompts raise."""
         if not targets:
             raise ValueError("no target prompts given")
-        if self._known_t2_emb is None:
-            self._known_t2_emb = self.cache.encode([p for _, p in self._known_t2])
+        names, known = self.known_target_embeddings()
         emb = self.cache.encode([validate_prompt(t, "target (T2)") for t in targets])
-        sim = emb @ self._known_t2_emb.T
-        names = [n for n, _ in self._known_t2]
-        resolved, scores = [], []
-        for text, row in zip(targets, sim):
-            per_target: dict[str, float] = {}
-            for n, s in zip(names, row.tolist()):
-                per_target[n] = max(per_target.get(n, -1.0), s)
-            exact = [n for n, ps in self.vocabulary.all_t2().items()
-                     if normalise_text(text) in {normalise_text(p) for p in ps}]
-            ranked = sorted(per_target.items(), key=lambda kv: -kv[1])
-            (name, s), (second, s2) = ranked[0], ranked[1] if len(ranked) > 1 else ("", -1.0)
-            if exact:
-                name, s = exact[0], 1.0
-            elif s < self.target_similarity:
-                raise UnknownPromptError(f"unknown target prompt {text!r}: the closest known target is {name!r} "
-                                         f"(similarity {s:.2f} < {self.target_similarity})")
-            elif s - s2 < self.ambiguity_margin:
-                raise UnknownPromptError(f"ambiguous target prompt {text!r}: it matches {name!r} ({s:.2f}) and "
-                                         f"{second!r} ({s2:.2f}) almost equally; be more specific")
-            resolved.append(name)
-            scores.append(float(s))
-        return resolved, scores
+        return match_targets(targets, emb.numpy(), names, known.numpy(), self.vocabulary,
+                             threshold=self.target_similarity, margin=self.ambiguity_margin)
 
     @torch.no_grad()
     def condition(self, t1: str, targets: list[str] | tuple[str, ...]) -> Conditioning:
@@ -146,13 +131,12 @@ class Predictor:
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
             b = patch.shape[0]
-            return self.model.segmenter(patch, mod_index.expand(b), cond.film.expand(b, -1), cond.head_params)
+            return self.model.segmenter(patch.to(self.device), mod_index.expand(b), cond.film.expand(b, -1),
+                                        cond.head_params)
 
-        x = torch.as_tensor(image)[None].float().to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = sliding_window_inference(x, self.cfg.patch_size, self.sw_batch_size, predictor,
-                                              overlap=self.overlap, mode="gaussian", padding_mode="replicate")
-        return torch.sigmoid(torch.as_tensor(logits)[0].float()).cpu()
+            return sliding_window_probabilities(torch.as_tensor(image), self.cfg.patch_size, self.sw_batch_size,
+                                                self.overlap, predictor)
 
     def predict_array(self, image: np.ndarray, affine: np.ndarray, modality: str, t1: str,
                       targets: list[str] | tuple[str, ...], *, return_probabilities: bool = False) -> Prediction:
@@ -180,8 +164,55 @@ class Predictor:
         return pred
 
 
+@torch.no_grad()
+def sliding_window_probabilities(image: torch.Tensor, patch_size, sw_batch_size: int, overlap: float,
+                                 logits_fn) -> torch.Tensor:
+    """[1, X, Y, Z] model-space volume -> [K, X, Y, Z] probabilities.
+
+    MONAI's sliding window with Gaussian blending of the logits over ``sw_batch_size`` windows per
+    call of ``logits_fn`` ([b, 1, x, y, z] -> [b, K, x, y, z]); the one implementation behind both
+    in-process inference and the Triton ``segment_volume`` model.
+    """
+    x = torch.as_tensor(image)[None].float()
+    logits = sliding_window_inference(x, tuple(patch_size), sw_batch_size, logits_fn, overlap=overlap,
+                                      mode="gaussian", padding_mode="replicate")
+    return torch.sigmoid(torch.as_tensor(logits)[0].float()).cpu()
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two binary masks; 1.0 when both are empty."""
     pred, truth = pred.astype(bool), truth.astype(bool)
     denom = pred.sum() + truth.sum()
     return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)
+
+
+def match_targets(targets, embeddings: np.ndarray, known_names: list[str], known_embeddings: np.ndarray,
+                  vocabulary: PromptVocabulary, *, threshold: float = 0.6, margin: float = 0.05
+                  ) -> tuple[list[str], list[float]]:
+    """Match each target prompt (with its normalised embedding) to the nearest known target.
+
+    A phrasing the vocabulary holds matches exactly; otherwise the best cosine similarity over all
+    phrasings of a target must reach ``threshold`` and beat the runner-up target by ``margin``.
+    Shared by in-process inference and the Triton ``segment_volume`` model.
+    """
+    sim = np.asarray(embeddings, dtype=np.float64) @ np.asarray(known_embeddings, dtype=np.float64).T
+    phrasings = {n: {normalise_text(p) for p in ps} for n, ps in vocabulary.all_t2().items()}
+    resolved, scores = [], []
+    for text, row in zip(targets, sim):
+        per_target: dict[str, float] = {}
+        for n, s in zip(known_names, row.tolist()):
+            per_target[n] = max(per_target.get(n, -1.0), s)
+        exact = [n for n, ps in phrasings.items() if normalise_text(text) in ps]
+        ranked = sorted(per_target.items(), key=lambda kv: -kv[1])
+        (name, s), (second, s2) = ranked[0], ranked[1] if len(ranked) > 1 else ("", -1.0)
+        if exact:
+            name, s = exact[0], 1.0
+        elif s < threshold:
+            raise UnknownPromptError(f"unknown target prompt {text!r}: the closest known target is {name!r} "
+                                     f"(similarity {s:.2f} < {threshold})")
+        elif s - s2 < margin:
+            raise UnknownPromptError(f"ambiguous target prompt {text!r}: it matches {name!r} ({s:.2f}) and "
+                                     f"{second!r} ({s2:.2f}) almost equally; be more specific")
+        resolved.append(name)
+        scores.append(float(s))
+    return resolved, scores

@@ -1,0 +1,224 @@
+"""What the Triton python-backend models do, as plain Python (no Triton import), so it is tested
+directly and the model.py files under ``model_repository/`` stay thin.
+
+- ``PromptTokenizer``: modality + T1 + target prompts -> modality index and token tensors, with the
+  checks a server needs (UTF-8, empty, too long, too many targets, unknown modality).
+- ``check_unit_feed``: shape/dtype/consistency checks for direct calls of the exported units.
+- ``VolumeSegmenter``: the ``segment_volume`` pipeline: training preprocessing, prompt conditioning
+  once per request (LRU-cached across requests), Gaussian-blended sliding window over batched
+  windows through any ``segment`` callable (Triton BLS in the server), inverse to the input grid,
+  uint8 labels. It is the same code path as ``training.inference.Predictor``.
+
+Every problem with a request raises ``InvalidRequest``; the model.py files turn it into
+INVALID_ARGUMENT and the server stays up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.triton_config import ServingLimits
+from training.prompts import PromptVocabulary, normalise_text
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+KNOWN_TARGETS = "known_targets.npz"
+
+
+class InvalidRequest(ValueError):
+    """A request the server refuses (INVALID_ARGUMENT), naming the problem."""
+
+
+def decode_strings(array: np.ndarray | None, name: str) -> list[str]:
+    """A TYPE_STRING tensor -> str list; non-UTF-8 bytes are an error that names the tensor."""
+    if array is None:
+        raise InvalidRequest(f"input {name} is missing")
+    out = []
+    for i, item in enumerate(np.asarray(array, dtype=object).reshape(-1)):
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidRequest(f"{name}[{i}] is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        out.append(str(item))
+    return out
+
+
+def read_manifest(repository: Path) -> dict:
+    path = Path(repository) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: build the repository with `python export/build_engines.py`")
+    return json.loads(path.read_text())
+
+
+class PromptTokenizer:
+    """Validates and tokenises one request's prompts exactly as in-process inference encodes them."""
+
+    def __init__(self, tokenizer_dir: str | Path, modalities: Sequence[str], limits: ServingLimits = ServingLimits()):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        self.modalities = tuple(modalities)
+        self.limits = limits
+
+    def _prompts(self, texts: list[str], what: str) -> list[str]:
+        out = []
+        for i, text in enumerate(texts):
+            label = f"{what}[{i}]" if len(texts) > 1 else what
+            if not text.strip():
+                raise InvalidRequest(f"{label} prompt is empty")
+            if len(text.strip()) > self.limits.max_prompt_chars:
+                raise InvalidRequest(f"{label} prompt is {len(text.strip())} characters long; at most "
+                                     f"{self.limits.max_prompt_chars} are allowed")
+            norm = normalise_text(text)
+            n_tokens = len(self.tokenizer(norm)["input_ids"])
+            if n_tokens > self.limits.max_prompt_tokens:
+                raise InvalidRequest(f"{label} prompt is {n_tokens} tokens long; at most "
+                                     f"{self.limits.max_prompt_tokens} are allowed")
+            out.append(norm)
+        return out
+
+    def modality_index(self, modality: str) -> int:
+        if modality not in self.modalities:
+            raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(self.modalities)}")
+        return self.modalities.index(modality)
+
+    def __call__(self, modality: str, t1: str, targets: list[str]) -> dict[str, np.ndarray]:
+        index = self.modality_index(modality)
+        if not targets:
+            raise InvalidRequest("TARGETS is empty: give at least one target prompt")
+        if len(targets) > self.limits.max_targets:
+            raise InvalidRequest(f"{len(targets)} target prompts; at most {self.limits.max_targets} per request")
+        t1_tok = self.tokenizer(self._prompts([t1], "T1 (context)"), padding=True, return_tensors="np")
+        t2_tok = self.tokenizer(self._prompts(targets, "TARGETS"), padding=True, return_tensors="np")
+        return {"modality": np.array([index], dtype=np.int64),
+                "t1_input_ids": t1_tok["input_ids"].astype(np.int64),
+                "t1_attention_mask": t1_tok["attention_mask"].astype(np.int64),
+                "t2_input_ids": t2_tok["input_ids"].astype(np.int64),
+                "t2_attention_mask": t2_tok["attention_mask"].astype(np.int64)}
+
+
+def check_unit_feed(unit: str, feed: dict[str, np.ndarray], *, n_modalities: int, level_factor: int) -> None:
+    """Checks the ONNX graph would otherwise fail on with an opaque message."""
+    if unit == "segmenter":
+        image, modality, film = feed["image"], feed["modality"], feed["film"]
+        b = image.shape[0]
+        if modality.shape[0] != b or film.shape[0] != b:
+            raise InvalidRequest(f"batch sizes differ: image {b}, modality {modality.shape[0]}, film {film.shape[0]}")
+        if any(s % level_factor for s in image.shape[2:]):
+            raise InvalidRequest(f"image spatial size {tuple(image.shape[2:])} must be multiples of {level_factor}")
+        if (modality < 0).any() or (modality >= n_modalities).any():
+            raise InvalidRequest(f"modality index {modality.tolist()} out of range [0, {n_modalities})")
+        if not np.isfinite(image).all():
+            raise InvalidRequest("image contains NaN or Inf values")
+    elif unit == "text_encoder":
+        if feed["input_ids"].shape != feed["attention_mask"].shape:
+            raise InvalidRequest(f"input_ids {feed['input_ids'].shape} and attention_mask "
+                                 f"{feed['attention_mask'].shape} differ in shape")
+    elif unit == "conditioning":
+        for name, x in feed.items():
+            if not np.isfinite(x).all():
+                raise InvalidRequest(f"{name} contains NaN or Inf values")
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    modality_index: int
+    film: np.ndarray            # [1, F]
+    head_params: np.ndarray     # [K, P]
+    target_embedding: np.ndarray  # [K, E]
+
+
+class VolumeSegmenter:
+    """Whole volume in its own geometry -> uint8 labels on the same grid (the segment_volume model)."""
+
+    def __init__(self, manifest: dict, known_targets: dict[str, np.ndarray],
+                 encode: Callable[[str, str, list[str]], EncodedPrompts],
+                 segment: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+                 limits: ServingLimits = ServingLimits(), cache_entries: int = 256):
+        cfg = manifest["model_config"]
+        self.modalities = tuple(cfg["modalities"])
+        self.spacing = (float(cfg["spacing"]),) * 3 if np.isscalar(cfg["spacing"]) else tuple(cfg["spacing"])
+        self.patch_size = tuple(manifest["patch_size"])
+        self.vocabulary = PromptVocabulary.from_dict(manifest["vocabulary"])
+        self.known_names = [str(n) for n in known_targets["names"]]
+        self.known_embeddings = np.asarray(known_targets["embeddings"], dtype=np.float32)
+        self.encode, self.segment, self.limits = encode, segment, limits
+        self._cache: OrderedDict[tuple, EncodedPrompts] = OrderedDict()
+        self._lock = threading.Lock()
+        self._cache_entries = cache_entries
+        self.prompt_cache_hits = 0
+        self.prompt_cache_misses = 0
+
+    @staticmethod
+    def load_known_targets(path: Path) -> dict[str, np.ndarray]:
+        with np.load(path, allow_pickle=False) as z:
+            return {"names": z["names"], "embeddings": z["embeddings"]}
+
+    def prompts(self, modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
+        key = (modality, normalise_text(t1), tuple(normalise_text(t) for t in targets))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.prompt_cache_hits += 1
+                return hit
+        enc = self.encode(modality, t1, targets)
+        with self._lock:
+            self.prompt_cache_misses += 1
+            self._cache[key] = enc
+            while len(self._cache) > self._cache_entries:
+                self._cache.popitem(last=False)
+        return enc
+
+    def __call__(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str, targets: list[str]
+                 ) -> tuple[np.ndarray, list[str], list[float]]:
+        import torch
+
+        from training.inference import UnknownPromptError, match_targets, sliding_window_probabilities
+        from training.preprocessing import check_volume, fuse_labels, to_input_grid, to_model_space
+
+        if modality not in self.modalities:
+            raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(self.modalities)}")
+        volume = np.asarray(volume)
+        affine = np.asarray(affine, dtype=np.float64)
+        try:
+            check_volume(volume, affine, max_voxels=self.limits.max_voxels)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        model_voxels = int(np.prod(np.asarray(volume.shape) * spacing / np.asarray(self.spacing)))
+        if model_voxels > self.limits.max_model_voxels:
+            raise InvalidRequest(f"volume covers {model_voxels} voxels at the model spacing {self.spacing} mm; "
+                                 f"the limit is {self.limits.max_model_voxels}")
+        enc = self.prompts(modality, t1, targets)   # raises InvalidRequest for bad prompts (tokenizer)
+        try:
+            resolved, sims = match_targets(targets, enc.target_embedding, self.known_names, self.known_embeddings,
+                                           self.vocabulary, threshold=self.limits.target_similarity,
+                                           margin=self.limits.ambiguity_margin)
+        except UnknownPromptError as exc:
+            raise InvalidRequest(str(exc)) from None
+        x, _ = to_model_space(volume, affine, modality, self.spacing, check=False)
+        film, head = enc.film, enc.head_params
+        index = enc.modality_index
+
+        def logits_fn(patch: torch.Tensor) -> torch.Tensor:
+            b = patch.shape[0]
+            out = self.segment(patch.numpy().astype(np.float32, copy=False), np.full((b,), index, dtype=np.int64),
+                               np.repeat(film, b, axis=0), head)
+            return torch.from_numpy(np.asarray(out))
+
+        probs = sliding_window_probabilities(torch.as_tensor(x), self.patch_size, self.limits.sw_batch_size,
+                                             self.limits.overlap, logits_fn)
+        probs_in = to_input_grid(probs, x.affine, affine, tuple(volume.shape))
+        labels = fuse_labels(probs_in).numpy().astype(np.uint8)
+        return labels, resolved, sims

@@ -1,0 +1,314 @@
+"""Triton ``config.pbtxt`` generated from typed objects, never edited by hand.
+
+Frozen dataclasses describe each model (tensors, batching, instance groups, response cache,
+warm-up, ensemble steps); ``ModelConfig.to_proto`` turns one into Triton's own protobuf message
+(``tritonclient.grpc.model_config_pb2.ModelConfig``), so a field Triton does not know is an error
+at build time, and ``pbtxt`` is that message in protobuf text format.
+
+``repository_models`` is the ensemble graph, the same for both flavours:
+
+    encode_prompts (ensemble)   MODALITY, T1, TARGETS -> MODALITY_INDEX, FILM, HEAD_PARAMS, TARGET_EMBEDDING
+        tokenizer -> text_encoder (T1) -> text_encoder (targets) -> conditioning
+    segment_patch (ensemble)    IMAGE patch + MODALITY, T1, TARGETS -> PROBABILITIES, LOGITS
+        tokenizer -> text_encoder x2 -> conditioning -> segmenter
+    segment_volume (python BLS) VOLUME + AFFINE + MODALITY, T1, TARGETS -> LABELS (uint8, input grid)
+        preprocessing -> encode_prompts once -> segmenter on batched windows -> inverse -> labels
+
+``embedded`` runs text_encoder / conditioning / segmenter as python-backend models (ONNX Runtime,
+TensorRT or PyTorch inside); ``ngc`` makes them native ``onnxruntime_onnx`` / ``tensorrt_plan`` models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf import text_format
+
+from export.contract import UnitContract
+
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
+KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL")
+FLAVOURS = ("embedded", "ngc")
+ENGINES = ("onnxruntime", "tensorrt", "torch")
+PYTHON_MODELS_EMBEDDED = ("tokenizer", "text_encoder", "conditioning", "segmenter", "segment_volume")
+PYTHON_MODELS_NGC = ("tokenizer", "segment_volume")
+
+
+def _pb():
+    from tritonclient.grpc import model_config_pb2  # Triton's own schema
+
+    return model_config_pb2
+
+
+@dataclass(frozen=True)
+class TritonTensor:
+    name: str
+    dtype: str                     # numpy-style name, "bytes" for TYPE_STRING
+    dims: tuple[int, ...]          # -1 for a dynamic axis (no batch axis: all models use max_batch_size 0)
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TRITON_DTYPES:
+            raise ValueError(f"tensor {self.name}: unsupported dtype {self.dtype!r}; one of {sorted(TRITON_DTYPES)}")
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        if not self.dims or any(d == 0 or d < -1 for d in self.dims):
+            raise ValueError(f"tensor {self.name}: dims must be positive or -1, got {self.dims}")
+
+    @classmethod
+    def from_contract(cls, spec) -> TritonTensor:
+        return cls(spec.name, spec.dtype, tuple(-1 if isinstance(d, str) else d for d in spec.shape))
+
+
+@dataclass(frozen=True)
+class InstanceGroup:
+    count: int = 1
+    kind: str = "KIND_CPU"
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"instance_group.count must be >= 1, got {self.count}")
+        if self.kind not in KINDS:
+            raise ValueError(f"instance_group.kind {self.kind!r} is not one of {KINDS}")
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    preferred_batch_size: tuple[int, ...] = ()
+    max_queue_delay_microseconds: int = 0
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    model_name: str
+    input_map: tuple[tuple[str, str], ...]    # (the step model's input, ensemble tensor)
+    output_map: tuple[tuple[str, str], ...]   # (the step model's output, ensemble tensor)
+
+
+@dataclass(frozen=True)
+class Warmup:
+    name: str
+    inputs: tuple[tuple[TritonTensor, str], ...]   # (tensor with concrete dims, "zero" | "random")
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    inputs: tuple[TritonTensor, ...]
+    outputs: tuple[TritonTensor, ...]
+    backend: str | None = None            # "python", "onnxruntime", "tensorrt"
+    platform: str | None = None           # "ensemble", "onnxruntime_onnx", "tensorrt_plan"
+    max_batch_size: int = 0
+    instance_groups: tuple[InstanceGroup, ...] = ()
+    dynamic_batching: DynamicBatching | None = None
+    response_cache: bool = False
+    parameters: tuple[tuple[str, str], ...] = ()
+    steps: tuple[EnsembleStep, ...] = ()
+    warmup: tuple[Warmup, ...] = ()
+    default_model_filename: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.backend and not self.platform:
+            raise ValueError(f"model {self.name}: give a backend or a platform")
+        if self.platform == "ensemble" and not self.steps:
+            raise ValueError(f"ensemble {self.name} has no steps")
+        if self.max_batch_size < 0:
+            raise ValueError(f"model {self.name}: max_batch_size must be >= 0")
+        names = [t.name for t in self.inputs] + [t.name for t in self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model {self.name}: duplicate tensor names {names}")
+
+    def to_proto(self):
+        pb = _pb()
+        m = pb.ModelConfig(name=self.name, max_batch_size=self.max_batch_size)
+        if self.backend:
+            m.backend = self.backend
+        if self.platform:
+            m.platform = self.platform
+        if self.default_model_filename:
+            m.default_model_filename = self.default_model_filename
+        for t in self.inputs:
+            m.input.add(name=t.name, data_type=pb.DataType.Value(TRITON_DTYPES[t.dtype]), dims=list(t.dims),
+                        optional=t.optional)
+        for t in self.outputs:
+            m.output.add(name=t.name, data_type=pb.DataType.Value(TRITON_DTYPES[t.dtype]), dims=list(t.dims))
+        for g in self.instance_groups:
+            m.instance_group.add(count=g.count, kind=pb.ModelInstanceGroup.Kind.Value(g.kind))
+        if self.dynamic_batching is not None:
+            m.dynamic_batching.preferred_batch_size.extend(self.dynamic_batching.preferred_batch_size)
+            m.dynamic_batching.max_queue_delay_microseconds = self.dynamic_batching.max_queue_delay_microseconds
+        if self.response_cache:
+            m.response_cache.enable = True
+        for k, v in self.parameters:
+            m.parameters[k].string_value = str(v)
+        for s in self.steps:
+            step = m.ensemble_scheduling.step.add(model_name=s.model_name, model_version=-1)
+            for k, v in s.input_map:
+                step.input_map[k] = v
+            for k, v in s.output_map:
+                step.output_map[k] = v
+        for w in self.warmup:
+            sample = m.model_warmup.add(name=w.name, batch_size=1, count=w.count)
+            for t, data in w.inputs:
+                inp = sample.inputs[t.name]
+                inp.data_type = pb.DataType.Value(TRITON_DTYPES[t.dtype])
+                inp.dims.extend(t.dims)
+                if data == "random":
+                    inp.random_data = True
+                else:
+                    inp.zero_data = True
+        return m
+
+    def pbtxt(self) -> str:
+        return text_format.MessageToString(self.to_proto())
+
+
+def parse_pbtxt(text: str):
+    """Parse a config.pbtxt with Triton's own schema (unknown fields are an error)."""
+    return text_format.Parse(text, _pb().ModelConfig())
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What segment_volume accepts and how it runs the sliding window."""
+
+    max_voxels: int = 512 * 512 * 640          # input grid
+    max_model_voxels: int = 400 * 400 * 400    # after resampling to the model spacing
+    max_targets: int = 16
+    max_prompt_chars: int = 256
+    max_prompt_tokens: int = 64
+    overlap: float = 0.25
+    sw_batch_size: int = 2
+    target_similarity: float = 0.6
+    ambiguity_margin: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        for name in ("max_voxels", "max_model_voxels", "max_targets", "max_prompt_chars", "max_prompt_tokens",
+                     "sw_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def parameters(self) -> tuple[tuple[str, str], ...]:
+        return tuple((k, str(getattr(self, k))) for k in self.__dataclass_fields__)
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> ServingLimits:
+        kw = {}
+        for k, f in cls.__dataclass_fields__.items():
+            if k in params:
+                raw = params[k]["string_value"] if isinstance(params[k], dict) else params[k]
+                kw[k] = (float if f.type == "float" else int)(raw)
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    flavour: str = "embedded"
+    engine: str = "onnxruntime"
+    device: str = "cpu"                          # "cpu" | "gpu": instance kind of the compute models
+    segmenter_instances: int = 1
+    threads: int = 0                             # ONNX Runtime intra-op threads per instance (0: all cores)
+    patch_size: tuple[int, int, int] = (96, 96, 64)
+    limits: ServingLimits = field(default_factory=ServingLimits)
+
+    def __post_init__(self) -> None:
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.flavour == "ngc" and self.engine == "torch":
+            raise ValueError("the ngc flavour serves native onnxruntime_onnx or tensorrt_plan models, not torch")
+        if self.segmenter_instances < 1:
+            raise ValueError("segmenter_instances must be >= 1")
+
+    @property
+    def python_models(self) -> tuple[str, ...]:
+        return PYTHON_MODELS_EMBEDDED if self.flavour == "embedded" else PYTHON_MODELS_NGC
+
+
+S = "bytes"
+
+
+def _t(name, dtype, *dims, optional=False) -> TritonTensor:
+    return TritonTensor(name, dtype, tuple(dims), optional)
+
+
+def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -> list[ModelConfig]:
+    """Every model of the repository, in dependency order."""
+    kind = "KIND_GPU" if opts.device == "gpu" else "KIND_CPU"
+    e = units["text_encoder"].outputs[0].shape[-1]
+    film = units["conditioning"].outputs[0].shape[-1]
+    head = units["conditioning"].outputs[1].shape[-1]
+    px, py, pz = opts.patch_size
+    lim = opts.limits
+    unit_params = (("engine", opts.engine), ("threads", str(opts.threads)))
+    models: list[ModelConfig] = []
+
+    models.append(ModelConfig(
+        "tokenizer", backend="python",
+        inputs=(_t("MODALITY", S, 1), _t("T1", S, 1), _t("TARGETS", S, -1)),
+        outputs=(_t("modality", "int64", 1), _t("t1_input_ids", "int64", 1, -1),
+                 _t("t1_attention_mask", "int64", 1, -1), _t("t2_input_ids", "int64", -1, -1),
+                 _t("t2_attention_mask", "int64", -1, -1)),
+        instance_groups=(InstanceGroup(1, "KIND_CPU"),), parameters=lim.parameters()))
+
+    def unit_model(name: str, warm: Warmup | None, cache: bool, instances: int = 1) -> ModelConfig:
+        c = units[name]
+        native = opts.flavour == "ngc"
+        platform = ("tensorrt_plan" if opts.engine == "tensorrt" else "onnxruntime_onnx") if native else None
+        return ModelConfig(
+            name, backend=None if native else "python", platform=platform,
+            inputs=tuple(TritonTensor.from_contract(s) for s in c.inputs),
+            outputs=tuple(TritonTensor.from_contract(s) for s in c.outputs),
+            instance_groups=(InstanceGroup(instances, kind),), response_cache=cache,
+            parameters=() if native else unit_params, warmup=(warm,) if warm else (),
+            default_model_filename=("model.plan" if opts.engine == "tensorrt" else "model.onnx") if native else "")
+
+    models.append(unit_model("text_encoder", Warmup("prompt", (
+        (_t("input_ids", "int64", 1, 8), "zero"), (_t("attention_mask", "int64", 1, 8), "zero"))), cache=True))
+    models.append(unit_model("conditioning", None, cache=True))
+    models.append(unit_model("segmenter", Warmup("patch", (
+        (_t("image", "float32", 1, 1, px, py, pz), "zero"), (_t("modality", "int64", 1), "zero"),
+        (_t("film", "float32", 1, film), "zero"), (_t("head_params", "float32", 1, head), "zero"))),
+        cache=False, instances=opts.segmenter_instances))
+
+    prompt_steps = (
+        EnsembleStep("tokenizer", (("MODALITY", "MODALITY"), ("T1", "T1"), ("TARGETS", "TARGETS")),
+                     (("modality", "MODALITY_INDEX"), ("t1_input_ids", "t1_ids"), ("t1_attention_mask", "t1_mask"),
+                      ("t2_input_ids", "t2_ids"), ("t2_attention_mask", "t2_mask"))),
+        EnsembleStep("text_encoder", (("input_ids", "t1_ids"), ("attention_mask", "t1_mask")),
+                     (("embedding", "t1_embedding"),)),
+        EnsembleStep("text_encoder", (("input_ids", "t2_ids"), ("attention_mask", "t2_mask")),
+                     (("embedding", "TARGET_EMBEDDING"),)),
+        EnsembleStep("conditioning", (("t1_embedding", "t1_embedding"), ("t2_embedding", "TARGET_EMBEDDING")),
+                     (("film", "FILM"), ("head_params", "HEAD_PARAMS"))),
+    )
+    prompt_inputs = (_t("MODALITY", S, 1), _t("T1", S, 1), _t("TARGETS", S, -1))
+    models.append(ModelConfig(
+        "encode_prompts", platform="ensemble", inputs=prompt_inputs,
+        outputs=(_t("MODALITY_INDEX", "int64", 1), _t("FILM", "float32", 1, film),
+                 _t("HEAD_PARAMS", "float32", -1, head), _t("TARGET_EMBEDDING", "float32", -1, e)),
+        steps=prompt_steps))
+    models.append(ModelConfig(
+        "segment_patch", platform="ensemble", inputs=(_t("IMAGE", "float32", 1, 1, -1, -1, -1),) + prompt_inputs,
+        outputs=(_t("PROBABILITIES", "float32", 1, -1, -1, -1, -1), _t("LOGITS", "float32", 1, -1, -1, -1, -1)),
+        steps=(prompt_steps[0], prompt_steps[1],
+               EnsembleStep("text_encoder", (("input_ids", "t2_ids"), ("attention_mask", "t2_mask")),
+                            (("embedding", "t2_embedding"),)),
+               EnsembleStep("conditioning", (("t1_embedding", "t1_embedding"), ("t2_embedding", "t2_embedding")),
+                            (("film", "film"), ("head_params", "head_params"))),
+               EnsembleStep("segmenter", (("image", "IMAGE"), ("modality", "MODALITY_INDEX"), ("film", "film"),
+                                          ("head_params", "head_params")),
+                            (("logits", "LOGITS"), ("probabilities", "PROBABILITIES"))))))
+    models.append(ModelConfig(
+        "segment_volume", backend="python",
+        inputs=(_t("VOLUME", "float32", -1, -1, -1), _t("AFFINE", "float64", 4, 4)) + prompt_inputs,
+        outputs=(_t("LABELS", "uint8", -1, -1, -1), _t("RESOLVED_TARGETS", S, -1), _t("SIMILARITY", "float32", -1)),
+        instance_groups=(InstanceGroup(1, "KIND_CPU"),),
+        parameters=lim.parameters() + (("patch_size", ",".join(map(str, opts.patch_size))),)))
+    return models

@@ -1,0 +1,184 @@
+"""The Triton python-backend models (``TritonPythonModel`` classes).
+
+Each ``model_repository/<model>/1/model.py`` is two lines that bind one of these factories to
+``triton_python_backend_utils``, which only exists inside Triton's python-backend stub; the
+logic itself lives in ``export.serving`` and is tested without a server.
+
+Errors: ``InvalidRequest`` (and its subclasses) -> INVALID_ARGUMENT with the message; anything
+else -> INTERNAL, logged with its traceback. A failed request never takes the model down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from export.serving import (KNOWN_TARGETS, EncodedPrompts, InvalidRequest, PromptTokenizer, VolumeSegmenter,
+                            check_unit_feed, decode_strings, read_manifest)
+from export.contract import UnitContract
+from export.triton_config import ServingLimits
+
+log = logging.getLogger("duplus.triton")
+
+
+def _context(args: dict) -> tuple[dict, Path, Path]:
+    config = json.loads(args["model_config"])
+    model_dir = Path(args["model_repository"])
+    return config, model_dir, model_dir / args["model_version"]
+
+
+def _params(config: dict) -> dict[str, str]:
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def _error(pb, exc: BaseException):
+    if isinstance(exc, InvalidRequest):
+        return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
+    log.error("internal error: %s", "".join(traceback.format_exception(exc)))
+    return pb.InferenceResponse(output_tensors=[],
+                                error=pb.TritonError(f"{type(exc).__name__}: {exc}", pb.TritonError.INTERNAL))
+
+
+def _string_tensor(pb, name: str, values) -> object:
+    return pb.Tensor(name, np.array([str(v).encode("utf-8") for v in values], dtype=np.object_))
+
+
+def _input(pb, request, name: str) -> np.ndarray:
+    t = pb.get_input_tensor_by_name(request, name)
+    if t is None:
+        raise InvalidRequest(f"input {name} is missing")
+    return t.as_numpy()
+
+
+def tokenizer_model(pb):
+    class TritonPythonModel:
+        def initialize(self, args):
+            config, model_dir, version_dir = _context(args)
+            manifest = read_manifest(model_dir.parent)
+            limits = ServingLimits.from_parameters(config.get("parameters", {}))
+            self.tokenizer = PromptTokenizer(version_dir / "tokenizer", manifest["model_config"]["modalities"], limits)
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                try:
+                    modality = decode_strings(_input(pb, request, "MODALITY"), "MODALITY")[0]
+                    t1 = decode_strings(_input(pb, request, "T1"), "T1")[0]
+                    targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
+                    out = self.tokenizer(modality, t1, targets)
+                    responses.append(pb.InferenceResponse([pb.Tensor(k, v) for k, v in out.items()]))
+                except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
+                    responses.append(_error(pb, exc))
+            return responses
+
+    return TritonPythonModel
+
+
+def unit_model(pb, unit: str):
+    """text_encoder / conditioning / segmenter on ONNX Runtime, TensorRT or PyTorch."""
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            from export.runtime import make_runner
+
+            config, model_dir, version_dir = _context(args)
+            params = _params(config)
+            manifest = read_manifest(model_dir.parent)
+            cfg = manifest["model_config"]
+            self.contract = UnitContract.from_manifest(unit, manifest["units"][unit])
+            self.n_modalities = len(cfg["modalities"])
+            self.level_factor = 2 ** (len(cfg["channels"]) - 1)
+            gpu = args.get("model_instance_kind") == "GPU"
+            self.runner = make_runner(unit, version_dir, self.contract, params.get("engine", "onnxruntime"), gpu=gpu,
+                                      device_id=int(args.get("model_instance_device_id", 0)),
+                                      threads=int(params.get("threads", 0)),
+                                      checkpoint=model_dir.parent / "checkpoint.pt")
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                try:
+                    feed = {t.name: _input(pb, request, t.name) for t in self.contract.inputs}
+                    check_unit_feed(unit, feed, n_modalities=self.n_modalities, level_factor=self.level_factor)
+                    out = self.runner(feed)
+                    responses.append(pb.InferenceResponse([pb.Tensor(k, np.ascontiguousarray(v))
+                                                           for k, v in out.items()]))
+                except Exception as exc:  # noqa: BLE001
+                    responses.append(_error(pb, exc))
+            return responses
+
+    return TritonPythonModel
+
+
+class UpstreamError(InvalidRequest):
+    """A BLS call that failed with INVALID_ARGUMENT upstream (e.g. the tokenizer refused a prompt)."""
+
+
+def _bls(pb, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
+    response = pb.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs).exec()
+    if response.has_error():
+        err = response.error()
+        code = err.code() if hasattr(err, "code") else None
+        if code is not None and code == pb.TritonError.INVALID_ARG:
+            raise UpstreamError(err.message())
+        raise RuntimeError(f"{model}: {err.message()}")
+    return {name: pb.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+
+
+def segment_volume_model(pb):
+    class TritonPythonModel:
+        def initialize(self, args):
+            import training.inference  # noqa: F401 - torch and MONAI load now, not on the first request
+
+            config, model_dir, version_dir = _context(args)
+            params = _params(config)
+            manifest = read_manifest(model_dir.parent)
+            manifest = dict(manifest, patch_size=[int(p) for p in params["patch_size"].split(",")])
+            known = VolumeSegmenter.load_known_targets(version_dir / KNOWN_TARGETS)
+            limits = ServingLimits.from_parameters(config.get("parameters", {}))
+            # the same checks as the tokenizer model, here, so that a bad prompt is INVALID_ARGUMENT
+            # before any BLS call (an error inside an ensemble reaches BLS without its code)
+            self.prompt_check = PromptTokenizer(model_dir.parent / "tokenizer" / args["model_version"] / "tokenizer",
+                                                manifest["model_config"]["modalities"], limits)
+            self.segmenter = VolumeSegmenter(manifest, known, self._encode, self._segment, limits)
+
+        @staticmethod
+        def _encode(modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
+            out = _bls(pb, "encode_prompts",
+                       [_string_tensor(pb, "MODALITY", [modality]), _string_tensor(pb, "T1", [t1]),
+                        _string_tensor(pb, "TARGETS", targets)],
+                       ["MODALITY_INDEX", "FILM", "HEAD_PARAMS", "TARGET_EMBEDDING"])
+            return EncodedPrompts(int(out["MODALITY_INDEX"][0]), out["FILM"], out["HEAD_PARAMS"],
+                                  out["TARGET_EMBEDDING"])
+
+        @staticmethod
+        def _segment(image, modality, film, head_params) -> np.ndarray:
+            out = _bls(pb, "segmenter",
+                       [pb.Tensor("image", np.ascontiguousarray(image, dtype=np.float32)),
+                        pb.Tensor("modality", modality), pb.Tensor("film", np.ascontiguousarray(film)),
+                        pb.Tensor("head_params", np.ascontiguousarray(head_params))], ["logits"])
+            return out["logits"]
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                try:
+                    volume = _input(pb, request, "VOLUME")
+                    affine = _input(pb, request, "AFFINE")
+                    modality = decode_strings(_input(pb, request, "MODALITY"), "MODALITY")[0]
+                    t1 = decode_strings(_input(pb, request, "T1"), "T1")[0]
+                    targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
+                    self.prompt_check(modality, t1, targets)
+                    labels, resolved, sims = self.segmenter(volume, affine, modality, t1, targets)
+                    responses.append(pb.InferenceResponse([
+                        pb.Tensor("LABELS", labels), _string_tensor(pb, "RESOLVED_TARGETS", resolved),
+                        pb.Tensor("SIMILARITY", np.asarray(sims, dtype=np.float32))]))
+                except Exception as exc:  # noqa: BLE001
+                    responses.append(_error(pb, exc))
+            return responses
+
+    return TritonPythonModel
