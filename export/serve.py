@@ -67,13 +67,13 @@ def check_repository(repository: Path, checkpoint: Path | None = None) -> dict:
         raise RepositoryError(f"{repository} is the {manifest.get('target')} flavour, for the NGC Triton container; "
                               "this server needs --target embedded")
     missing = [m for m in MODELS if not (repository / m / "config.pbtxt").is_file()]
-    for unit, entry in manifest.get("units", {}).items():
+    for _unit, entry in manifest.get("units", {}).items():
         for key in ("onnx", "plan"):
             if key in entry and not (repository / entry[key]).is_file():
                 missing.append(entry[key])
     if missing:
         raise RepositoryError(f"{repository} is incomplete (missing {', '.join(missing)}); {rebuild}")
-    for unit, entry in manifest.get("units", {}).items():
+    for _unit, entry in manifest.get("units", {}).items():
         if _sha256(repository / entry["onnx"]) != entry["sha256"]:
             raise RepositoryError(f"{repository}/{entry['onnx']} changed since the build; {rebuild}")
     if checkpoint is not None:

@@ -17,9 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from export.serving import (KNOWN_TARGETS, EncodedPrompts, InvalidRequest, PromptTokenizer, VolumeSegmenter,
-                            check_unit_feed, decode_strings, read_manifest)
 from export.contract import UnitContract
+from export.serving import (
+    KNOWN_TARGETS,
+    EncodedPrompts,
+    InvalidRequest,
+    PromptTokenizer,
+    VolumeSegmenter,
+    check_unit_feed,
+    decode_strings,
+    read_manifest,
+)
 from export.triton_config import ServingLimits
 
 log = logging.getLogger("duplus.triton")

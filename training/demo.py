@@ -43,7 +43,7 @@ def run(checkpoint: str, out: Path, device: str = "cpu", samples=SAMPLES, serve:
 
         def segment(image, affine, modality, t1, targets):
             pred = predictor.predict_array(image, affine, modality, t1, targets)
-            return labels, resolved
+            return pred.labels, pred.resolved
 
         return _run(checkpoint, out, segment, "in-process", device, samples)
 

@@ -1,0 +1,231 @@
+"""End to end through the real Triton server (nvidia-pytriton's tritonserver 2.51) over gRPC.
+
+One server for the module, started on free loopback ports from a repository built from the
+shipped checkpoint; stopped at the end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from clients.grpc_client import SegmentationClient
+from export.build_engines import build
+from export.serve import RepositoryError, TritonServer, check_repository, free_port
+from tests.conftest import DEMO_CHECKPOINT, ROOT
+from training.evaluate import case_seed, evaluate
+from training.inference import dice, load_checkpoint
+from training.phantoms import generate_phantom
+
+pytestmark = pytest.mark.server
+
+# evaluation seed whose first head-and-neck CT case is anisotropic (2.54 x 0.8 x 0.8 mm), with
+# permuted axes and a flipped one, and not 1.5 mm anywhere
+EVAL_SEED = 7003
+T1 = "CT of the head and neck"
+TARGETS = ["primary tumour", "lymph node"]
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton") / "model_repository"
+    build(DEMO_CHECKPOINT, out, engine="onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    with TritonServer(repository, checkpoint=DEMO_CHECKPOINT, log_file=repository.parent / "triton.log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with SegmentationClient(server.grpc_url) as c:
+        c.check_ready()
+        yield c
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return generate_phantom("head_neck", "CT", case_seed(EVAL_SEED, 0))
+
+
+def _strings(values):
+    return np.array([v if isinstance(v, bytes) else v.encode() for v in values], dtype=np.object_)
+
+
+def _infer(server, model, arrays):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inputs = []
+    for name, (arr, dtype) in arrays.items():
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    return client.infer(model, inputs)
+
+
+def _prompts(modality="CT", t1=T1, targets=TARGETS):
+    return {"MODALITY": (_strings([modality]), "BYTES"), "T1": (_strings([t1]), "BYTES"),
+            "TARGETS": (_strings(targets), "BYTES")}
+
+
+def test_segment_volume_equals_in_process_and_evaluation(client, demo_predictor, phantom):
+    affine = phantom.affine
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    assert not np.allclose(spacing, 1.5) and spacing.max() / spacing.min() > 2    # anisotropic, not 1.5 mm
+    assert np.linalg.det(affine[:3, :3]) < 0 or (np.sign(affine[:3, :3].sum(0)) < 0).any()  # a flipped axis
+
+    served = client.segment_volume(phantom.image, affine, "CT", T1, TARGETS)
+    assert served.labels.shape == phantom.image.shape and served.labels.dtype == np.uint8
+    np.testing.assert_array_equal(served.affine, affine)
+    assert served.resolved == tuple(TARGETS)
+
+    local = demo_predictor.predict_array(phantom.image, affine, "CT", T1, TARGETS)
+    for k in range(1, len(TARGETS) + 1):
+        both_empty = not (served.labels == k).any() and not (local.labels == k).any()
+        assert both_empty or dice(served.labels == k, local.labels == k) >= 0.99, TARGETS[k - 1]
+
+    report = evaluate(demo_predictor, load_checkpoint(DEMO_CHECKPOINT), "CT", 1, EVAL_SEED, region="head_neck",
+                      targets=TARGETS, t1=T1, progress=False)
+    for k, name in enumerate(TARGETS, start=1):
+        truth = phantom.label == phantom.label_names.index(name) + 1
+        assert abs(dice(served.labels == k, truth) - report["per_case"][0]["dice"][name]) <= 0.01, name
+    assert report["per_case"][0]["dice"]["primary tumour"] > 0.5   # the model does segment it
+
+
+def test_segment_patch_ensemble_equals_pytorch(server, demo_predictor):
+    rng = np.random.default_rng(0)
+    patch = rng.normal(0, 0.5, (1, 1, 96, 96, 64)).astype(np.float32)
+    res = _infer(server, "segment_patch", {"IMAGE": (patch, "FP32"), **_prompts()})
+    probs = res.as_numpy("PROBABILITIES")
+    import torch
+
+    cond = demo_predictor.condition(T1, TARGETS)
+    ref = torch.sigmoid(demo_predictor.patch_logits(torch.from_numpy(patch), "CT", cond)).numpy()
+    assert probs.shape == (1, 2, 96, 96, 64)
+    assert np.abs(probs - ref).max() < 1e-3
+
+
+def _text_encoder_stats(server):
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("text_encoder", as_json=True)
+    s = stats["model_stats"][0]
+    return (int(s["execution_count"]), int(s["inference_stats"].get("cache_hit", {}).get("count", 0)))
+
+
+def test_prompt_cache_skips_the_text_encoder(server):
+    prompts = _prompts(t1="PET of the head and neck", targets=["primary tumor", "lymph nodes"])
+    prompts["MODALITY"] = (_strings(["PET"]), "BYTES")
+    first = _infer(server, "encode_prompts", prompts)
+    executions, hits = _text_encoder_stats(server)
+    second = _infer(server, "encode_prompts", prompts)
+    executions2, hits2 = _text_encoder_stats(server)
+    assert executions2 == executions            # the text encoder did not run again
+    assert hits2 == hits + 2                    # T1 and the targets came from Triton's response cache
+    np.testing.assert_array_equal(first.as_numpy("FILM"), second.as_numpy("FILM"))
+    np.testing.assert_array_equal(first.as_numpy("HEAD_PARAMS"), second.as_numpy("HEAD_PARAMS"))
+
+
+def _volume_request(volume, affine, modality="CT", t1=T1, targets=TARGETS, volume_dtype="FP32"):
+    return {"VOLUME": (volume, volume_dtype), "AFFINE": (np.asarray(affine, dtype=np.float64), "FP64"),
+            **_prompts(modality, t1, targets)}
+
+
+SMALL_VOLUME = np.zeros((40, 40, 30), dtype=np.float32)
+SMALL_AFFINE = np.diag([2.0, 2.0, 2.5, 1.0])
+
+
+def _nan_volume():
+    v = SMALL_VOLUME.copy()
+    v[3, 4, 5] = np.nan
+    return v
+
+
+BAD_REQUESTS = {
+    "wrong shape": (_volume_request(np.zeros((40, 40), np.float32), SMALL_AFFINE), "VOLUME"),
+    "wrong dtype": (_volume_request(SMALL_VOLUME.astype(np.float64), SMALL_AFFINE, volume_dtype="FP64"),
+                    "VOLUME"),
+    "unknown modality": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, modality="XR"), "unknown modality 'XR'"),
+    "empty T1": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, t1="   "), "T1 (context) prompt is empty"),
+    "empty target": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["liver", ""]), "TARGETS[1] prompt is empty"),
+    "over-long prompt": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["liver " * 60]), "characters long"),
+    "over-long in tokens": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["a-b-c-d " * 20]), "tokens long"),
+    "non-UTF-8 prompt": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=[b"liv\xff\xfeer"]), "not valid UTF-8"),
+    "unknown target": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["banana"]), "unknown target prompt"),
+    "NaN in volume": (_volume_request(_nan_volume(), SMALL_AFFINE), "NaN or Inf"),
+    "singular affine": (_volume_request(SMALL_VOLUME, np.diag([2.0, 0.0, 2.0, 1.0])), "spacing"),
+    "too large": (_volume_request(np.zeros((100, 100, 100), np.float32), np.diag([10.0, 10.0, 10.0, 1.0])),
+                  "the limit is"),
+    "too many targets": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["liver"] * 17), "at most 16"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_invalid_argument_and_server_stays_healthy(server, case):
+    request, needle = BAD_REQUESTS[case]
+    with pytest.raises(InferenceServerException) as err:
+        _infer(server, "segment_volume", request)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", str(err.value)
+    assert needle in err.value.message(), err.value.message()
+    # a good request right after it succeeds
+    ok = _infer(server, "segment_volume", _volume_request(SMALL_VOLUME, SMALL_AFFINE))
+    labels = ok.as_numpy("LABELS")
+    assert labels.shape == SMALL_VOLUME.shape and labels.dtype == np.uint8
+
+
+def test_direct_unit_calls_are_checked(server):
+    bad = {"image": (np.zeros((1, 1, 30, 32, 32), np.float32), "FP32"), "modality": (np.zeros(1, np.int64), "INT64"),
+           "film": (np.zeros((1, 736), np.float32), "FP32"), "head_params": (np.zeros((1, 281), np.float32), "FP32")}
+    with pytest.raises(InferenceServerException) as err:
+        _infer(server, "segmenter", bad)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "multiples of 16" in err.value.message()
+
+
+def test_stale_or_missing_repository_is_refused(repository, tmp_path):
+    other = tmp_path / "other.pt"
+    other.write_bytes(DEMO_CHECKPOINT.read_bytes() + b"\0")
+    with pytest.raises(RepositoryError, match="stale"):
+        check_repository(repository, other)
+    with pytest.raises(RepositoryError, match="no model repository"):
+        check_repository(tmp_path / "nowhere")
+    proc = subprocess.run([sys.executable, "-m", "export.serve", "--model-repository", str(repository),
+                           "--checkpoint", str(other)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "stale" in proc.stderr
+    manifest = json.loads((repository / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] != "" and check_repository(repository, DEMO_CHECKPOINT)
+
+
+def test_server_command_stops_cleanly_on_sigterm(repository, server):
+    """`python -m export.serve` on its own ports: ready, then SIGTERM -> exit 0 and the ports are free."""
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "export.serve", "--model-repository", str(repository),
+                             "--checkpoint", str(DEMO_CHECKPOINT), "--grpc-port", str(ports[0]),
+                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if client.is_server_ready():
+                    break
+            except InferenceServerException:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        assert client.is_model_ready("segment_volume")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL) if hasattr(os, "killpg") else proc.kill()
+    out = proc.stdout.read()
+    assert "stopped" in out
+    with pytest.raises(InferenceServerException):
+        client.is_server_ready()
