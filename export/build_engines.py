@@ -90,7 +90,7 @@ def resolve_engine(engine: str, flavour: str) -> tuple[str, str]:
 
 def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: str = "auto",
           precision: str = "fp32", patch_size: tuple[int, int, int] | None = None, max_batch_size: int = 4,
-          max_targets: int = 16, instances: int = 1, threads: int = 0,
+          max_targets: int = 16, instances: int = 1, threads: int = 0, ort_optimization: str = "all",
           units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2) -> dict:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
@@ -117,7 +117,7 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
     engine, device = resolve_engine(engine, target)
     limits = ServingLimits(max_targets=max_targets, sw_batch_size=max_batch_size)
     opts = RepositoryOptions(flavour=target, engine=engine, device=device, segmenter_instances=instances,
-                             threads=threads, patch_size=patch, limits=limits)
+                             threads=threads, ort_optimization=ort_optimization, patch_size=patch, limits=limits)
     log.info("building the %s repository in %s: engine %s on %s, precision %s, patch %s", target, output, engine,
              device, precision, patch)
     output.mkdir(parents=True, exist_ok=True)
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-targets", type=int, default=16, help="largest number of target prompts K per request")
     ap.add_argument("--instances", type=int, default=1, help="segmenter instances (2 helps on a GPU)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance (0: all cores)")
+    ap.add_argument("--ort-optimization", choices=("disable", "basic", "extended", "all"), default="all",
+                    help="ONNX Runtime graph optimisation level of the served units")
     ap.add_argument("--units", nargs="+", default=["text_encoder", "conditioning", "segmenter"],
                     choices=("text_encoder", "conditioning", "segmenter"), help="which units to export")
     ap.add_argument("--log-level", default="INFO", help="logging level")
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(Path(args.checkpoint), output, target=args.target, engine=args.engine, precision=args.precision,
               patch_size=tuple(args.patch_size) if args.patch_size else None, max_batch_size=args.max_batch_size,
-              max_targets=args.max_targets, instances=args.instances, threads=args.threads, units=tuple(args.units))
+              max_targets=args.max_targets, instances=args.instances, threads=args.threads,
+              ort_optimization=args.ort_optimization, units=tuple(args.units))
     except (ContractError, ParityError, ValueError, RuntimeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1

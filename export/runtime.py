@@ -24,7 +24,8 @@ Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, path: Path, contract: UnitContract, *, gpu: bool = False, device_id: int = 0, threads: int = 0):
+    def __init__(self, path: Path, contract: UnitContract, *, gpu: bool = False, device_id: int = 0, threads: int = 0,
+                 optimization: str = "all"):
         import onnxruntime as ort
 
         from export.onnx_export import ort_session
@@ -32,7 +33,7 @@ class OnnxRuntimeRunner:
         providers = ["CPUExecutionProvider"]
         if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        self.session = ort_session(path, threads=threads, providers=providers)
+        self.session = ort_session(path, threads=threads, providers=providers, optimization=optimization)
         self.contract = contract
         self.output_names = [t.name for t in contract.outputs]
         log.info("%s: ONNX Runtime %s on %s", contract.name, ort.__version__, self.session.get_providers()[0])
@@ -117,10 +118,12 @@ class TorchRunner:
 
 
 def make_runner(unit: str, version_dir: Path, contract: UnitContract, engine: str, *, gpu: bool = False,
-                device_id: int = 0, threads: int = 0, checkpoint: Path | None = None) -> Runner:
+                device_id: int = 0, threads: int = 0, optimization: str = "all", checkpoint: Path | None = None
+                ) -> Runner:
     version_dir = Path(version_dir)
     if engine == "onnxruntime":
-        return OnnxRuntimeRunner(version_dir / "model.onnx", contract, gpu=gpu, device_id=device_id, threads=threads)
+        return OnnxRuntimeRunner(version_dir / "model.onnx", contract, gpu=gpu, device_id=device_id, threads=threads,
+                                 optimization=optimization)
     if engine == "tensorrt":
         return TensorRTRunner(version_dir / "model.plan", contract, device_id=device_id)
     if engine == "torch":

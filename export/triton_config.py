@@ -211,6 +211,7 @@ class RepositoryOptions:
     device: str = "cpu"                          # "cpu" | "gpu": instance kind of the compute models
     segmenter_instances: int = 1
     threads: int = 0                             # ONNX Runtime intra-op threads per instance (0: all cores)
+    ort_optimization: str = "all"                # ONNX Runtime graph optimisation level
     patch_size: tuple[int, int, int] = (96, 96, 64)
     limits: ServingLimits = field(default_factory=ServingLimits)
 
@@ -223,6 +224,8 @@ class RepositoryOptions:
             raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
         if self.flavour == "ngc" and self.engine == "torch":
             raise ValueError("the ngc flavour serves native onnxruntime_onnx or tensorrt_plan models, not torch")
+        if self.ort_optimization not in ("disable", "basic", "extended", "all"):
+            raise ValueError(f"ort_optimization must be disable, basic, extended or all, got {self.ort_optimization!r}")
         if self.segmenter_instances < 1:
             raise ValueError("segmenter_instances must be >= 1")
 
@@ -246,7 +249,7 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
     head = units["conditioning"].outputs[1].shape[-1]
     px, py, pz = opts.patch_size
     lim = opts.limits
-    unit_params = (("engine", opts.engine), ("threads", str(opts.threads)))
+    unit_params = (("engine", opts.engine), ("threads", str(opts.threads)), ("ort_optimization", opts.ort_optimization))
     models: list[ModelConfig] = []
 
     models.append(ModelConfig(

@@ -104,6 +104,7 @@ def unit_model(pb, unit: str):
             self.runner = make_runner(unit, version_dir, self.contract, params.get("engine", "onnxruntime"), gpu=gpu,
                                       device_id=int(args.get("model_instance_device_id", 0)),
                                       threads=int(params.get("threads", 0)),
+                                      optimization=params.get("ort_optimization", "all"),
                                       checkpoint=model_dir.parent / "checkpoint.pt")
 
         def execute(self, requests):

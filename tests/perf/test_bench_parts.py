@@ -1,0 +1,63 @@
+"""The benchmark's parts that need no server: the GPU monitor without NVML, summary ratios, config checks."""
+
+import json
+
+import pytest
+
+from perf.bench import BenchConfig, Results, summarise, write_report
+from perf.gpu_monitor import GpuMonitor
+
+
+def test_gpu_monitor_without_nvml_says_so_and_records_nothing(caplog):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the monitor records real samples here")
+    with caplog.at_level("INFO"), GpuMonitor(interval_s=0.01) as mon:
+        pass
+    assert not mon.available and mon.reason
+    assert "no GPU monitor" in caplog.text
+    assert mon.samples == [] and mon.write_csv("unused.csv") is None and mon.plot("unused.png") is None
+
+
+def _results():
+    r = Results(machine={"cpu": "test cpu", "cores": 2, "gpu": None, "python": "3.11", "torch": "x",
+                         "onnxruntime": "y", "onnxruntime_providers": ["CPUExecutionProvider"],
+                         "triton_server": "2.51.0", "platform": "linux", "created": "now"})
+    r.volume_latency_s = {"pytorch_eager": {"v": [10.0, 12.0, 11.0]}, "onnxruntime": {"v": [6.0, 6.0, 6.0]},
+                          "triton": {"v": [8.0, 8.0, 8.0]}}
+    r.patch_latency_ms = {"pytorch_eager": [400.0], "onnxruntime": [200.0], "triton": [250.0]}
+    r.prompt_latency_ms = {"uncached": [30.0, 30.0], "cached": [3.0, 3.0]}
+    r.throughput = [{"concurrency": 1, "requests": 4, "volumes_per_s": 0.12, "p50_s": 8.0, "p95_s": 8.5},
+                    {"concurrency": 2, "requests": 4, "volumes_per_s": 0.14, "p50_s": 14.0, "p95_s": 15.0}]
+    r.extra = {"gpu_monitor": "not available (test)"}
+    return r
+
+
+def test_summary_ratios_are_the_documented_quotients():
+    s = summarise(_results())
+    assert s["speedup_vs_pytorch_eager"] == pytest.approx(11.0 / 8.0, abs=1e-3)
+    assert s["onnxruntime_speedup_vs_pytorch_eager"] == pytest.approx(11.0 / 6.0, abs=1e-3)
+    assert s["triton_overhead_ratio"] == pytest.approx(1.25)
+    assert s["prompt_cache_speedup"] == pytest.approx(10.0)
+    assert "half_vs_fp32_eager" not in s   # GPU only
+
+
+def test_report_files(tmp_path):
+    cfg = BenchConfig(label="unit", volumes=("ct_head_neck",), concurrency=(1, 2))
+    res = _results()
+    res.volume_latency_s = {p: {"ct_head_neck": v["v"]} for p, v in res.volume_latency_s.items()}
+    report = write_report(cfg, res, tmp_path)
+    text = report.read_text()
+    assert "speedup_vs_pytorch_eager | 1.38" in text and "python -m perf.bench" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"speedup_vs_pytorch_eager", "triton_overhead_ratio", "prompt_cache_speedup"} <= set(summary)
+    assert (tmp_path / "latency_by_path.png").stat().st_size > 1000
+    assert (tmp_path / "throughput_vs_concurrency.png").stat().st_size > 1000
+
+
+def test_bench_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown volumes"):
+        BenchConfig(label="x", volumes=("mri_brain",))
+    with pytest.raises(ValueError, match="concurrency"):
+        BenchConfig(label="x", concurrency=(0,))
