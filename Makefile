@@ -7,8 +7,10 @@ PYTRITON_SPEC ?= nvidia-pytriton==0.7.0
 STUB_NUMPY ?= numpy==1.26.4
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PERF_ENV ?= .venv-perf
+PERF_STAMP := $(PERF_ENV)/.installed
 
-.PHONY: setup demo serve test lint train evaluate clean
+.PHONY: setup perf-tools demo serve test bench lint train evaluate clean
 
 setup: $(STAMP)
 
@@ -17,13 +19,25 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,perf]"
 	# the embedded Triton server (tritonserver 2.51 + python backend) from the nvidia-pytriton wheel;
 	# --no-deps: its Python API (which pins numpy<2) is never imported
 	$(PY) -m pip install -q --no-deps "$(PYTRITON_SPEC)"
 	# numpy 1.x for the python-backend stubs only (built against the numpy 1 C API; see export/serve.py)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-site "$(STUB_NUMPY)"
 	touch $(STAMP)
+
+# perf_analyzer: the binary inside the tritonclient 2.51 manylinux wheel, in its own tool environment
+# (that wheel pins numpy<2 / protobuf<5); it needs libcudart.so.12 (PyPI) and Debian's libb64-0d.
+perf-tools: $(PERF_STAMP)
+
+$(PERF_STAMP):
+	test -x $(PERF_ENV)/bin/python || $(PYTHON) -m venv $(PERF_ENV)
+	$(PERF_ENV)/bin/python -m pip install -q --no-deps "tritonclient==2.51.0" "nvidia-cuda-runtime-cu12"
+	@/sbin/ldconfig -p | grep -q libb64.so.0d || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q libb64-0d || { apt-get update -q && apt-get install -y -q libb64-0d; }; \
+	  else echo "perf_analyzer needs Debian's libb64-0d: sudo apt-get install libb64-0d"; fi; }
+	touch $(PERF_STAMP)
 
 demo: setup
 	$(PY) export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository
@@ -32,8 +46,15 @@ demo: setup
 serve: setup
 	$(PY) -m export.serve --model-repository model_repository --checkpoint checkpoints/duplus_demo.pt
 
-test: setup
+test: setup perf-tools
 	$(PY) -m pytest -q
+
+# the benchmarks (not part of `make test`): side-by-side report, perf_analyzer sweeps, locust
+bench: setup perf-tools
+	$(PY) export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository
+	$(PY) -m perf.bench --volumes ct_abdomen ct_head_neck
+	$(PY) -m perf.perf_analyzer --model segment_patch segmenter --concurrency 1 2 --shared-memory none system
+	$(PY) -m perf.load --users 2 --spawn-rate 1 --duration 60
 
 lint: setup
 	$(VENV)/bin/ruff check training export clients perf tests

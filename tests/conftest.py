@@ -26,3 +26,23 @@ def demo_predictor():
     if not DEMO_CHECKPOINT.is_file():
         pytest.fail(f"the shipped demo checkpoint is missing: {DEMO_CHECKPOINT}")
     return Predictor.from_checkpoint(DEMO_CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def triton_repository(tmp_path_factory):
+    """The embedded repository built from the shipped checkpoint (ONNX Runtime units)."""
+    from export.build_engines import build
+
+    out = tmp_path_factory.mktemp("triton") / "model_repository"
+    build(DEMO_CHECKPOINT, out, engine="onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_repository):
+    """The real Triton server (nvidia-pytriton's tritonserver) on free loopback ports, for the session."""
+    from export.serve import TritonServer
+
+    with TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT,
+                      log_file=triton_repository.parent / "triton.log") as srv:
+        yield srv

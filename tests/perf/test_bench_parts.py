@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from perf.bench import BenchConfig, Results, summarise, write_report
@@ -26,7 +27,8 @@ def _results():
                          "triton_server": "2.51.0", "platform": "linux", "created": "now"})
     r.volume_latency_s = {"pytorch_eager": {"v": [10.0, 12.0, 11.0]}, "onnxruntime": {"v": [6.0, 6.0, 6.0]},
                           "triton": {"v": [8.0, 8.0, 8.0]}}
-    r.patch_latency_ms = {"pytorch_eager": [400.0], "onnxruntime": [200.0], "triton": [250.0]}
+    r.patch_latency_ms = {"pytorch_eager": [400.0], "onnxruntime": [200.0], "triton": [210.0],
+                          "triton_ensemble": [250.0]}
     r.prompt_latency_ms = {"uncached": [30.0, 30.0], "cached": [3.0, 3.0]}
     r.throughput = [{"concurrency": 1, "requests": 4, "volumes_per_s": 0.12, "p50_s": 8.0, "p95_s": 8.5},
                     {"concurrency": 2, "requests": 4, "volumes_per_s": 0.14, "p50_s": 14.0, "p95_s": 15.0}]
@@ -54,6 +56,15 @@ def test_report_files(tmp_path):
     assert {"speedup_vs_pytorch_eager", "triton_overhead_ratio", "prompt_cache_speedup"} <= set(summary)
     assert (tmp_path / "latency_by_path.png").stat().st_size > 1000
     assert (tmp_path / "throughput_vs_concurrency.png").stat().st_size > 1000
+
+
+def test_ct_256_is_an_air_padded_whole_ct_at_1p5_mm():
+    from perf.bench import make_volume
+
+    image, affine, label, names, _ = make_volume("ct_256")
+    assert image.shape == (256, 256, 160) and label.shape == image.shape
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), 1.5)
+    assert image[0, 0, 0] == -1000.0 and (label == names.index("liver") + 1).sum() > 10000
 
 
 def test_bench_config_rejects_bad_values():

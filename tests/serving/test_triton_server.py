@@ -1,7 +1,7 @@
 """End to end through the real Triton server (nvidia-pytriton's tritonserver 2.51) over gRPC.
 
-One server for the module, started on free loopback ports from a repository built from the
-shipped checkpoint; stopped at the end."""
+One server for the session (tests/conftest.py), started on free loopback ports from a repository
+built from the shipped checkpoint; stopped at the end."""
 
 import json
 import os
@@ -16,8 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients.grpc_client import SegmentationClient
-from export.build_engines import build
-from export.serve import RepositoryError, TritonServer, check_repository, free_port
+from export.serve import RepositoryError, check_repository, free_port
 from tests.conftest import DEMO_CHECKPOINT, ROOT
 from training.evaluate import case_seed, evaluate
 from training.inference import dice, load_checkpoint
@@ -33,21 +32,8 @@ TARGETS = ["primary tumour", "lymph node"]
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    out = tmp_path_factory.mktemp("triton") / "model_repository"
-    build(DEMO_CHECKPOINT, out, engine="onnxruntime")
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(repository):
-    with TritonServer(repository, checkpoint=DEMO_CHECKPOINT, log_file=repository.parent / "triton.log") as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with SegmentationClient(server.grpc_url) as c:
+def client(triton_server):
+    with SegmentationClient(triton_server.grpc_url) as c:
         c.check_ready()
         yield c
 
@@ -100,10 +86,10 @@ def test_segment_volume_equals_in_process_and_evaluation(client, demo_predictor,
     assert report["per_case"][0]["dice"]["primary tumour"] > 0.5   # the model does segment it
 
 
-def test_segment_patch_ensemble_equals_pytorch(server, demo_predictor):
+def test_segment_patch_ensemble_equals_pytorch(triton_server, demo_predictor):
     rng = np.random.default_rng(0)
     patch = rng.normal(0, 0.5, (1, 1, 96, 96, 64)).astype(np.float32)
-    res = _infer(server, "segment_patch", {"IMAGE": (patch, "FP32"), **_prompts()})
+    res = _infer(triton_server, "segment_patch", {"IMAGE": (patch, "FP32"), **_prompts()})
     probs = res.as_numpy("PROBABILITIES")
     import torch
 
@@ -119,13 +105,13 @@ def _text_encoder_stats(server):
     return (int(s["execution_count"]), int(s["inference_stats"].get("cache_hit", {}).get("count", 0)))
 
 
-def test_prompt_cache_skips_the_text_encoder(server):
+def test_prompt_cache_skips_the_text_encoder(triton_server):
     prompts = _prompts(t1="PET of the head and neck", targets=["primary tumor", "lymph nodes"])
     prompts["MODALITY"] = (_strings(["PET"]), "BYTES")
-    first = _infer(server, "encode_prompts", prompts)
-    executions, hits = _text_encoder_stats(server)
-    second = _infer(server, "encode_prompts", prompts)
-    executions2, hits2 = _text_encoder_stats(server)
+    first = _infer(triton_server, "encode_prompts", prompts)
+    executions, hits = _text_encoder_stats(triton_server)
+    second = _infer(triton_server, "encode_prompts", prompts)
+    executions2, hits2 = _text_encoder_stats(triton_server)
     assert executions2 == executions            # the text encoder did not run again
     assert hits2 == hits + 2                    # T1 and the targets came from Triton's response cache
     np.testing.assert_array_equal(first.as_numpy("FILM"), second.as_numpy("FILM"))
@@ -167,44 +153,44 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_input_is_invalid_argument_and_server_stays_healthy(server, case):
+def test_bad_input_is_invalid_argument_and_server_stays_healthy(triton_server, case):
     request, needle = BAD_REQUESTS[case]
     with pytest.raises(InferenceServerException) as err:
-        _infer(server, "segment_volume", request)
+        _infer(triton_server, "segment_volume", request)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT", str(err.value)
     assert needle in err.value.message(), err.value.message()
     # a good request right after it succeeds
-    ok = _infer(server, "segment_volume", _volume_request(SMALL_VOLUME, SMALL_AFFINE))
+    ok = _infer(triton_server, "segment_volume", _volume_request(SMALL_VOLUME, SMALL_AFFINE))
     labels = ok.as_numpy("LABELS")
     assert labels.shape == SMALL_VOLUME.shape and labels.dtype == np.uint8
 
 
-def test_direct_unit_calls_are_checked(server):
+def test_direct_unit_calls_are_checked(triton_server):
     bad = {"image": (np.zeros((1, 1, 30, 32, 32), np.float32), "FP32"), "modality": (np.zeros(1, np.int64), "INT64"),
            "film": (np.zeros((1, 736), np.float32), "FP32"), "head_params": (np.zeros((1, 281), np.float32), "FP32")}
     with pytest.raises(InferenceServerException) as err:
-        _infer(server, "segmenter", bad)
+        _infer(triton_server, "segmenter", bad)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "multiples of 16" in err.value.message()
 
 
-def test_stale_or_missing_repository_is_refused(repository, tmp_path):
+def test_stale_or_missing_repository_is_refused(triton_repository, tmp_path):
     other = tmp_path / "other.pt"
     other.write_bytes(DEMO_CHECKPOINT.read_bytes() + b"\0")
     with pytest.raises(RepositoryError, match="stale"):
-        check_repository(repository, other)
+        check_repository(triton_repository, other)
     with pytest.raises(RepositoryError, match="no model repository"):
         check_repository(tmp_path / "nowhere")
-    proc = subprocess.run([sys.executable, "-m", "export.serve", "--model-repository", str(repository),
+    proc = subprocess.run([sys.executable, "-m", "export.serve", "--model-repository", str(triton_repository),
                            "--checkpoint", str(other)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "stale" in proc.stderr
-    manifest = json.loads((repository / "manifest.json").read_text())
-    assert manifest["checkpoint_sha256"] != "" and check_repository(repository, DEMO_CHECKPOINT)
+    manifest = json.loads((triton_repository / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] != "" and check_repository(triton_repository, DEMO_CHECKPOINT)
 
 
-def test_server_command_stops_cleanly_on_sigterm(repository, server):
+def test_server_command_stops_cleanly_on_sigterm(triton_repository, triton_server):
     """`python -m export.serve` on its own ports: ready, then SIGTERM -> exit 0 and the ports are free."""
     ports = [free_port() for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "export.serve", "--model-repository", str(repository),
+    proc = subprocess.Popen([sys.executable, "-m", "export.serve", "--model-repository", str(triton_repository),
                              "--checkpoint", str(DEMO_CHECKPOINT), "--grpc-port", str(ports[0]),
                              "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
