@@ -452,6 +452,12 @@ def write_report(cfg: BenchConfig, res: Results, out: Path) -> Path:
               "| clients | requests | volumes/s | p50 s | p95 s |", "|---|---|---|---|---|"]
     lines += [f"| {r['concurrency']} | {r['requests']} | {r['volumes_per_s']:.3f} | {r['p50_s']:.2f} | "
               f"{r['p95_s']:.2f} |" for r in res.throughput]
+    lines += _tool_sections(out)
+    if not res.machine.get("gpu"):
+        lines += ["", "## GPU figures", "", "Not measured in this report: the machine has no GPU "
+                  "(`half_vs_fp32_eager`, `ct512_end_to_end_s` and the GPU utilisation plot need one; the same "
+                  "command records them on a GPU). TensorRT cannot be installed on these machines (DESIGN.md), so "
+                  "no TensorRT engine path is timed here either."]
     lines += ["", "## Served vs eager labels (Dice per target)", "", "```", json.dumps(res.agreement, indent=1), "```",
               "", f"GPU monitor: {s['gpu_monitor']}.", "", "![latency](latency_by_path.png)",
               "![throughput](throughput_vs_concurrency.png)"]
@@ -461,6 +467,52 @@ def write_report(cfg: BenchConfig, res: Results, out: Path) -> Path:
     report.write_text("\n".join(lines) + "\n")
     log.info("wrote %s", report)
     return report
+
+
+def _tool_sections(out: Path) -> list[str]:
+    """perf_analyzer and locust results found next to the report (python -m perf.perf_analyzer / perf.load)."""
+    import csv
+
+    lines = []
+    pa = sorted(out.glob("perf_analyzer_*.csv"))
+    if pa:
+        lines += ["", "## perf_analyzer (gRPC, phantom input data)", "",
+                  "Command: `python -m perf.perf_analyzer --model segment_patch segmenter --concurrency 1 2 "
+                  "--shared-memory none system` (and `--request-rate 1 2` for the rate rows)", "",
+                  "| run | concurrency / rate | inferences/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|"]
+        for path in pa:
+            with open(path) as f:
+                for r in csv.DictReader(f):
+                    level = r.get("Concurrency") or r.get("Request Rate") or "?"
+                    lines.append(f"| {path.stem.removeprefix('perf_analyzer_')} | {level} | "
+                                 f"{float(r['Inferences/Second']):.2f} | {float(r['p50 latency']) / 1000:.0f} | "
+                                 f"{float(r['p95 latency']) / 1000:.0f} | {float(r['p99 latency']) / 1000:.0f} |")
+    loc = out / "locust_summary.csv"
+    if loc.is_file():
+        with open(loc) as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            lines += ["", "## locust (headless, gRPC users, whole volumes)", "",
+                      f"Command: `python -m perf.load --users {rows[0]['users']} --spawn-rate {rows[0]['spawn_rate']} "
+                      f"--duration {rows[0]['duration_s']} --volumes ct_head_neck ct_abdomen`", "",
+                      "| request | n | failures | p50 ms | p95 ms | p99 ms | requests/s |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['name']} | {r['requests']} | {r['failures']} | {float(r['p50_ms']):.0f} | "
+                      f"{float(r['p95_ms']):.0f} | {float(r['p99_ms']):.0f} | {float(r['requests_per_s']):.3f} |"
+                      for r in rows]
+    return lines
+
+
+def report_only(cfg: BenchConfig) -> Path:
+    """Rewrite report.md from raw.json and the tool CSVs of an earlier run (after perf_analyzer / locust)."""
+    out = cfg.out_root / cfg.label
+    raw = json.loads((out / "raw.json").read_text())
+    res = Results(**raw)
+    from dataclasses import replace
+
+    first = next(iter(res.volume_latency_s.values()))
+    cfg = replace(cfg, volumes=tuple(first), concurrency=tuple(r["concurrency"] for r in res.throughput) or (1,),
+                  repeats=len(next(iter(first.values()))))
+    return write_report(cfg, res, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-level", type=int, default=BenchConfig.requests_per_level,
                     help="segment_volume requests per concurrency level")
     ap.add_argument("--out-root", default=str(BenchConfig.out_root), help="results folder root")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite report.md from raw.json and the perf_analyzer / locust CSVs")
     ap.add_argument("--log-level", default="INFO", help="logging level")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -491,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                       out_root=Path(args.out_root), volumes=tuple(args.volumes), warmup=args.warmup,
                       repeats=args.repeats, concurrency=tuple(args.concurrency),
                       requests_per_level=args.requests_per_level)
-    report = run(cfg)
+    report = report_only(cfg) if args.report_only else run(cfg)
     print(report.read_text())
     return 0
 

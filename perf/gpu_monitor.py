@@ -139,7 +139,7 @@ class GpuMonitor:
             for x, text in marks or []:
                 ax.axvline(x, color="grey", lw=0.8, ls="--")
                 if ax is axes[0]:
-                    ax.text(x, 100, text, rotation=90, va="top", fontsize=7)
+                    ax.text(x, 0.97, text, rotation=90, va="top", fontsize=7, transform=ax.get_xaxis_transform())
         axes[0].legend(loc="lower right", fontsize=8)
         axes[2].set_xlabel("seconds")
         fig.tight_layout()

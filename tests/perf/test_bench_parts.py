@@ -72,3 +72,38 @@ def test_bench_config_rejects_bad_values():
         BenchConfig(label="x", volumes=("mri_brain",))
     with pytest.raises(ValueError, match="concurrency"):
         BenchConfig(label="x", concurrency=(0,))
+
+
+def test_report_picks_up_perf_analyzer_and_locust_csvs(tmp_path):
+    (tmp_path / "perf_analyzer_segment_patch_concurrency_system.csv").write_text(
+        "Concurrency,Inferences/Second,Client Send,p50 latency,p90 latency,p95 latency,p99 latency\n"
+        "1,2.5,10,400000,410000,420000,450000\n")
+    (tmp_path / "locust_summary.csv").write_text(
+        "name,requests,failures,p50_ms,p95_ms,p99_ms,requests_per_s,users,spawn_rate,duration_s\n"
+        "Aggregated,12,0,5000,8000,9000,0.13,2,1.0,90\n")
+    cfg = BenchConfig(label="unit", volumes=("ct_head_neck",), concurrency=(1, 2))
+    res = _results()
+    res.volume_latency_s = {p: {"ct_head_neck": v["v"]} for p, v in res.volume_latency_s.items()}
+    text = write_report(cfg, res, tmp_path).read_text()
+    assert "| segment_patch_concurrency_system | 1 | 2.50 | 400 | 420 | 450 |" in text
+    assert "| Aggregated | 12 | 0 | 5000 | 8000 | 9000 | 0.130 |" in text
+    assert "no GPU" in text
+
+
+def test_gpu_monitor_csv_and_plot_from_samples(tmp_path):
+    """The CSV/plot writers on samples shaped like NVML's (the sampling itself needs a GPU)."""
+    import csv
+
+    from perf.gpu_monitor import GpuSample
+
+    mon = GpuMonitor()
+    mon.devices = ["Test GPU"]
+    mon.samples = [GpuSample(0.25 * i, 0, 50.0 + i, 20.0, 1000.0 + i, 150.0, 1980.0, 2619.0) for i in range(8)]
+    path = mon.write_csv(tmp_path / "gpu.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and set(rows[0]) == {"t_s", "gpu", "util_pct", "mem_util_pct", "mem_used_mib", "power_w",
+                                               "sm_clock_mhz", "mem_clock_mhz"}
+    assert [float(r["t_s"]) for r in rows] == sorted(float(r["t_s"]) for r in rows)
+    assert all(0 <= float(r["util_pct"]) <= 100 for r in rows)
+    assert mon.plot(tmp_path / "gpu.png", marks=[(0.5, "eager")]).stat().st_size > 1000
