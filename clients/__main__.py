@@ -1,0 +1,134 @@
+"""Command line of the DuPLUS clients.
+
+    python -m clients segment <nifti-file|dicom-dir> [--t1 TEXT] --targets liver spleen --out OUT
+        [--url 127.0.0.1:8001 | --repository model_repository] [--modality CT] [--png]
+
+``segment`` sends the volume to Triton's ``segment_volume`` over gRPC and writes, in OUT:
+``labels.nii.gz`` (uint8 in the input's own geometry), for a DICOM series also ``seg.dcm``
+(DICOM SEG referencing the source instances), ``overlay.png`` with ``--png``, and
+``result.json`` (prompts as sent, resolved targets, similarity, geometry, seconds). Without
+``--t1`` the context prompt is derived from the DICOM header (Modality, BodyPartExamined,
+SeriesDescription) and logged; a NIfTI input needs ``--t1`` and ``--modality``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("clients")
+
+
+def _load(path: Path, series_uid: str | None):
+    """(volume, affine, DicomSeries or None)."""
+    if path.is_dir():
+        from clients.dicom_io import read_series
+
+        s = read_series(path, series_uid)
+        return s.volume, s.affine, s
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    return data, img.affine, None
+
+
+def segment(args) -> int:
+    import nibabel as nib
+
+    from clients.grpc_client import SegmentationClient
+
+    src = Path(args.input)
+    if not src.exists():
+        log.error("input not found: %s", src)
+        return 2
+    volume, affine, series = _load(src, args.series_uid)
+    t1, modality = args.t1, args.modality
+    if series is not None and (t1 is None or modality is None):
+        from clients.dicom_seg import derive_t1
+
+        try:
+            d_t1, d_mod, _ = derive_t1(series.datasets[0])
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
+        t1, modality = t1 or d_t1, modality or d_mod
+    if t1 is None or modality is None:
+        log.error("a NIfTI input needs --t1 and --modality (there is no header to derive them from)")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        url = args.url
+        if url is None:
+            from export.serve import TritonServer
+
+            server = stack.enter_context(TritonServer(args.repository, checkpoint=args.checkpoint or None,
+                                                      log_file=out / "triton.log"))
+            url = server.grpc_url
+        client = stack.enter_context(SegmentationClient(url, timeout_s=args.timeout))
+        client.check_ready()
+        t0 = time.perf_counter()
+        res = client.segment_volume(volume, affine, modality, t1, args.targets)
+        seconds = time.perf_counter() - t0
+    nib.save(nib.Nifti1Image(res.labels, affine), str(out / "labels.nii.gz"))
+    files = ["labels.nii.gz"]
+    if series is not None:
+        from clients.dicom_seg import write_seg
+
+        write_seg(series, res.labels, list(args.targets), list(res.resolved), out / "seg.dcm")
+        files.append("seg.dcm")
+    if args.png:
+        from training.visualize import overlay_png
+
+        overlay_png(volume, res.labels, affine, out / "overlay.png", list(args.targets),
+                    window=(-200.0, 300.0) if modality == "CT" else None, title=f"T1 = '{t1}'")
+        files.append("overlay.png")
+    summary = {"input": str(src), "modality": modality, "t1": t1, "targets": list(args.targets),
+               "resolved": list(res.resolved), "similarity": [round(s, 4) for s in res.similarity],
+               "shape": list(volume.shape), "affine": np.round(affine, 6).tolist(),
+               "voxels_per_label": np.bincount(res.labels.ravel(), minlength=len(args.targets) + 1).tolist(),
+               "seconds": round(seconds, 3), "files": files}
+    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("t1", "resolved", "seconds", "files")}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m clients", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--log-level", default="INFO", help="logging level")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("segment", help="segment one NIfTI file or DICOM series through Triton",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("input", help="a NIfTI file (.nii/.nii.gz) or a folder holding one DICOM series")
+    s.add_argument("--targets", nargs="+", required=True, help="target prompts, e.g. liver 'left kidney'")
+    s.add_argument("--t1", default=None, help="context prompt, e.g. 'CT of the abdomen' (default: from the DICOM header)")
+    s.add_argument("--modality", choices=("CT", "MR", "PET"), default=None,
+                   help="which stem (default: from the DICOM header's Modality)")
+    s.add_argument("--series-uid", default=None, help="which series, when the folder holds several")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--png", action="store_true", help="also write an overlay PNG")
+    s.add_argument("--url", default=None, help="gRPC url of a running Triton server (default: start one)")
+    s.add_argument("--repository", default="model_repository", help="repository to serve when no --url")
+    s.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt",
+                   help="checkpoint the repository must be built from (stale check) when no --url")
+    s.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "segment":
+        return segment(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""DICOM SEG out (highdicom), and T1 (context prompt) derived from the image header.
+
+One segment per target with a SNOMED CT coded property (where one exists), algorithm
+identification naming the model and its version, referencing every source instance; frames
+follow the source slices, so a SEG frame k overlays source image k.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# canonical target -> (SNOMED CT code, meaning, category code, category meaning)
+ANATOMY = "123037004", "Anatomical Structure"
+MORPHOLOGY = "49755003", "Morphologically Abnormal Structure"
+SNOMED = {
+    "liver": ("10200004", "Liver", *ANATOMY),
+    "spleen": ("78961009", "Spleen", *ANATOMY),
+    "left kidney": ("64033007", "Left kidney", *ANATOMY),
+    "right kidney": ("9846003", "Right kidney", *ANATOMY),
+    "aorta": ("15825003", "Aorta", *ANATOMY),
+    "pancreas": ("15776009", "Pancreas", *ANATOMY),
+    "stomach": ("69695003", "Stomach", *ANATOMY),
+    "primary tumour": ("86049000", "Malignant neoplasm, primary", *MORPHOLOGY),
+    "lymph node": ("59441001", "Lymph node", *ANATOMY),
+}
+
+BODY_PARTS = {"abdomen": ("ABDOMEN", "LIVER", "KIDNEY", "PANCREAS", "ABD", "CHESTABDOMEN", "ABDOMENPELVIS"),
+              "head_neck": ("HEAD", "NECK", "HEADNECK", "HNECK", "THROAT", "LARYNX", "ORAL", "HEAD_NECK")}
+REGION_WORDS = {"abdomen": ("abdomen", "abdominal", "liver", "abd", "kidney", "pancrea"),
+                "head_neck": ("head", "neck", "h&n", "hn", "oropharyn", "larynx", "hecktor")}
+
+
+def derive_t1(ds) -> tuple[str, str, str | None]:
+    """(T1 prompt, modality, MR sequence) from Modality, BodyPartExamined and SeriesDescription.
+
+    Zeus-style instruction generation at the metadata level: the modality picks the stem, the body
+    part or the description the region, and for MR the description's T1/T2 wording the sequence.
+    Raises ValueError when the header does not say enough; the caller then asks for --t1.
+    """
+    from training.prompts import canonical_t1
+
+    modality = {"CT": "CT", "MR": "MR", "PT": "PET"}.get(str(ds.get("Modality", "")).upper())
+    if modality is None:
+        raise ValueError(f"Modality {ds.get('Modality')!r} has no stem in this model (CT, MR, PT); give --t1 and "
+                         "--modality")
+    body = re.sub(r"[^A-Z_]", "", str(ds.get("BodyPartExamined", "")).upper())
+    desc = str(ds.get("SeriesDescription", "")).lower()
+    region = next((r for r, parts in BODY_PARTS.items() if body in parts), None) if body else None
+    if region is None:
+        region = next((r for r, words in REGION_WORDS.items() if any(w in desc for w in words)), None)
+    if region is None:
+        raise ValueError(f"cannot tell the body region from BodyPartExamined={ds.get('BodyPartExamined')!r} and "
+                         f"SeriesDescription={ds.get('SeriesDescription')!r}; give --t1")
+    sequence = None
+    if modality == "MR":
+        if re.search(r"\bt2|t2w|t2-weighted|haste|ssfse", desc):
+            sequence = "T2"
+        elif re.search(r"\bt1|t1w|t1-weighted|vibe|lava|thrive|dixon", desc):
+            sequence = "T1"
+    t1 = canonical_t1(modality, region, sequence)
+    log.info("derived T1 %r from Modality=%s BodyPartExamined=%s SeriesDescription=%r", t1, ds.get("Modality"),
+             ds.get("BodyPartExamined"), ds.get("SeriesDescription"))
+    return t1, modality, sequence
+
+
+def write_seg(series, labels: np.ndarray, targets: list[str], resolved: list[str], path, *,
+              model_name: str = "DuPLUS", model_version: str = "0.1.0", series_number: int = 900):
+    """A DICOM SEG for ``labels`` (uint8 on the series grid, value k = targets[k-1]); returns the dataset."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    labels = np.asarray(labels)
+    if labels.shape != series.volume.shape:
+        raise ValueError(f"labels {labels.shape} do not lie on the series grid {series.volume.shape}")
+    algorithm = hd.AlgorithmIdentificationSequence(name=model_name, version=model_version,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    descriptions = []
+    for k, (text, name) in enumerate(zip(targets, resolved), start=1):
+        code, meaning, cat, cat_meaning = SNOMED.get(name, ("91723000", "Anatomical structure", *ANATOMY))
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=k, segment_label=text[:64],
+            segmented_property_category=hd.sr.CodedConcept(cat, "SCT", cat_meaning),
+            segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+    # frames in source-image order: frame k is labels[:, :, k] as rows x columns
+    frames = np.ascontiguousarray(np.transpose(labels, (2, 1, 0))).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=list(series.datasets), pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=series_number,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="duplus-stack",
+        manufacturer_model_name=model_name, software_versions=model_version, device_serial_number="0",
+        content_label="DUPLUS", content_description=f"{model_name} text-prompted segmentation",
+        omit_empty_frames=False)
+    seg.save_as(str(path))
+    return seg
+
+
+def seg_to_labels(seg, series) -> np.ndarray:
+    """A SEG's segments mapped back onto the source series grid as a uint8 label volume."""
+    import highdicom as hd
+
+    seg = hd.seg.Segmentation.from_dataset(seg) if not isinstance(seg, hd.seg.Segmentation) else seg
+    uids = [ds.SOPInstanceUID for ds in series.datasets]
+    array = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
+                                              skip_overlap_checks=True)
+    return np.ascontiguousarray(np.transpose(array, (2, 1, 0))).astype(np.uint8)
