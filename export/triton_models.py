@@ -43,7 +43,14 @@ def _params(config: dict) -> dict[str, str]:
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
 
+class ServerUnavailable(RuntimeError):
+    """A BLS call found the server shutting down or a model unloading: the client should retry."""
+
+
 def _error(pb, exc: BaseException):
+    if isinstance(exc, ServerUnavailable):
+        code = getattr(pb.TritonError, "UNAVAILABLE", pb.TritonError.INTERNAL)
+        return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc), code))
     if isinstance(exc, InvalidRequest):
         return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
     log.error("internal error: %s", "".join(traceback.format_exception(exc)))
@@ -134,6 +141,8 @@ def _bls(pb, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarr
         code = err.code() if hasattr(err, "code") else None
         if code is not None and code == pb.TritonError.INVALID_ARG:
             raise UpstreamError(err.message())
+        if any(m in err.message() for m in ("Server not ready", "has no available versions", "is not ready")):
+            raise ServerUnavailable(f"{model}: {err.message()} (the server is stopping or reloading; retry)")
         raise RuntimeError(f"{model}: {err.message()}")
     return {name: pb.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 

@@ -1,0 +1,120 @@
+"""The gRPC client library against the real server: shared memory == plain gRPC, timeouts, retries on
+UNAVAILABLE only (a server restart mid-batch), the contract check, asyncio with cancellation."""
+
+import asyncio
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from clients.grpc_client import (
+    AsyncSegmentationClient,
+    RequestTimeout,
+    SegmentationClient,
+    ServerMismatchError,
+    _check_metadata,
+)
+from export.serve import TritonServer, free_port
+from tests.conftest import DEMO_CHECKPOINT
+from training.phantoms import AcquisitionSpec, generate_phantom
+
+pytestmark = pytest.mark.server
+T1, TARGETS = "CT of the head and neck", ["primary tumour", "lymph node"]
+
+
+@pytest.fixture(scope="module")
+def small_ct():
+    acq = AcquisitionSpec(spacing=(3.0, 3.0, 3.0), axis_order=(1, 0, 2), flips=(True, False, True), noise=1.0)
+    return generate_phantom("head_neck", "CT", 464646, acquisition=acq)
+
+
+def test_shared_memory_equals_plain_grpc(triton_server, small_ct):
+    with SegmentationClient(triton_server.grpc_url) as plain, \
+            SegmentationClient(triton_server.grpc_url, shared_memory="system") as shm:
+        plain.check_ready()
+        a = plain.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS)
+        b = shm.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS)
+    assert a.labels.shape == small_ct.image.shape and a.labels.dtype == np.uint8
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.resolved == b.resolved == tuple(TARGETS)
+    assert (a.labels == 1).sum() > 0
+
+
+def test_timeout_is_a_clear_error_and_invalid_argument_is_not_retried(triton_server, small_ct):
+    with SegmentationClient(triton_server.grpc_url, timeout_s=0.05) as fast:
+        with pytest.raises(RequestTimeout, match="did not answer within 0.1 s"):
+            fast.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS)
+    with SegmentationClient(triton_server.grpc_url, retry_deadline_s=60) as client:
+        t0 = time.monotonic()
+        with pytest.raises(InferenceServerException) as err:
+            client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, ["banana"])
+        assert "INVALID_ARGUMENT" in str(err.value.status()) and time.monotonic() - t0 < 10
+        assert client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS).labels.any()
+
+
+def test_contract_check_names_the_difference(triton_server):
+    with SegmentationClient(triton_server.grpc_url) as client:
+        meta = client.client.get_model_metadata("segment_volume", as_json=True)
+    _check_metadata(meta)
+    meta["inputs"] = [t for t in meta["inputs"] if t["name"] != "AFFINE"]
+    meta["outputs"][0]["datatype"] = "INT32"
+    with pytest.raises(ServerMismatchError, match="input AFFINE missing.*output LABELS is INT32"):
+        _check_metadata(meta)
+    with pytest.raises(ValueError, match="on this host"):
+        SegmentationClient("10.1.2.3:8001", shared_memory="system")
+
+
+def test_asyncio_concurrent_calls_and_cancellation(triton_server, small_ct):
+    async def go():
+        async with AsyncSegmentationClient(triton_server.grpc_url) as client:
+            await client.check_ready()
+            a, b = await asyncio.gather(*(client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS)
+                                          for _ in range(2)))
+            big = generate_phantom("abdomen", "CT", 424242)
+            task = asyncio.create_task(client.segment_volume(big.image, big.affine, "CT", "CT of the abdomen",
+                                                             ["liver"]))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            c = await client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS)
+            return a, b, c
+
+    a, b, c = asyncio.run(go())
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.labels, c.labels)
+
+
+def test_server_restart_mid_batch_is_retried(triton_repository, small_ct, caplog):
+    ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    server = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT, **ports).start()
+    results, errors = [], []
+    first_done = threading.Event()
+
+    def batch():
+        with SegmentationClient(server.grpc_url, retry_deadline_s=240, backoff_s=0.5) as client:
+            for _ in range(3):
+                try:
+                    results.append(client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+                first_done.set()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="clients.grpc_client"):
+            worker = threading.Thread(target=batch)
+            worker.start()
+            assert first_done.wait(120)
+            server.stop()                       # the server goes away mid-batch ...
+            server = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT, **ports).start()  # ... and returns
+            worker.join(300)
+    finally:
+        server.stop()
+    assert not errors, [(e.status(), e.message()) if hasattr(e, "status") else repr(e) for e in errors]
+    assert len(results) == 3
+    for r in results[1:]:
+        np.testing.assert_array_equal(r.labels, results[0].labels)
+    assert "server unavailable" in caplog.text   # the client did retry
