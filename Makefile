@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PERF_ENV ?= .venv-perf
 PERF_STAMP := $(PERF_ENV)/.installed
 
-.PHONY: setup perf-tools demo serve test bench lint train evaluate clean
+.PHONY: setup perf-tools pacs-tools demo serve test bench lint train evaluate clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,18 @@ $(PERF_STAMP):
 	  else echo "warning: perf_analyzer needs Debian's libb64-0d: sudo apt-get install libb64-0d"; fi; }
 	touch $(PERF_STAMP)
 
+# real PACS peers for the client tests: Orthanc (+ DICOMweb plugin), dcmtk (storescu), dicom3tools
+# (dciodvfy), from Debian's packages; the tests that need them skip, saying so, where they are missing
+PACS_PKGS := orthanc orthanc-dicomweb dcmtk dicom3tools
+pacs-tools:
+	@command -v Orthanc >/dev/null && command -v storescu >/dev/null && command -v dciodvfy >/dev/null \
+	  && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	  if [ "$$(id -u)" = 0 ]; then export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends $(PACS_PKGS) || { apt-get update -q && \
+	    apt-get install -y -q --no-install-recommends $(PACS_PKGS); } \
+	    || echo "warning: could not install $(PACS_PKGS); the PACS tests will skip"; \
+	  else echo "warning: the PACS tests need: sudo apt-get install $(PACS_PKGS)"; fi; }
+
 demo: setup
 	$(PY) export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository
 	$(PY) -m training.demo --checkpoint checkpoints/duplus_demo.pt --out demo_out --serve model_repository
@@ -47,7 +59,7 @@ demo: setup
 serve: setup
 	$(PY) -m export.serve --model-repository model_repository --checkpoint checkpoints/duplus_demo.pt
 
-test: setup perf-tools
+test: setup perf-tools pacs-tools
 	$(PY) -m pytest -q
 
 # the benchmarks (not part of `make test`): side-by-side report, perf_analyzer sweeps, locust

@@ -123,11 +123,31 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt",
                    help="checkpoint the repository must be built from (stale check) when no --url")
     s.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    n = sub.add_parser("dicom-node", help="run the DICOM node (C-STORE SCP -> Triton -> DICOM SEG -> C-STORE)",
+                       description="Run the DICOM node until Ctrl-C/SIGTERM; see clients/dicom_node.py.")
+    n.add_argument("--config", required=True, help="YAML with the NodeConfig fields (configs/dicom_node.yaml)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "segment":
         return segment(args)
+    if args.command == "dicom-node":
+        return dicom_node(args)
     return 2
+
+
+def dicom_node(args) -> int:
+    import signal
+    import threading
+
+    from clients.dicom_node import DicomNode, NodeConfig
+
+    node = DicomNode(NodeConfig.from_yaml(args.config)).start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    node.stop()
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,6 +35,19 @@ REGION_WORDS = {"abdomen": ("abdomen", "abdominal", "liver", "abd", "kidney", "p
                 "head_neck": ("head", "neck", "h&n", "hn", "oropharyn", "larynx", "hecktor")}
 
 
+def derive_region(ds) -> str:
+    """'abdomen' or 'head_neck' from BodyPartExamined, else from SeriesDescription; ValueError if neither says."""
+    body = re.sub(r"[^A-Z_]", "", str(ds.get("BodyPartExamined", "")).upper())
+    desc = str(ds.get("SeriesDescription", "")).lower()
+    region = next((r for r, parts in BODY_PARTS.items() if body in parts), None) if body else None
+    if region is None:
+        region = next((r for r, words in REGION_WORDS.items() if any(w in desc for w in words)), None)
+    if region is None:
+        raise ValueError(f"cannot tell the body region from BodyPartExamined={ds.get('BodyPartExamined')!r} and "
+                         f"SeriesDescription={ds.get('SeriesDescription')!r}; give --t1")
+    return region
+
+
 def derive_t1(ds) -> tuple[str, str, str | None]:
     """(T1 prompt, modality, MR sequence) from Modality, BodyPartExamined and SeriesDescription.
 
@@ -48,14 +61,8 @@ def derive_t1(ds) -> tuple[str, str, str | None]:
     if modality is None:
         raise ValueError(f"Modality {ds.get('Modality')!r} has no stem in this model (CT, MR, PT); give --t1 and "
                          "--modality")
-    body = re.sub(r"[^A-Z_]", "", str(ds.get("BodyPartExamined", "")).upper())
     desc = str(ds.get("SeriesDescription", "")).lower()
-    region = next((r for r, parts in BODY_PARTS.items() if body in parts), None) if body else None
-    if region is None:
-        region = next((r for r, words in REGION_WORDS.items() if any(w in desc for w in words)), None)
-    if region is None:
-        raise ValueError(f"cannot tell the body region from BodyPartExamined={ds.get('BodyPartExamined')!r} and "
-                         f"SeriesDescription={ds.get('SeriesDescription')!r}; give --t1")
+    region = derive_region(ds)
     sequence = None
     if modality == "MR":
         if re.search(r"\bt2|t2w|t2-weighted|haste|ssfse", desc):

@@ -1,0 +1,166 @@
+"""The DICOM node with real peers on loopback: dcmtk's storescu sends an oblique CT series, the node
+segments it through Triton and C-STOREs the DICOM SEG to a real Orthanc; dciodvfy checks the SEG; its
+frames equal the NIfTI path's label map. Malformed input gets a DIMSE failure and the node keeps serving."""
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from clients.dicom_io import read_series, write_series
+from clients.dicom_node import Destination, DicomNode, NodeConfig, seg_uid_for
+from clients.dicom_seg import seg_to_labels
+from clients.grpc_client import SegmentationClient
+from export.serve import free_port
+from training.phantoms import generate_phantom
+
+pytestmark = pytest.mark.server
+ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).exists()), None)
+STORESCU = shutil.which("storescu")
+DCIODVFY = shutil.which("dciodvfy")
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+needs_peers = pytest.mark.skipif(not (ORTHANC and STORESCU and DCIODVFY),
+                                 reason="needs Debian's orthanc, dcmtk and dicom3tools (make pacs-tools)")
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if not ORTHANC:
+        pytest.skip("Orthanc is not installed (make pacs-tools)")
+    d = tmp_path_factory.mktemp("orthanc")
+    dicom_port, http_port = free_port(), free_port()
+    cfg = {"Name": "duplus-test", "StorageDirectory": str(d / "storage"), "IndexDirectory": str(d / "index"),
+           "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+           "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+           "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (d / "orthanc.json").write_text(json.dumps(cfg))
+    log = open(d / "orthanc.log", "w")
+    proc = subprocess.Popen([ORTHANC, str(d / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+    for _ in range(120):
+        try:
+            _get(url + "/system")
+            break
+        except OSError:
+            assert proc.poll() is None, (d / "orthanc.log").read_text()[-2000:]
+            time.sleep(0.5)
+    yield {"url": url, "dicom_port": dicom_port}
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def node(triton_server, orthanc, tmp_path_factory):
+    cfg = NodeConfig(ae_title="DUPLUS", port=free_port(), allowed_calling_aes=("STORESCU", "TESTSCU"),
+                     workdir=tmp_path_factory.mktemp("node"), quiet_period_s=2.0, poll_s=0.3,
+                     triton_url=triton_server.grpc_url,
+                     destination=Destination("ORTHANC", "127.0.0.1", orthanc["dicom_port"]))
+    n = DicomNode(cfg).start()
+    yield n
+    n.stop()
+
+
+def _oblique_series(folder, seed=474747):
+    ph = generate_phantom("head_neck", "CT", seed)
+    a, b = np.deg2rad(12), np.deg2rad(8)
+    rot = np.eye(4)
+    rot[:3, :3] = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]]) @ \
+        np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    write_series(ph.image, rot @ ph.affine, folder, body_part="HEADNECK", series_description="CT neck")
+    return read_series(folder)
+
+
+def _wait_status(node, series_uid, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = {r["series_uid"]: r for r in node.queue.series()}
+        if series_uid in rows and rows[series_uid]["status"] in ("done", "failed"):
+            return rows[series_uid]
+        time.sleep(0.5)
+    raise AssertionError(f"series {series_uid} not finished: {node.queue.series()}")
+
+
+@needs_peers
+def test_storescu_to_node_to_orthanc_seg(node, orthanc, triton_server, tmp_path):
+    series = _oblique_series(tmp_path / "ct")
+    proc = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "DUPLUS", "+sd", "127.0.0.1", str(node.cfg.port),
+                           str(tmp_path / "ct")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = _wait_status(node, series.series_uid)
+    assert row["status"] == "done", row["error"]
+    assert row["seg_uid"] == seg_uid_for(series.series_uid)
+    found = json.loads(urllib.request.urlopen(urllib.request.Request(
+        orthanc["url"] + "/tools/find", data=json.dumps({"Level": "Instance", "Query": {
+            "SOPInstanceUID": row["seg_uid"]}}).encode(), method="POST"), timeout=10).read())
+    assert len(found) == 1
+    seg_file = tmp_path / "seg.dcm"
+    seg_file.write_bytes(_get(f"{orthanc['url']}/instances/{found[0]}/file"))
+    check = subprocess.run([DCIODVFY, str(seg_file)], capture_output=True, text=True)
+    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+    from_seg = seg_to_labels(pydicom.dcmread(seg_file), series)
+    with SegmentationClient(triton_server.grpc_url) as client:   # the NIfTI path: same volume + RAS affine
+        expected = client.segment_volume(series.volume, series.affine, "CT", "CT of the head and neck",
+                                         ["primary tumour", "lymph node"]).labels
+    np.testing.assert_array_equal(from_seg, expected)
+    assert (expected == 1).sum() > 100
+
+
+@needs_peers
+def test_bad_input_gets_a_dimse_failure_and_the_node_keeps_serving(node, tmp_path):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    series = _oblique_series(tmp_path / "ct", seed=484848)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.cfg.port, ae_title="DUPLUS")
+    assert assoc.is_established
+    no_pixels = pydicom.dcmread(sorted((tmp_path / "ct").glob("*.dcm"))[0])
+    del no_pixels.PixelData
+    no_pixels.SOPInstanceUID = pydicom.uid.generate_uid()
+    status = assoc.send_c_store(no_pixels)
+    assert status.Status == 0xA900
+    assert assoc.send_c_echo().Status == 0x0000          # still serving
+    assoc.release()
+    assert any(p.suffix == ".txt" and "missing" in p.read_text() for p in node.quarantine.iterdir())
+    # a series with a missing slice: received, then refused with the reason, files quarantined
+    files = sorted((tmp_path / "ct").glob("*.dcm"))
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for i, f in enumerate(files):
+        if i != len(files) // 2:
+            shutil.copy(f, gap / f.name)
+    proc = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "DUPLUS", "+sd", "127.0.0.1", str(node.cfg.port),
+                           str(gap)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = _wait_status(node, series.series_uid)
+    assert row["status"] == "failed" and "missing slice" in row["error"]
+    assert (node.quarantine / series.series_uid).is_dir()
+    # a calling AE title that is not on the allow-list is rejected at association
+    stranger = AE(ae_title="STRANGER")
+    stranger.add_requested_context(Verification)
+    refused = stranger.associate("127.0.0.1", node.cfg.port, ae_title="DUPLUS")
+    assert not refused.is_established
+
+
+def test_node_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="ae_title"):
+        NodeConfig(ae_title="A_VERY_LONG_AE_TITLE_X")
+    (tmp_path / "n.yaml").write_text("ae_title: X\nbogus: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        NodeConfig.from_yaml(tmp_path / "n.yaml")
