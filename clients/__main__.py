@@ -126,8 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     n = sub.add_parser("dicom-node", help="run the DICOM node (C-STORE SCP -> Triton -> DICOM SEG -> C-STORE)",
                        description="Run the DICOM node until Ctrl-C/SIGTERM; see clients/dicom_node.py.")
     n.add_argument("--config", required=True, help="YAML with the NodeConfig fields (configs/dicom_node.yaml)")
+    w = sub.add_parser("dicomweb", help="segment a study from a DICOMweb PACS and store the SEGs back",
+                       description="QIDO-RS -> WADO-RS -> Triton -> STOW-RS; see clients/dicomweb.py.")
+    w.add_argument("--url", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    w.add_argument("--study", required=True, help="StudyInstanceUID")
+    w.add_argument("--series", default=None, help="only this SeriesInstanceUID (default: every image series)")
+    w.add_argument("--targets", nargs="+", default=None, help="target prompts (default: per modality and region)")
+    w.add_argument("--t1", default=None, help="context prompt (default: from the header)")
+    w.add_argument("--triton-url", default="127.0.0.1:8001", help="gRPC url of the Triton server")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "dicomweb":
+        from clients.dicomweb import segment_study
+
+        uids = segment_study(args.url, args.study, triton_url=args.triton_url, series_uid=args.series,
+                             targets=args.targets, t1=args.t1)
+        print("\n".join(uids))
+        return 0
     if args.command == "segment":
         return segment(args)
     if args.command == "dicom-node":

@@ -164,3 +164,109 @@ def test_node_config_validation(tmp_path):
     (tmp_path / "n.yaml").write_text("ae_title: X\nbogus: 1\n")
     with pytest.raises(ValueError, match="unknown keys"):
         NodeConfig.from_yaml(tmp_path / "n.yaml")
+
+
+@needs_peers
+def test_dicomweb_round_trip_with_orthanc(orthanc, triton_server, tmp_path):
+    from dicomweb_client.api import DICOMwebClient
+
+    from clients.dicomweb import segment_study
+
+    series = _oblique_series(tmp_path / "ct", seed=494949)
+    web = DICOMwebClient(url=orthanc["url"] + "/dicom-web")
+    web.store_instances(datasets=list(series.datasets))                            # STOW-RS of the source
+    study = series.datasets[0].StudyInstanceUID
+    stored = segment_study(orthanc["url"] + "/dicom-web", study, triton_url=triton_server.grpc_url)
+    assert stored == [seg_uid_for(series.series_uid)]
+    segs = [s for s in web.search_for_series(study_instance_uid=study)
+            if pydicom.Dataset.from_json(s).Modality == "SEG"]
+    assert len(segs) == 1
+    seg_series = pydicom.Dataset.from_json(segs[0]).SeriesInstanceUID
+    seg = web.retrieve_series(study_instance_uid=study, series_instance_uid=seg_series)[0]     # WADO-RS
+    with SegmentationClient(triton_server.grpc_url) as client:
+        expected = client.segment_volume(series.volume, series.affine, "CT", "CT of the head and neck",
+                                         ["primary tumour", "lymph node"]).labels
+    np.testing.assert_array_equal(seg_to_labels(seg, series), expected)
+
+
+def _start_node_process(cfg_path):
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "clients", "dicom-node", "--config", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_port(port, timeout=60):
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"node not listening on {port}")
+
+
+def _queue_rows(workdir):
+    import sqlite3
+
+    path = workdir / "queue.sqlite"
+    if not path.exists():
+        return {}
+    with sqlite3.connect(str(path)) as db:
+        return {r[0]: r[1] for r in db.execute("SELECT series_uid, status FROM series")}
+
+
+@needs_peers
+def test_kill_while_receiving_and_while_segmenting_gives_exactly_one_seg(orthanc, triton_server, tmp_path):
+    import signal
+
+    series = _oblique_series(tmp_path / "ct", seed=505050)
+    workdir, port = tmp_path / "node", free_port()
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(f"ae_title: DUPLUS\nport: {port}\nallowed_calling_aes: [STORESCU]\nworkdir: {workdir}\n"
+                   f"quiet_period_s: 3\npoll_s: 0.2\ntriton_url: {triton_server.grpc_url}\n"
+                   f"destination: {{ae_title: ORTHANC, host: 127.0.0.1, port: {orthanc['dicom_port']}}}\n")
+    files = sorted((tmp_path / "ct").glob("*.dcm"))
+    half = tmp_path / "half"
+    half.mkdir()
+    for f in files[: len(files) // 2]:
+        shutil.copy(f, half / f.name)
+
+    def send(folder):
+        proc = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "DUPLUS", "+sd", "127.0.0.1", str(port),
+                               str(folder)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+
+    node = _start_node_process(cfg)
+    try:
+        _wait_port(port)
+        send(half)                                 # half the series arrives ...
+        node.send_signal(signal.SIGKILL)           # ... and the node dies while receiving
+        node.wait(10)
+        node = _start_node_process(cfg)
+        _wait_port(port)
+        send(tmp_path / "ct")                      # the sender re-sends the whole series
+        deadline = time.monotonic() + 120
+        while _queue_rows(workdir).get(series.series_uid) != "processing":
+            assert time.monotonic() < deadline, _queue_rows(workdir)
+            time.sleep(0.05)
+        node.send_signal(signal.SIGKILL)           # killed while segmenting
+        node.wait(10)
+        node = _start_node_process(cfg)            # restart: the series goes back to the queue
+        deadline = time.monotonic() + 300
+        while _queue_rows(workdir).get(series.series_uid) != "done":
+            assert time.monotonic() < deadline and node.poll() is None, _queue_rows(workdir)
+            time.sleep(0.5)
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(30)
+    study = series.datasets[0].StudyInstanceUID
+    segs = json.loads(urllib.request.urlopen(urllib.request.Request(
+        orthanc["url"] + "/tools/find", data=json.dumps({"Level": "Instance", "Query": {
+            "StudyInstanceUID": study, "Modality": "SEG"}}).encode(), method="POST"), timeout=10).read())
+    assert len(segs) == 1                          # exactly one SEG for the series
+    assert _get(f"{orthanc['url']}/instances/{segs[0]}/simplified-tags") and \
+        json.loads(_get(f"{orthanc['url']}/instances/{segs[0]}/simplified-tags"))["SOPInstanceUID"] == \
+        seg_uid_for(series.series_uid)
