@@ -65,9 +65,10 @@ test: setup perf-tools pacs-tools
 # the benchmarks (not part of `make test`): side-by-side report, perf_analyzer sweeps, locust
 bench: setup perf-tools
 	$(PY) export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository
-	$(PY) -m perf.bench --volumes ct_abdomen ct_head_neck
+	$(PY) -m perf.bench --volumes ct_256 ct_head_neck
 	$(PY) -m perf.perf_analyzer --model segment_patch segmenter --concurrency 1 2 --shared-memory none system
-	$(PY) -m perf.load --users 2 --spawn-rate 1 --duration 60
+	$(PY) -m perf.load --users 2 --spawn-rate 1 --duration 90 --volumes ct_head_neck ct_abdomen
+	$(PY) -m perf.bench --report-only
 
 lint: setup
 	$(VENV)/bin/ruff check training export clients perf tests

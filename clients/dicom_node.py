@@ -281,9 +281,7 @@ class DicomNode:
             res = client.segment_volume(series.volume, series.affine, modality, t1, targets)
         seg_uid = seg_uid_for(series_uid)
         path = self.outbox / f"{series_uid}.seg.dcm"
-        seg = write_seg(series, res.labels, targets, list(res.resolved), path)
-        seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = seg_uid
-        seg.save_as(str(path))
+        write_seg(series, res.labels, targets, list(res.resolved), path, sop_instance_uid=seg_uid)
         return path, seg_uid
 
     def send(self, path: Path) -> None:

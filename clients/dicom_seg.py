@@ -76,7 +76,8 @@ def derive_t1(ds) -> tuple[str, str, str | None]:
 
 
 def write_seg(series, labels: np.ndarray, targets: list[str], resolved: list[str], path, *,
-              model_name: str = "DuPLUS", model_version: str = "0.1.0", series_number: int = 900):
+              model_name: str = "DuPLUS", model_version: str = "0.1.0", series_number: int = 900,
+              sop_instance_uid: str | None = None):
     """A DICOM SEG for ``labels`` (uint8 on the series grid, value k = targets[k-1]); returns the dataset."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -100,7 +101,7 @@ def write_seg(series, labels: np.ndarray, targets: list[str], resolved: list[str
     seg = hd.seg.Segmentation(
         source_images=list(series.datasets), pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=series_number,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="duplus-stack",
+        sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1, manufacturer="duplus-stack",
         manufacturer_model_name=model_name, software_versions=model_version, device_serial_number="0",
         content_label="DUPLUS", content_description=f"{model_name} text-prompted segmentation",
         omit_empty_frames=False)

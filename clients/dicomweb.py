@@ -53,8 +53,8 @@ def segment_study(dicomweb_url: str, study_uid: str, *, triton_url: str, series_
             if not names:
                 raise ValueError(f"series {uid}: no targets given and none configured for its modality and region")
             res = client.segment_volume(src.volume, src.affine, modality, t1 or d_t1, names)
-            seg = write_seg(src, res.labels, names, list(res.resolved), folder / "seg.dcm")
-            seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = seg_uid_for(uid)
+            seg = write_seg(src, res.labels, names, list(res.resolved), folder / "seg.dcm",
+                            sop_instance_uid=seg_uid_for(uid))
             web.store_instances(datasets=[seg])                                              # STOW-RS
             stored.append(seg.SOPInstanceUID)
             log.info("series %s: SEG %s stored at %s", uid, seg.SOPInstanceUID, dicomweb_url)

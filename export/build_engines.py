@@ -22,7 +22,6 @@ units from python-backend models on the Triton server of the nvidia-pytriton whe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -39,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from export.adapters import merge_adapters  # noqa: E402
 from export.onnx_export import ContractError, ParityError, check_onnx, export_onnx, ort_session, parity  # noqa: E402
+from export.serve import file_sha256  # noqa: E402
 from export.serving import KNOWN_TARGETS  # noqa: E402
 from export.tensorrt_engine import ShapeProfile, build_engine, tensorrt_available  # noqa: E402
 from export.triton_config import RepositoryOptions, ServingLimits, parse_pbtxt, repository_models  # noqa: E402
@@ -51,14 +51,6 @@ log = logging.getLogger("build_engines")
 
 # max abs / max relative tolerances per unit for fp32 ONNX Runtime vs PyTorch eager
 TOLERANCES = {"text_encoder": (1e-4, 1e-3), "conditioning": (1e-4, 1e-3), "segmenter": (2e-3, 1e-2)}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"

@@ -47,7 +47,7 @@ class ServerError(RuntimeError):
     """The Triton server did not start or did not become ready."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -74,13 +74,13 @@ def check_repository(repository: Path, checkpoint: Path | None = None) -> dict:
     if missing:
         raise RepositoryError(f"{repository} is incomplete (missing {', '.join(missing)}); {rebuild}")
     for _unit, entry in manifest.get("units", {}).items():
-        if _sha256(repository / entry["onnx"]) != entry["sha256"]:
+        if file_sha256(repository / entry["onnx"]) != entry["sha256"]:
             raise RepositoryError(f"{repository}/{entry['onnx']} changed since the build; {rebuild}")
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise RepositoryError(f"checkpoint not found: {checkpoint}")
-        if _sha256(checkpoint) != manifest["checkpoint_sha256"]:
+        if file_sha256(checkpoint) != manifest["checkpoint_sha256"]:
             raise RepositoryError(f"{repository} is stale: it was built from another checkpoint than {checkpoint} "
                                   f"(built from {manifest.get('checkpoint')}); {rebuild} --checkpoint {checkpoint}")
     return manifest

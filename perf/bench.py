@@ -164,7 +164,6 @@ def onnxruntime_segmenter(repository: Path, limits=None):
         return runners["segmenter"]({"image": image, "modality": modality, "film": film, "head_params": head})["logits"]
 
     known = VolumeSegmenter.load_known_targets(repository / "segment_volume" / "1" / KNOWN_TARGETS)
-    manifest = dict(manifest, patch_size=manifest["patch_size"])
     return VolumeSegmenter(manifest, known, encode, segment, limits), runners["segmenter"]
 
 
@@ -295,7 +294,7 @@ def _patch_latency(cfg, res, predictor, ort_segmenter, server, device) -> None:
         t.set_data_from_numpy(v)
         inputs.append(t)
     outputs = [grpcclient.InferRequestedOutput("logits")]
-    ens_inputs = [inputs[0].__class__("IMAGE", list(patch.shape), "FP32")]
+    ens_inputs = [grpcclient.InferInput("IMAGE", list(patch.shape), "FP32")]
     ens_inputs[0].set_data_from_numpy(patch)
     for name, values in (("MODALITY", ["CT"]), ("T1", ["CT of the abdomen"]), ("TARGETS", TARGETS["abdomen"])):
         t = grpcclient.InferInput(name, [len(values)], "BYTES")

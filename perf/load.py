@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from perf.bench import TARGETS
+
 log = logging.getLogger("load")
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-TARGETS = {"abdomen": ["liver", "spleen", "left kidney", "right kidney"], "head_neck": ["primary tumour", "lymph node"]}
 # name -> (region, modality, seed, acquisition spacing or None for the seed's own)
 VOLUMES = {"ct_abdomen": ("abdomen", "CT", 424242, None), "ct_head_neck": ("head_neck", "CT", 444444, None),
            "pet_head_neck": ("head_neck", "PET", 444444, None),
