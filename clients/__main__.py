@@ -3,6 +3,8 @@
     python -m clients segment <nifti-file|dicom-dir> [--t1 TEXT] --targets liver spleen --out OUT
         [--url 127.0.0.1:8001 | --repository model_repository] [--modality CT] [--png]
 
+    python -m clients prognose <nifti-file|dicom-dir> --ehr "63-year-old man, p16-negative ..." [--t1 TEXT]
+
 ``segment`` sends the volume to Triton's ``segment_volume`` over gRPC and writes, in OUT:
 ``labels.nii.gz`` (uint8 in the input's own geometry), for a DICOM series also ``seg.dcm``
 (DICOM SEG referencing the source instances), ``overlay.png`` with ``--png``, and
@@ -103,6 +105,47 @@ def segment(args) -> int:
     return 0
 
 
+def prognose(args) -> int:
+    from clients.grpc_client import SegmentationClient
+
+    src = Path(args.input)
+    if not src.exists():
+        log.error("input not found: %s", src)
+        return 2
+    if (args.ehr is None) == (args.ehr_file is None):
+        log.error("give the EHR note with exactly one of --ehr TEXT or --ehr-file FILE")
+        return 2
+    ehr = args.ehr if args.ehr is not None else Path(args.ehr_file).read_bytes()
+    volume, affine, series = _load(src, args.series_uid)
+    t1, modality = args.t1, args.modality
+    if series is not None and (t1 is None or modality is None):
+        from clients.dicom_seg import derive_t1
+
+        d_t1, d_mod, _ = derive_t1(series.datasets[0])
+        t1, modality = t1 or d_t1, modality or d_mod
+    t1, modality = t1 or "PET of the head and neck", modality or "PET"
+    with ExitStack() as stack:
+        url = args.url
+        if url is None:
+            from export.serve import TritonServer
+
+            server = stack.enter_context(TritonServer(args.repository, checkpoint=args.checkpoint or None))
+            url = server.grpc_url
+        client = stack.enter_context(SegmentationClient(url, timeout_s=args.timeout))
+        client.check_ready()
+        t0 = time.perf_counter()
+        res = client.prognose(volume, affine, modality, t1, ehr)
+        seconds = time.perf_counter() - t0
+    radiomics = {k: round(v, 4) for k, v in res.features.items() if not k.startswith("pooled_")}
+    out = {"input": str(src), "modality": modality, "t1": t1, "risk": round(res.risk, 6), "radiomics": radiomics,
+           "seconds": round(seconds, 3)}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(out, features=res.features), indent=2))
+    print(json.dumps(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clients", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,6 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--targets", nargs="+", default=None, help="target prompts (default: per modality and region)")
     w.add_argument("--t1", default=None, help="context prompt (default: from the header)")
     w.add_argument("--triton-url", default="127.0.0.1:8001", help="gRPC url of the Triton server")
+    p = sub.add_parser("prognose", help="risk score from a PET volume and the patient's EHR note (Triton prognose)",
+                       description="Send a PET (NIfTI or DICOM series) and the EHR note to Triton's prognose model; "
+                                   "prints the risk (log hazard ratio, higher = worse) and the lesion radiomics used.")
+    p.add_argument("input", help="a NIfTI file or a folder holding one DICOM series (PET of the head and neck)")
+    p.add_argument("--ehr", default=None, help="the EHR note as text")
+    p.add_argument("--ehr-file", default=None, help="a UTF-8 text file holding the EHR note")
+    p.add_argument("--t1", default=None, help="context prompt (default: from the DICOM header, else "
+                   "'PET of the head and neck')")
+    p.add_argument("--modality", choices=("CT", "MR", "PET"), default=None, help="stem (default: header, else PET)")
+    p.add_argument("--series-uid", default=None, help="which series, when the folder holds several")
+    p.add_argument("--out", default=None, help="also write the result with every image feature to this JSON file")
+    p.add_argument("--url", default=None, help="gRPC url of a running Triton server (default: start one)")
+    p.add_argument("--repository", default="model_repository", help="repository to serve when no --url")
+    p.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt",
+                   help="checkpoint the repository must be built from (stale check) when no --url")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "dicomweb":
@@ -147,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return segment(args)
     if args.command == "dicom-node":
         return dicom_node(args)
+    if args.command == "prognose":
+        return prognose(args)
     return 2
 
 

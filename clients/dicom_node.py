@@ -153,6 +153,22 @@ class JobQueue:
             return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
+def _truncated_pixel_data(ds) -> str | None:
+    """A reason when native (uncompressed) PixelData is shorter than Rows x Columns x frames x samples x bits."""
+    try:
+        ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
+        if ts is not None and ts.is_compressed:
+            return None  # encapsulated: the decoder checks it when the series is read
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+                    * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) + 7) // 8
+        got = len(ds.PixelData)
+    except Exception as exc:  # noqa: BLE001 - a malformed header is a reason too
+        return f"cannot check PixelData: {exc}"
+    if got < expected:
+        return f"truncated PixelData: {got} bytes, {expected} expected for {ds.Rows}x{ds.Columns}"
+    return None
+
+
 def seg_uid_for(series_uid: str) -> str:
     from pydicom.uid import generate_uid
 
@@ -195,6 +211,10 @@ class DicomNode:
                                "ImageOrientationPatient", "PixelData") if k not in ds]
         if missing:
             self._quarantine(raw, f"missing {missing}")
+            return 0xA900
+        truncated = _truncated_pixel_data(ds)
+        if truncated:
+            self._quarantine(raw, truncated)
             return 0xA900
         series_uid, sop_uid = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
         folder = self.spool / series_uid

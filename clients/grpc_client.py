@@ -39,6 +39,11 @@ VOLUME_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "MODALITY": ("BYT
 VOLUME_OUTPUTS = {"LABELS": ("UINT8", 3), "RESOLVED_TARGETS": ("BYTES", 1), "SIMILARITY": ("FP32", 1)}
 
 
+PROGNOSE_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "MODALITY": ("BYTES", 1), "T1": ("BYTES", 1),
+                   "EHR": ("BYTES", 1)}
+PROGNOSE_OUTPUTS = {"RISK": ("FP32", 1), "IMAGE_FEATURES": ("FP32", 1), "FEATURE_NAMES": ("BYTES", 1)}
+
+
 class ServerMismatchError(RuntimeError):
     """The server's models are not the ones this client was written for."""
 
@@ -64,9 +69,15 @@ def _status(exc) -> str:
     return str(exc.status()) if hasattr(exc, "status") and exc.status() else ""
 
 
-def _check_metadata(meta: dict) -> None:
+@dataclass(frozen=True)
+class PrognosisResult:
+    risk: float                   # log hazard ratio (higher = worse prognosis); comparable across patients
+    features: dict[str, float]    # the image features the risk used: radiomics of the predicted lesions + pooled
+
+
+def _check_metadata(meta: dict, model: str = "segment_volume", inputs=VOLUME_INPUTS, outputs=VOLUME_OUTPUTS) -> None:
     problems = []
-    for kind, expected in (("inputs", VOLUME_INPUTS), ("outputs", VOLUME_OUTPUTS)):
+    for kind, expected in (("inputs", inputs), ("outputs", outputs)):
         served = {t["name"]: (t["datatype"], len(t["shape"])) for t in meta.get(kind, [])}
         for name, (dtype, rank) in expected.items():
             if name not in served:
@@ -75,7 +86,7 @@ def _check_metadata(meta: dict) -> None:
                 problems.append(f"{kind[:-1]} {name} is {served[name][0]} rank {served[name][1]}, "
                                 f"expected {dtype} rank {rank}")
     if problems:
-        raise ServerMismatchError("segment_volume on the server does not match this client: " + "; ".join(problems))
+        raise ServerMismatchError(f"{model} on the server does not match this client: " + "; ".join(problems))
 
 
 class _Common:
@@ -215,6 +226,46 @@ class SegmentationClient(_Common):
                     pass
             for h in handles.values():
                 shm.destroy_shared_memory_region(h)
+
+    def prognose(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str, ehr: str | bytes
+                 ) -> PrognosisResult:
+        """Risk from a (PET) volume in its own geometry, its T1 prompt and the patient's EHR note."""
+        from tritonclient.utils import InferenceServerException
+
+        if not getattr(self, "_prognose_checked", False):
+            if not self.client.is_model_ready("prognose"):
+                raise ServerMismatchError(f"the server at {self.url} has no prognose model: build the repository "
+                                          "with a prognosis checkpoint (export/build_engines.py --prognosis-checkpoint)")
+            _check_metadata(self.client.get_model_metadata("prognose", as_json=True), "prognose", PROGNOSE_INPUTS,
+                            PROGNOSE_OUTPUTS)
+            self._prognose_checked = True
+        volume = np.ascontiguousarray(volume, dtype=np.float32)
+        affine = np.ascontiguousarray(affine, dtype=np.float64)
+        g = self._grpc
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                inputs = []
+                for name, arr, dtype in (("VOLUME", volume, "FP32"), ("AFFINE", affine, "FP64"),
+                                         ("MODALITY", _strings([modality]), "BYTES"), ("T1", _strings([t1]), "BYTES"),
+                                         ("EHR", _strings([ehr]), "BYTES")):
+                    t = g.InferInput(name, list(arr.shape), dtype)
+                    t.set_data_from_numpy(arr)
+                    inputs.append(t)
+                res = self.client.infer("prognose", inputs, outputs=[g.InferRequestedOutput(n) for n in PROGNOSE_OUTPUTS],
+                                        client_timeout=self.timeout_s)
+                names = [b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("FEATURE_NAMES")]
+                return PrognosisResult(float(res.as_numpy("RISK")[0]),
+                                       dict(zip(names, (float(v) for v in res.as_numpy("IMAGE_FEATURES")))))
+            except InferenceServerException as exc:
+                timeout = self._timeout_error(exc)
+                if timeout is not None:
+                    raise timeout from None
+                wait = self._retryable(exc, started, attempt)
+                if wait is None:
+                    raise
+                time.sleep(wait)
+                attempt += 1
 
     def model_statistics(self, model: str) -> dict:
         stats = self.client.get_inference_statistics(model, as_json=True)

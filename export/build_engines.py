@@ -11,6 +11,8 @@ inputs (over tolerance: error, non-zero exit) -> engines -> a Triton model repos
     <output>/text_encoder|conditioning|segmenter/1/model.onnx (+ model.plan with TensorRT)
     <output>/encode_prompts, segment_patch  ensembles
     <output>/segment_volume/1/             model.py (BLS) + known_targets.npz
+    <output>/image_features|text_encoder_ehr|prognosis/1/model.onnx   with a prognosis checkpoint (LoRA merged)
+    <output>/prognose/1/                   model.py (BLS) + the EHR tokenizer
     <output>/<model>/config.pbtxt          generated from typed objects (export/triton_config.py)
 
 Engines: TensorRT where it imports and a GPU exists; else ONNX Runtime (CUDA provider when
@@ -42,7 +44,16 @@ from export.serve import file_sha256  # noqa: E402
 from export.serving import KNOWN_TARGETS  # noqa: E402
 from export.tensorrt_engine import ShapeProfile, build_engine, tensorrt_available  # noqa: E402
 from export.triton_config import RepositoryOptions, ServingLimits, parse_pbtxt, repository_models  # noqa: E402
-from export.units import ConditioningUnit, SegmenterUnit, TextEncoderUnit, contracts, example_inputs  # noqa: E402
+from export.units import (  # noqa: E402
+    ConditioningUnit,
+    PrognosisHeadUnit,
+    SegmenterUnit,
+    TextEncoderUnit,
+    contracts,
+    example_inputs,
+    prognosis_contracts,
+    prognosis_example_inputs,
+)
 from training.inference import load_checkpoint  # noqa: E402
 from training.model import DuPLUS, DuPLUSConfig  # noqa: E402
 from training.text_encoder import TextEncoder  # noqa: E402
@@ -50,7 +61,10 @@ from training.text_encoder import TextEncoder  # noqa: E402
 log = logging.getLogger("build_engines")
 
 # max abs / max relative tolerances per unit for fp32 ONNX Runtime vs PyTorch eager
-TOLERANCES = {"text_encoder": (1e-4, 1e-3), "conditioning": (1e-4, 1e-3), "segmenter": (2e-3, 1e-2)}
+TOLERANCES = {"text_encoder": (1e-4, 1e-3), "conditioning": (1e-4, 1e-3), "segmenter": (2e-3, 1e-2),
+              "image_features": (2e-3, 1e-2), "text_encoder_ehr": (1e-4, 1e-3), "prognosis": (1e-4, 1e-3)}
+#: the shipped prognosis checkpoint; built into the repository when present
+DEFAULT_PROGNOSIS = "checkpoints/duplus_prognosis.pt"
 
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -83,7 +97,8 @@ def resolve_engine(engine: str, flavour: str) -> tuple[str, str]:
 def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: str = "auto",
           precision: str = "fp32", patch_size: tuple[int, int, int] | None = None, max_batch_size: int = 4,
           max_targets: int = 16, instances: int = 1, threads: int = 0, ort_optimization: str = "all",
-          units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2) -> dict:
+          units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2,
+          prognosis_checkpoint: Path | None = None) -> dict:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     cfg = DuPLUSConfig.from_dict(ckpt["model_config"])
@@ -149,11 +164,96 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
         log.info("built %s: %s", name, entry.get("plan", entry["onnx"]))
     if failures:
         raise ParityError("parity over tolerance: " + "; ".join(failures))
+    if prognosis_checkpoint is not None:
+        spec = dict(spec, **_build_prognosis(Path(prognosis_checkpoint), model, cfg, output, manifest, engine,
+                                             precision, parity_runs))
+    manifest["models"] = [m.name for m in repository_models(spec, opts)]
     _write_triton_repository(output, opts, spec, encoder, model, ckpt, checkpoint)
+    if prognosis_checkpoint is not None:
+        _save_prognosis_files(Path(prognosis_checkpoint), output, engine)
     manifest["seconds"] = round(time.perf_counter() - t0, 1)
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("built the %s repository (%s) in %.0f s", target, engine, manifest["seconds"])
     return manifest
+
+
+def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path, manifest: dict, engine: str,
+                     precision: str, parity_runs: int) -> dict:
+    """Export image_features, text_encoder_ehr (LoRA merged, merge checked) and prognosis; fill manifest."""
+    import torch
+
+    from training.prognosis import (MAX_EHR_CHARS, PROGNOSIS_TARGETS, ImageFeatureUnit, feature_names,
+                                    load_prognosis_checkpoint)
+
+    prog, meta = load_prognosis_checkpoint(path)
+    if meta.get("segmentation_sha256") != manifest["checkpoint_sha256"]:
+        raise ValueError(f"{path} was trained on the image features of another segmentation checkpoint "
+                         f"({meta.get('segmentation_checkpoint')}); retrain it with python -m training.train_prognosis "
+                         "or build with --prognosis-checkpoint none")
+    merged = prog.ehr.merged()
+    feed = example_inputs("text_encoder", cfg, batch=3, tokens=48, seed=321)
+    with torch.no_grad():
+        diff = float((prog.ehr(feed["input_ids"], feed["attention_mask"]) -
+                      merged(feed["input_ids"], feed["attention_mask"])).abs().max())
+    if diff > 1e-5:
+        raise ParityError(f"LoRA merge changed the EHR embedding by {diff:.2e} (> 1e-5)")
+    log.info("LoRA adapters merged into text_encoder_ehr (max abs change %.1e)", diff)
+    image_dim, text_dim = prog.image_dim, prog.ehr.dim
+    spec = prognosis_contracts(cfg, image_dim, text_dim)
+    modules = {"image_features": ImageFeatureUnit(model.segmenter).eval(), "text_encoder_ehr": merged,
+               "prognosis": PrognosisHeadUnit(prog.head).eval()}
+    failures = []
+    for name in tqdm(spec, desc="export prognosis units", unit="unit", disable=None):
+        contract = spec[name]
+        onnx_path = output / name / "1" / "model.onnx"
+        export_onnx(modules[name], contract, prognosis_example_inputs(name, cfg, image_dim, text_dim), onnx_path)
+        check_onnx(onnx_path, contract)
+        fresh = [prognosis_example_inputs(name, cfg, image_dim, text_dim, n=1 + i, tokens=20 + 30 * i,
+                                          spatial=(64, 48 + 16 * i, 48), seed=2000 + i) for i in range(parity_runs)]
+        atol, rtol = TOLERANCES[name]
+        results = parity(modules[name], onnx_path, contract, fresh, atol=atol, rtol=rtol)
+        failures += [str(r) for r in results if not r.ok]
+        entry = {"onnx": str(onnx_path.relative_to(output)), "sha256": file_sha256(onnx_path),
+                 "inputs": [[t.name, t.dtype, list(t.shape)] for t in contract.inputs],
+                 "outputs": [[t.name, t.dtype, list(t.shape)] for t in contract.outputs],
+                 "parity": [{"output": r.output, "max_abs": r.max_abs, "max_rel": r.max_rel, "atol": r.atol,
+                             "rtol": r.rtol} for r in results]}
+        if engine == "tensorrt":
+            plan = build_engine(onnx_path, output / name / "1" / "model.plan", contract,
+                                _prognosis_profile(name, cfg, image_dim), precision=precision,
+                                timing_cache=output / ".timing.cache")
+            entry["plan"] = str(plan.relative_to(output))
+        manifest["units"][name] = entry
+        log.info("built %s: %s", name, entry.get("plan", entry["onnx"]))
+    if failures:
+        raise ParityError("prognosis parity over tolerance: " + "; ".join(failures))
+    manifest["prognosis"] = {
+        "checkpoint": path.name, "source": str(path), "checkpoint_sha256": file_sha256(path),
+        "modality": prog.cfg.modality, "t1": prog.cfg.t1, "targets": list(PROGNOSIS_TARGETS),
+        "feature_names": meta.get("feature_names") or feature_names((image_dim - 5) // 3),
+        "image_dim": image_dim, "text_dim": text_dim, "max_ehr_tokens": prog.cfg.max_ehr_tokens,
+        "max_ehr_chars": MAX_EHR_CHARS, "lora_merge_max_abs": diff, "val_c_index": meta.get("val_c_index")}
+    return spec
+
+
+def _save_prognosis_files(path: Path, output: Path, engine: str) -> None:
+    from training.prognosis import load_prognosis_checkpoint
+
+    prog, _ = load_prognosis_checkpoint(path)
+    prog.ehr.tokenizer.save_pretrained(str(output / "prognose" / "1" / "tokenizer"))
+    if engine == "torch":
+        shutil.copyfile(path, output / "prognosis_checkpoint.pt")
+
+
+def _prognosis_profile(name: str, cfg: DuPLUSConfig, image_dim: int) -> ShapeProfile:
+    if name == "image_features":
+        lo, opt, hi = (1, 1, 16, 16, 16), (1, 1, 128, 112, 112), (1, 1, 192, 192, 192)
+        return ShapeProfile({"image": (lo, opt, hi), "modality": ((1,),) * 3,
+                             "film": ((1, cfg.film_size),) * 3, "head_params": ((2, cfg.head_params),) * 3})
+    if name == "text_encoder_ehr":
+        return ShapeProfile({"input_ids": ((1, 1), (1, 96), (8, 256)), "attention_mask": ((1, 1), (1, 96), (8, 256))})
+    return ShapeProfile({"image_features": ((1, image_dim), (1, image_dim), (64, image_dim)),
+                         "ehr_embedding": ((1, cfg.text_dim), (1, cfg.text_dim), (64, cfg.text_dim))})
 
 
 def _write_triton_repository(output: Path, opts: RepositoryOptions, spec, encoder: TextEncoder, model: DuPLUS,
@@ -224,15 +324,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="ONNX Runtime graph optimisation level of the served units")
     ap.add_argument("--units", nargs="+", default=["text_encoder", "conditioning", "segmenter"],
                     choices=("text_encoder", "conditioning", "segmenter"), help="which units to export")
+    ap.add_argument("--prognosis-checkpoint", default=DEFAULT_PROGNOSIS,
+                    help="prognosis checkpoint (python -m training.train_prognosis) whose units and `prognose` model "
+                         "are added to the repository; skipped with a log line when the default is absent; "
+                         "'none' to leave prognosis out")
     ap.add_argument("--log-level", default="INFO", help="logging level")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     output = Path(args.output or ("model_repository" if args.target == "embedded" else "model_repository_ngc"))
+    prognosis = None if args.prognosis_checkpoint.lower() == "none" else Path(args.prognosis_checkpoint)
+    if prognosis is not None and not prognosis.is_file():
+        if args.prognosis_checkpoint != DEFAULT_PROGNOSIS:
+            log.error("--prognosis-checkpoint %s does not exist", prognosis)
+            return 1
+        log.info("no %s: the repository is built without prognosis", prognosis)
+        prognosis = None
     try:
         build(Path(args.checkpoint), output, target=args.target, engine=args.engine, precision=args.precision,
               patch_size=tuple(args.patch_size) if args.patch_size else None, max_batch_size=args.max_batch_size,
               max_targets=args.max_targets, instances=args.instances, threads=args.threads,
-              ort_optimization=args.ort_optimization, units=tuple(args.units))
+              ort_optimization=args.ort_optimization, units=tuple(args.units), prognosis_checkpoint=prognosis)
     except (ContractError, ParityError, ValueError, RuntimeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1

@@ -95,10 +95,27 @@ class TorchRunner:
 
         self.torch = torch
         self.device = torch.device("cuda", device_id) if gpu and torch.cuda.is_available() else torch.device("cpu")
+        if unit in ("text_encoder_ehr", "prognosis"):  # from the prognosis checkpoint beside checkpoint.pt
+            from export.units import PrognosisHeadUnit
+            from training.prognosis import load_prognosis_checkpoint
+
+            prog, _ = load_prognosis_checkpoint(Path(checkpoint).parent / "prognosis_checkpoint.pt")
+            module = prog.ehr.merged() if unit == "text_encoder_ehr" else PrognosisHeadUnit(prog.head)
+            self.module = module.to(self.device).eval()
+            self.contract = contract
+            self.torch = torch
+            log.info("%s: PyTorch %s on %s", unit, torch.__version__, self.device)
+            return
         ckpt = load_checkpoint(checkpoint)
         cfg = DuPLUSConfig.from_dict(ckpt["model_config"])
         if unit == "text_encoder":
             module = TextEncoderUnit(TextEncoder(cfg.text_encoder))
+        elif unit == "image_features":
+            from training.prognosis import ImageFeatureUnit
+
+            model = DuPLUS(cfg)
+            model.load_state_dict(ckpt["state_dict"])
+            module = ImageFeatureUnit(model.segmenter)
         else:
             model = DuPLUS(cfg)
             model.load_state_dict(ckpt["state_dict"])

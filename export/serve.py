@@ -66,7 +66,7 @@ def check_repository(repository: Path, checkpoint: Path | None = None) -> dict:
     if manifest.get("target", "embedded") != "embedded":
         raise RepositoryError(f"{repository} is the {manifest.get('target')} flavour, for the NGC Triton container; "
                               "this server needs --target embedded")
-    missing = [m for m in MODELS if not (repository / m / "config.pbtxt").is_file()]
+    missing = [m for m in manifest.get("models", MODELS) if not (repository / m / "config.pbtxt").is_file()]
     for _unit, entry in manifest.get("units", {}).items():
         for key in ("onnx", "plan"):
             if key in entry and not (repository / entry[key]).is_file():
@@ -83,6 +83,10 @@ def check_repository(repository: Path, checkpoint: Path | None = None) -> dict:
         if file_sha256(checkpoint) != manifest["checkpoint_sha256"]:
             raise RepositoryError(f"{repository} is stale: it was built from another checkpoint than {checkpoint} "
                                   f"(built from {manifest.get('checkpoint')}); {rebuild} --checkpoint {checkpoint}")
+    prognosis = manifest.get("prognosis")
+    if prognosis and prognosis.get("source") and Path(prognosis["source"]).is_file():
+        if file_sha256(Path(prognosis["source"])) != prognosis["checkpoint_sha256"]:
+            raise RepositoryError(f"{repository} is stale: {prognosis['source']} changed since the build; {rebuild}")
     return manifest
 
 
@@ -188,7 +192,15 @@ class TritonServer:
                 "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
                 "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
                 f"--cache-config=local,size={self.cache_mb * 1024 * 1024}", f"--cache-directory={backends.parent / 'caches'}",
-                "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}"]
+                "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
+                # only the models this build wrote: a checked-in model.py folder without a config (e.g. prognose
+                # in a repository built without a prognosis checkpoint) is not a model to load
+                "--model-control-mode=explicit", *[f"--load-model={m}" for m in self.models()]]
+
+    def models(self) -> list[str]:
+        manifest = Path(self.repository) / "manifest.json"
+        listed = json.loads(manifest.read_text()).get("models") if manifest.is_file() else None
+        return list(listed or MODELS)
 
     def start(self) -> TritonServer:
         binary, backends = prepare_server()

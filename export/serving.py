@@ -124,7 +124,19 @@ def check_unit_feed(unit: str, feed: dict[str, np.ndarray], *, n_modalities: int
         if feed["input_ids"].shape != feed["attention_mask"].shape:
             raise InvalidRequest(f"input_ids {feed['input_ids'].shape} and attention_mask "
                                  f"{feed['attention_mask'].shape} differ in shape")
-    elif unit == "conditioning":
+    elif unit == "image_features":
+        image, modality = feed["image"], feed["modality"]
+        if any(s % level_factor for s in image.shape[2:]):
+            raise InvalidRequest(f"image spatial size {tuple(image.shape[2:])} must be multiples of {level_factor}")
+        if (modality < 0).any() or (modality >= n_modalities).any():
+            raise InvalidRequest(f"modality index {modality.tolist()} out of range [0, {n_modalities})")
+        if not np.isfinite(image).all():
+            raise InvalidRequest("image contains NaN or Inf values")
+    elif unit == "text_encoder_ehr":
+        if feed["input_ids"].shape != feed["attention_mask"].shape:
+            raise InvalidRequest(f"input_ids {feed['input_ids'].shape} and attention_mask "
+                                 f"{feed['attention_mask'].shape} differ in shape")
+    elif unit in ("conditioning", "prognosis"):
         for name, x in feed.items():
             if not np.isfinite(x).all():
                 raise InvalidRequest(f"{name} contains NaN or Inf values")
@@ -222,3 +234,106 @@ class VolumeSegmenter:
         probs_in = to_input_grid(probs, x.affine, affine, tuple(volume.shape))
         labels = fuse_labels(probs_in).numpy().astype(np.uint8)
         return labels, resolved, sims
+
+
+class EHRTokenizer:
+    """Validates and tokenises EHR notes as the prognosis model was trained (UTF-8, non-empty, length limits)."""
+
+    def __init__(self, tokenizer_dir: str | Path, max_tokens: int, max_chars: int):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        self.max_tokens, self.max_chars = int(max_tokens), int(max_chars)
+
+    def __call__(self, notes: list) -> dict[str, np.ndarray]:
+        from training.prognosis import validate_ehr
+
+        if not notes:
+            raise InvalidRequest("EHR is empty: give one note")
+        texts = []
+        for i, note in enumerate(notes):
+            try:
+                texts.append(validate_ehr(note, self.max_chars))
+            except ValueError as exc:
+                raise InvalidRequest(f"EHR[{i}]: {exc}" if len(notes) > 1 else str(exc)) from None
+        tok = self.tokenizer(texts, padding=True, truncation=False, return_tensors="np")
+        if tok["input_ids"].shape[1] > self.max_tokens:
+            raise InvalidRequest(f"EHR note has {int(tok['attention_mask'].sum(1).max())} tokens "
+                                 f"(limit {self.max_tokens}); shorten it")
+        return {"input_ids": tok["input_ids"].astype(np.int64), "attention_mask": tok["attention_mask"].astype(np.int64)}
+
+
+@dataclass(frozen=True)
+class PrognosisOutput:
+    risk: float
+    image_features: np.ndarray     # [D] float32, in the order of ``feature_names``
+    feature_names: list[str]
+
+
+class Prognoser:
+    """Volume + modality/T1 + EHR note -> risk and the image features it used (the ``prognose`` model).
+
+    The same recipe as training (``training.prognosis.image_features_from_model_space``): preprocessing to
+    the model grid, one frozen segmenter pass conditioned on T1 and (primary tumour, lymph node), radiomics
+    and pooled features; the EHR note through the merged LoRA encoder; the Cox head.  The four callables are
+    Triton BLS calls in the server and ONNX Runtime / PyTorch in tests.
+    """
+
+    def __init__(self, manifest: dict, ehr_tokenizer: EHRTokenizer,
+                 encode: Callable[[str, str, list[str]], EncodedPrompts],
+                 features: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+                 encode_ehr: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                 head: Callable[[np.ndarray, np.ndarray], np.ndarray], limits: ServingLimits = ServingLimits()):
+        cfg = manifest["model_config"]
+        prog = manifest["prognosis"]
+        self.modalities = tuple(cfg["modalities"])
+        self.spacing = tuple(float(s) for s in cfg["spacing"])
+        self.level_factor = 2 ** (len(cfg["channels"]) - 1)
+        self.targets = list(prog["targets"])
+        self.feature_names = list(prog["feature_names"])
+        self.tokenizer, self.limits = ehr_tokenizer, limits
+        self.encode, self.features, self.encode_ehr, self.head = encode, features, encode_ehr, head
+        self._prompts: OrderedDict[tuple, EncodedPrompts] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _conditioning(self, modality: str, t1: str) -> EncodedPrompts:
+        key = (modality, normalise_text(t1))
+        with self._lock:
+            if key in self._prompts:
+                self._prompts.move_to_end(key)
+                return self._prompts[key]
+        enc = self.encode(modality, t1, self.targets)
+        with self._lock:
+            self._prompts[key] = enc
+            while len(self._prompts) > 64:
+                self._prompts.popitem(last=False)
+        return enc
+
+    def __call__(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str, ehr: list) -> PrognosisOutput:
+        from training.preprocessing import check_volume, to_model_space
+        from training.prognosis import check_feature_grid, image_features_from_model_space
+
+        tokens = self.tokenizer(ehr)                     # a bad note fails before any image work
+        if tokens["input_ids"].shape[0] != 1:
+            raise InvalidRequest(f"EHR must hold exactly one note, got {tokens['input_ids'].shape[0]}")
+        if modality not in self.modalities:
+            raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(self.modalities)}")
+        volume = np.asarray(volume)
+        affine = np.asarray(affine, dtype=np.float64)
+        try:
+            check_volume(volume, affine, max_voxels=self.limits.max_voxels)
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            check_feature_grid(np.ceil(np.asarray(volume.shape) * spacing / np.asarray(self.spacing)).astype(int))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        enc = self._conditioning(modality, t1)
+        x, _ = to_model_space(volume, affine, modality, self.spacing, check=False)
+
+        def unit_fn(padded: np.ndarray):
+            return self.features(padded, np.array([enc.modality_index], np.int64), enc.film, enc.head_params)
+
+        feats = image_features_from_model_space(x.as_tensor()[0].numpy(), modality, self.spacing, unit_fn,
+                                                self.level_factor)
+        emb = self.encode_ehr(tokens["input_ids"], tokens["attention_mask"])
+        risk = self.head(feats.vector[None].astype(np.float32), np.asarray(emb, np.float32))
+        return PrognosisOutput(float(np.asarray(risk).reshape(-1)[0]), feats.vector, self.feature_names)

@@ -13,6 +13,10 @@ at build time, and ``pbtxt`` is that message in protobuf text format.
         tokenizer -> text_encoder x2 -> conditioning -> segmenter
     segment_volume (python BLS) VOLUME + AFFINE + MODALITY, T1, TARGETS -> LABELS (uint8, input grid)
         preprocessing -> encode_prompts once -> segmenter on batched windows -> inverse -> labels
+    prognose (python BLS)       VOLUME + AFFINE + MODALITY, T1, EHR -> RISK, IMAGE_FEATURES, FEATURE_NAMES
+        EHR checks + tokens -> encode_prompts (T1; tumour, node) once -> image_features (one pass at model
+        spacing) -> radiomics + pooled features; text_encoder_ehr (LoRA merged) -> prognosis head -> risk
+        (present when the repository is built with a prognosis checkpoint)
 
 ``embedded`` runs text_encoder / conditioning / segmenter as python-backend models (ONNX Runtime,
 TensorRT or PyTorch inside); ``ngc`` makes them native ``onnxruntime_onnx`` / ``tensorrt_plan`` models.
@@ -31,8 +35,10 @@ TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYP
 KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL")
 FLAVOURS = ("embedded", "ngc")
 ENGINES = ("onnxruntime", "tensorrt", "torch")
-PYTHON_MODELS_EMBEDDED = ("tokenizer", "text_encoder", "conditioning", "segmenter", "segment_volume")
-PYTHON_MODELS_NGC = ("tokenizer", "segment_volume")
+PYTHON_MODELS_EMBEDDED = ("tokenizer", "text_encoder", "conditioning", "segmenter", "segment_volume",
+                          "image_features", "text_encoder_ehr", "prognosis", "prognose")
+PYTHON_MODELS_NGC = ("tokenizer", "segment_volume", "prognose")
+PROGNOSIS_UNITS = ("image_features", "text_encoder_ehr", "prognosis")
 
 
 def _pb():
@@ -314,4 +320,14 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
         outputs=(_t("LABELS", "uint8", -1, -1, -1), _t("RESOLVED_TARGETS", S, -1), _t("SIMILARITY", "float32", -1)),
         instance_groups=(InstanceGroup(1, "KIND_CPU"),),
         parameters=lim.parameters() + (("patch_size", ",".join(map(str, opts.patch_size))),)))
+    if all(u in units for u in PROGNOSIS_UNITS):
+        models.append(unit_model("image_features", None, cache=False))
+        models.append(unit_model("text_encoder_ehr", None, cache=True))
+        models.append(unit_model("prognosis", None, cache=False))
+        models.append(ModelConfig(
+            "prognose", backend="python",
+            inputs=(_t("VOLUME", "float32", -1, -1, -1), _t("AFFINE", "float64", 4, 4), _t("MODALITY", S, 1),
+                    _t("T1", S, 1), _t("EHR", S, 1)),
+            outputs=(_t("RISK", "float32", 1), _t("IMAGE_FEATURES", "float32", -1), _t("FEATURE_NAMES", S, -1)),
+            instance_groups=(InstanceGroup(1, "KIND_CPU"),), parameters=lim.parameters()))
     return models

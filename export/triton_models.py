@@ -20,7 +20,9 @@ import numpy as np
 from export.contract import UnitContract
 from export.serving import (
     KNOWN_TARGETS,
+    EHRTokenizer,
     EncodedPrompts,
+    Prognoser,
     InvalidRequest,
     PromptTokenizer,
     VolumeSegmenter,
@@ -166,12 +168,7 @@ def segment_volume_model(pb):
 
         @staticmethod
         def _encode(modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
-            out = _bls(pb, "encode_prompts",
-                       [_string_tensor(pb, "MODALITY", [modality]), _string_tensor(pb, "T1", [t1]),
-                        _string_tensor(pb, "TARGETS", targets)],
-                       ["MODALITY_INDEX", "FILM", "HEAD_PARAMS", "TARGET_EMBEDDING"])
-            return EncodedPrompts(int(out["MODALITY_INDEX"][0]), out["FILM"], out["HEAD_PARAMS"],
-                                  out["TARGET_EMBEDDING"])
+            return encode_prompts_bls(pb)(modality, t1, targets)
 
         @staticmethod
         def _segment(image, modality, film, head_params) -> np.ndarray:
@@ -200,3 +197,74 @@ def segment_volume_model(pb):
             return responses
 
     return TritonPythonModel
+
+
+def prognose_model(pb):
+    """Volume + MODALITY/T1 + EHR note -> RISK and the IMAGE_FEATURES it used (BLS over the prognosis units)."""
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            import training.prognosis  # noqa: F401 - torch, MONAI and scipy load now, not on the first request
+
+            config, model_dir, version_dir = _context(args)
+            manifest = read_manifest(model_dir.parent)
+            limits = ServingLimits.from_parameters(config.get("parameters", {}))
+            prog = manifest["prognosis"]
+            self.prompt_check = PromptTokenizer(model_dir.parent / "tokenizer" / args["model_version"] / "tokenizer",
+                                                manifest["model_config"]["modalities"], limits)
+            self.prognoser = Prognoser(
+                manifest, EHRTokenizer(version_dir / "tokenizer", prog["max_ehr_tokens"], prog["max_ehr_chars"]),
+                encode_prompts_bls(pb), self._features, self._encode_ehr, self._head, limits)
+
+        @staticmethod
+        def _features(image, modality, film, head_params):
+            out = _bls(pb, "image_features",
+                       [pb.Tensor("image", np.ascontiguousarray(image, dtype=np.float32)),
+                        pb.Tensor("modality", modality), pb.Tensor("film", np.ascontiguousarray(film)),
+                        pb.Tensor("head_params", np.ascontiguousarray(head_params))], ["probabilities", "pooled"])
+            return out["probabilities"], out["pooled"]
+
+        @staticmethod
+        def _encode_ehr(input_ids, attention_mask):
+            return _bls(pb, "text_encoder_ehr", [pb.Tensor("input_ids", input_ids),
+                                                 pb.Tensor("attention_mask", attention_mask)], ["embedding"])["embedding"]
+
+        @staticmethod
+        def _head(image_features, ehr_embedding):
+            return _bls(pb, "prognosis", [pb.Tensor("image_features", np.ascontiguousarray(image_features)),
+                                          pb.Tensor("ehr_embedding", np.ascontiguousarray(ehr_embedding))],
+                        ["risk"])["risk"]
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                try:
+                    volume = _input(pb, request, "VOLUME")
+                    affine = _input(pb, request, "AFFINE")
+                    modality = decode_strings(_input(pb, request, "MODALITY"), "MODALITY")[0]
+                    t1 = decode_strings(_input(pb, request, "T1"), "T1")[0]
+                    ehr = list(np.asarray(_input(pb, request, "EHR"), dtype=object).reshape(-1))
+                    self.prompt_check(modality, t1, ["primary tumour"])
+                    out = self.prognoser(volume, affine, modality, t1, ehr)
+                    responses.append(pb.InferenceResponse([
+                        pb.Tensor("RISK", np.array([out.risk], dtype=np.float32)),
+                        pb.Tensor("IMAGE_FEATURES", out.image_features.astype(np.float32)),
+                        _string_tensor(pb, "FEATURE_NAMES", out.feature_names)]))
+                except Exception as exc:  # noqa: BLE001
+                    responses.append(_error(pb, exc))
+            return responses
+
+    return TritonPythonModel
+
+
+def encode_prompts_bls(pb):
+    """encode_prompts over BLS (shared by segment_volume and prognose)."""
+
+    def encode(modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
+        out = _bls(pb, "encode_prompts",
+                   [_string_tensor(pb, "MODALITY", [modality]), _string_tensor(pb, "T1", [t1]),
+                    _string_tensor(pb, "TARGETS", targets)],
+                   ["MODALITY_INDEX", "FILM", "HEAD_PARAMS", "TARGET_EMBEDDING"])
+        return EncodedPrompts(int(out["MODALITY_INDEX"][0]), out["FILM"], out["HEAD_PARAMS"], out["TARGET_EMBEDDING"])
+
+    return encode

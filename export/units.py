@@ -91,3 +91,57 @@ def example_inputs(name: str, cfg: DuPLUSConfig, *, batch: int = 2, k: int = 3, 
                 "film": torch.randn(batch, cfg.film_size, generator=g) * 0.1,
                 "head_params": torch.randn(k, cfg.head_params, generator=g) * 0.3}
     raise ValueError(f"unknown unit {name!r}")
+
+
+# ---- prognosis (issue: LoRA text encoder + frozen image features -> risk) -------------------
+
+def prognosis_contracts(cfg: DuPLUSConfig, image_dim: int, text_dim: int) -> dict[str, UnitContract]:
+    """The three prognosis units; ``image_dim`` = radiomics + 3 x the decoder's head-input channels."""
+    c3 = image_dim
+    return {
+        "image_features": UnitContract(
+            "image_features",
+            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")), TensorSpec("modality", "int64", ("b",)),
+             TensorSpec("film", "float32", ("b", cfg.film_size)),
+             TensorSpec("head_params", "float32", ("k", cfg.head_params))),
+            (TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z")),
+             TensorSpec("pooled", "float32", ("b", "pooled"))),
+            "frozen segmenter: per-target probabilities and the decoder features pooled over each target "
+            f"(probability-weighted) and globally; with K=2 (tumour, node) pooled has {c3 - 5} values"),
+        "text_encoder_ehr": UnitContract(
+            "text_encoder_ehr",
+            (TensorSpec("input_ids", "int64", ("n", "tokens")), TensorSpec("attention_mask", "int64", ("n", "tokens"))),
+            (TensorSpec("embedding", "float32", ("n", text_dim)),),
+            "the sentence encoder with the prognosis LoRA adapters merged in (EHR notes)"),
+        "prognosis": UnitContract(
+            "prognosis",
+            (TensorSpec("image_features", "float32", ("n", image_dim)),
+             TensorSpec("ehr_embedding", "float32", ("n", text_dim))),
+            (TensorSpec("risk", "float32", ("n",)),),
+            "late-fusion Cox head: log-risk from standardised image features and the EHR embedding"),
+    }
+
+
+class PrognosisHeadUnit(nn.Module):
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, image_features, ehr_embedding):
+        return self.head(image_features, ehr_embedding)
+
+
+def prognosis_example_inputs(name: str, cfg: DuPLUSConfig, image_dim: int, text_dim: int, *, n: int = 2,
+                             tokens: int = 40, spatial=(48, 48, 32), seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if name == "image_features":
+        return {"image": torch.rand(1, 1, *spatial, generator=g) * 2.0,
+                "modality": torch.tensor([len(cfg.modalities) - 1]),
+                "film": torch.randn(1, cfg.film_size, generator=g) * 0.1,
+                "head_params": torch.randn(2, cfg.head_params, generator=g) * 0.3}
+    if name == "text_encoder_ehr":
+        return example_inputs("text_encoder", cfg, batch=n, tokens=tokens, seed=seed)
+    if name == "prognosis":
+        return {"image_features": torch.randn(n, image_dim, generator=g),
+                "ehr_embedding": torch.nn.functional.normalize(torch.randn(n, text_dim, generator=g), dim=1)}
+    raise ValueError(f"unknown prognosis unit {name!r}")

@@ -6,6 +6,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "duplus_demo.pt"
+PROGNOSIS_CHECKPOINT = ROOT / "checkpoints" / "duplus_prognosis.pt"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,11 +31,13 @@ def demo_predictor():
 
 @pytest.fixture(scope="session")
 def triton_repository(tmp_path_factory):
-    """The embedded repository built from the shipped checkpoint (ONNX Runtime units)."""
+    """The embedded repository built from the shipped checkpoints (ONNX Runtime units, prognosis included)."""
     from export.build_engines import build
 
+    if not PROGNOSIS_CHECKPOINT.is_file():
+        pytest.fail(f"the shipped prognosis checkpoint is missing: {PROGNOSIS_CHECKPOINT}")
     out = tmp_path_factory.mktemp("triton") / "model_repository"
-    build(DEMO_CHECKPOINT, out, engine="onnxruntime")
+    build(DEMO_CHECKPOINT, out, engine="onnxruntime", prognosis_checkpoint=PROGNOSIS_CHECKPOINT)
     return out
 
 

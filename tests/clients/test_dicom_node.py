@@ -158,6 +158,62 @@ def test_bad_input_gets_a_dimse_failure_and_the_node_keeps_serving(node, tmp_pat
     assert not refused.is_established
 
 
+@needs_peers
+def test_non_dicom_truncated_and_mixed_orientation_input(node, tmp_path):
+    """Bytes that are not a dataset, a truncated instance and a series mixing two orientations: each gets a
+    DIMSE failure status or a failed job naming the reason, is quarantined, and the node keeps serving."""
+    from pydicom.dataset import FileMetaDataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    series = _oblique_series(tmp_path / "ct", seed=494949)
+    files = sorted((tmp_path / "ct").glob("*.dcm"))
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    before = {p.name for p in node.quarantine.iterdir()}
+    assoc = ae.associate("127.0.0.1", node.cfg.port, ae_title="DUPLUS")
+    assert assoc.is_established
+    # 1. a file whose body is not DICOM at all: pynetdicom streams the bytes after the file meta as they are
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    garbage = tmp_path / "garbage.dcm"
+    fake = pydicom.Dataset()
+    fake.file_meta = meta
+    fake.save_as(garbage, enforce_file_format=True)
+    with open(garbage, "ab") as fh:
+        fh.write(b"%PDF-1.7 this is a scanned referral letter, not an image" * 20)
+    status = assoc.send_c_store(garbage)
+    assert status.Status in (0xC210, 0xA900), hex(status.Status)
+    # 2. a truncated instance: PixelData cut to half its length
+    half = pydicom.dcmread(files[0])
+    half.SOPInstanceUID = pydicom.uid.generate_uid()
+    half.PixelData = half.PixelData[: len(half.PixelData) // 2]
+    assert assoc.send_c_store(half).Status == 0xA900
+    assert assoc.send_c_echo().Status == 0x0000          # still serving
+    assoc.release()
+    reasons = [p.read_text() for p in node.quarantine.iterdir() if p.suffix == ".txt" and p.name not in before]
+    assert any("cannot parse" in r or "missing" in r for r in reasons), reasons
+    assert any("truncated PixelData" in r for r in reasons), reasons
+    # 3. a series whose second half is rotated by 90 degrees in-plane: received, then refused with the reason
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if i >= len(files) // 2:
+            iop = [float(v) for v in ds.ImageOrientationPatient]
+            ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*iop[3:], *[-x for x in iop[:3]])]
+        ds.save_as(mixed / f.name)
+    proc = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "DUPLUS", "+sd", "127.0.0.1", str(node.cfg.port),
+                           str(mixed)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = _wait_status(node, series.series_uid)
+    assert row["status"] == "failed" and "ImageOrientationPatient differs" in row["error"], row
+    assert (node.quarantine / series.series_uid).is_dir()
+
+
 def test_node_config_validation(tmp_path):
     with pytest.raises(ValueError, match="ae_title"):
         NodeConfig(ae_title="A_VERY_LONG_AE_TITLE_X")

@@ -1,0 +1,120 @@
+"""Prognosis served by the real Triton server: the prognose BLS model vs in-process PyTorch, bad EHR input,
+the client method and `python -m clients prognose`; and the held-out C-index of the shipped checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from tritonclient.utils import InferenceServerException
+
+from clients.grpc_client import SegmentationClient
+from tests.conftest import PROGNOSIS_CHECKPOINT, ROOT
+from training.cohort import CohortSpec, generate_cohort, pet_volume
+from training.prognosis import ImageFeatureExtractor, load_prognosis_checkpoint
+
+pytestmark = pytest.mark.server
+
+HELD_OUT_SEED = 9001      # never a training or validation seed of the shipped checkpoint
+T1 = "PET of the head and neck"
+
+
+@pytest.fixture(scope="module")
+def client(triton_server):
+    with SegmentationClient(triton_server.grpc_url) as c:
+        c.check_ready()
+        yield c
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    model, meta = load_prognosis_checkpoint(PROGNOSIS_CHECKPOINT)
+    extractor = ImageFeatureExtractor(ROOT / meta["segmentation_checkpoint"], model.cfg.modality, model.cfg.t1)
+    return model, extractor, meta
+
+
+@pytest.fixture(scope="module")
+def patients():
+    return generate_cohort(CohortSpec(3, HELD_OUT_SEED + 1))
+
+
+def test_served_risk_equals_in_process_pytorch(client, in_process, patients):
+    model, extractor, meta = in_process
+    for p in patients:
+        ph = pet_volume(p)   # random PET acquisition: 2-4 mm, permuted and flipped axes
+        feats = extractor(ph.image, ph.affine)
+        expected = float(model.risk(feats.vector[None], [p.note])[0])
+        served = client.prognose(ph.image, ph.affine, "PET", T1, p.note)
+        assert abs(served.risk - expected) <= 1e-4 * max(abs(expected), 1e-3), (served.risk, expected)
+        assert list(served.features) == meta["feature_names"]
+        got = np.array(list(served.features.values()), np.float32)
+        assert np.allclose(got, feats.vector, rtol=1e-3, atol=1e-3)
+        # the radiomics describe the patient: measured tumour volume within 40% of the true one
+        true_ml = p.clinical["tumour_volume_ml"]
+        assert abs(np.exp(served.features["log_tumour_volume"]) - true_ml) < 0.4 * true_ml
+
+
+def test_served_text_encoder_ehr_is_the_merged_adapted_encoder(triton_server, in_process, patients):
+    import tritonclient.grpc as grpcclient
+
+    model, _, _ = in_process
+    tok = model.ehr.tokenize([p.note for p in patients])
+    with torch.no_grad():
+        adapted = model.ehr(tok["input_ids"], tok["attention_mask"]).numpy()
+    c = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    inputs = []
+    for name in ("input_ids", "attention_mask"):
+        t = grpcclient.InferInput(name, list(tok[name].shape), "INT64")
+        t.set_data_from_numpy(tok[name].numpy().astype(np.int64))
+        inputs.append(t)
+    served = c.infer("text_encoder_ehr", inputs).as_numpy("embedding")
+    assert np.abs(served - adapted).max() < 1e-5
+
+
+@pytest.mark.parametrize("ehr, message", [
+    ("", "empty"),
+    ("   \n ", "empty"),
+    ("x" * 5000, "characters"),
+    (" ".join(["cT3N2M0"] * 200), "tokens"),
+    (b"\xff\xfe p16 negative", "UTF-8"),
+])
+def test_bad_ehr_is_invalid_argument_and_the_server_stays_healthy(client, triton_server, patients, ehr, message):
+    ph = pet_volume(patients[0])
+    with pytest.raises(InferenceServerException) as err:
+        client.prognose(ph.image, ph.affine, "PET", T1, ehr)
+    assert "INVALID_ARG" in str(err.value.status()) and message in str(err.value)
+    assert client.client.is_server_ready() and client.client.is_model_ready("prognose")
+    ok = client.prognose(ph.image, ph.affine, "PET", T1, patients[0].note)
+    assert np.isfinite(ok.risk)
+
+
+def test_bad_volume_and_prompt_are_invalid_argument(client, patients):
+    ph = pet_volume(patients[0])
+    for args, message in (((ph.image, ph.affine, "XR", T1), "unknown modality"),
+                          ((ph.image, np.zeros((4, 4)), "PET", T1), "singular"),
+                          ((np.zeros((400, 400, 400), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]), "PET", T1),
+                           "field of view too large")):
+        with pytest.raises(InferenceServerException) as err:
+            client.prognose(*args, patients[0].note)
+        assert "INVALID_ARG" in str(err.value.status()) and message in str(err.value), str(err.value)
+
+
+def test_prognose_command_line(triton_server, patients, tmp_path):
+    ph = pet_volume(patients[1])
+    path = tmp_path / "pet.nii.gz"
+    nib.save(nib.Nifti1Image(ph.image, ph.affine), str(path))
+    note = tmp_path / "note.txt"
+    note.write_text(patients[1].note)
+    out = subprocess.run([sys.executable, "-m", "clients", "prognose", str(path), "--ehr-file", str(note),
+                          "--url", triton_server.grpc_url, "--out", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert printed["modality"] == "PET" and np.isfinite(printed["risk"])
+    assert set(printed["radiomics"]) == {"log_tumour_volume", "suv_max", "suv_mean", "node_count", "log_node_volume"}
+    assert len(json.loads((tmp_path / "r.json").read_text())["features"]) > 5
