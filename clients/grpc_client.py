@@ -92,11 +92,16 @@ def _check_metadata(meta: dict, model: str = "segment_volume", inputs=VOLUME_INP
 class _Common:
     def __init__(self, url: str, *, timeout_s: float, retry_deadline_s: float, backoff_s: float,
                  shared_memory: str, max_message_mb: int):
-        if shared_memory not in ("none", "system"):
-            raise ValueError(f"shared_memory must be 'none' or 'system', got {shared_memory!r}")
+        if shared_memory not in ("none", "system", "cuda"):
+            raise ValueError(f"shared_memory must be 'none', 'system' or 'cuda', got {shared_memory!r}")
         host = url.split("://")[-1].split(":")[0]
-        if shared_memory == "system" and host not in ("127.0.0.1", "localhost"):
-            raise ValueError(f"system shared memory needs the server on this host, not {url!r}")
+        if shared_memory != "none" and host not in ("127.0.0.1", "localhost"):
+            raise ValueError(f"{shared_memory} shared memory needs the server on this host, not {url!r}")
+        if shared_memory == "cuda":
+            try:
+                import tritonclient.utils.cuda_shared_memory  # noqa: F401 - needs cuda-python and a CUDA driver
+            except (ImportError, RuntimeError) as exc:
+                raise ValueError(f"shared_memory='cuda' needs tritonclient[cuda] (cuda-python) and a GPU: {exc}") from None
         self.url, self.timeout_s = url, timeout_s
         self.retry_deadline_s, self.backoff_s = retry_deadline_s, backoff_s
         self.shared_memory = shared_memory
@@ -151,10 +156,13 @@ class _Common:
 
 class SegmentationClient(_Common):
     def __init__(self, url: str = "127.0.0.1:8001", *, timeout_s: float = 600.0, retry_deadline_s: float = 120.0,
-                 backoff_s: float = 0.5, shared_memory: str = "none", max_message_mb: int = 1024):
+                 backoff_s: float = 0.5, shared_memory: str = "none", max_message_mb: int = 1024,
+                 cuda_device: int = 0):
         super().__init__(url, timeout_s=timeout_s, retry_deadline_s=retry_deadline_s, backoff_s=backoff_s,
                          shared_memory=shared_memory, max_message_mb=max_message_mb)
         import tritonclient.grpc as grpcclient
+
+        self.cuda_device = cuda_device
 
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url, channel_args=self.channel_args)
@@ -184,6 +192,8 @@ class SegmentationClient(_Common):
             try:
                 if self.shared_memory == "system":
                     return self._segment_shm(volume, affine, modality, t1, targets)
+                if self.shared_memory == "cuda":
+                    return self._segment_cuda_shm(volume, affine, modality, t1, targets)
                 res = self.client.infer("segment_volume", self._inputs(self._grpc, volume, affine, modality, t1, targets),
                                         outputs=self._outputs(self._grpc), client_timeout=self.timeout_s)
                 return self._result(res, affine, targets)
@@ -266,6 +276,37 @@ class SegmentationClient(_Common):
                     raise
                 time.sleep(wait)
                 attempt += 1
+
+    def _segment_cuda_shm(self, volume, affine, modality, t1, targets) -> VolumeResult:
+        """Volume in and labels out through CUDA shared memory on ``cuda_device`` (client and server share the GPU)."""
+        import tritonclient.utils.cuda_shared_memory as cshm
+
+        tag = uuid.uuid4().hex[:12]
+        names = {"in": f"duplus_cin_{tag}", "out": f"duplus_cout_{tag}"}
+        out_bytes = int(np.prod(volume.shape))
+        dev = self.cuda_device
+        handles = {"in": cshm.create_shared_memory_region(names["in"], volume.nbytes, dev),
+                   "out": cshm.create_shared_memory_region(names["out"], out_bytes, dev)}
+        registered = []
+        try:
+            cshm.set_shared_memory_region(handles["in"], [volume])
+            for key, size in (("in", volume.nbytes), ("out", out_bytes)):
+                self.client.register_cuda_shared_memory(names[key], cshm.get_raw_handle(handles[key]), dev, size)
+                registered.append(names[key])
+            res = self.client.infer("segment_volume",
+                                    self._inputs(self._grpc, volume, affine, modality, t1, targets, names["in"]),
+                                    outputs=self._outputs(self._grpc, names["out"], out_bytes),
+                                    client_timeout=self.timeout_s)
+            labels = cshm.get_contents_as_numpy(handles["out"], np.uint8, volume.shape).copy()
+            return self._result(res, affine, targets, labels)
+        finally:
+            for name in registered:
+                try:
+                    self.client.unregister_cuda_shared_memory(name)
+                except Exception:  # noqa: BLE001 - the server may be gone; the region is ours to free
+                    pass
+            for h in handles.values():
+                cshm.destroy_shared_memory_region(h)
 
     def model_statistics(self, model: str) -> dict:
         stats = self.client.get_inference_statistics(model, as_json=True)

@@ -182,8 +182,13 @@ def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path,
     """Export image_features, text_encoder_ehr (LoRA merged, merge checked) and prognosis; fill manifest."""
     import torch
 
-    from training.prognosis import (MAX_EHR_CHARS, PROGNOSIS_TARGETS, ImageFeatureUnit, feature_names,
-                                    load_prognosis_checkpoint)
+    from training.prognosis import (
+        MAX_EHR_CHARS,
+        PROGNOSIS_TARGETS,
+        ImageFeatureUnit,
+        feature_names,
+        load_prognosis_checkpoint,
+    )
 
     prog, meta = load_prognosis_checkpoint(path)
     if meta.get("segmentation_sha256") != manifest["checkpoint_sha256"]:

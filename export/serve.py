@@ -12,7 +12,6 @@ the demo and the benchmarks.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import logging
@@ -32,6 +31,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.files import file_sha256  # noqa: E402,F401 - build_engines imports it from here
+
 log = logging.getLogger("serve")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -45,14 +46,6 @@ class RepositoryError(RuntimeError):
 
 class ServerError(RuntimeError):
     """The Triton server did not start or did not become ready."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_repository(repository: Path, checkpoint: Path | None = None) -> dict:

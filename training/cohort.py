@@ -286,7 +286,7 @@ class Patient:
 
 def generate_cohort(spec: CohortSpec, *, prefix: str = "HN") -> list[Patient]:
     """Draw the patients of a cohort (clinical data and notes; the PET is drawn by :func:`pet_volume`)."""
-    from training.phantoms import _HeadNeck, _anatomy_rng
+    from training.phantoms import _anatomy_rng, _HeadNeck
 
     patients = []
     for i in range(spec.n_patients):
@@ -400,6 +400,56 @@ def load_clinical_csv(path, *, id_column: str = "PatientID", event_column: str =
     if not rows:
         raise ValueError(f"{path}: no patients")
     return rows
+
+
+@dataclass(frozen=True)
+class CohortCase:
+    """One patient of a prognosis data set on disk: image (+ label) paths and the clinical row."""
+
+    patient_id: str
+    image: Path
+    label: Path | None
+    clinical: ClinicalRow
+
+
+def load_cohort_dataset(path, *, csv_name: str | None = None, id_column: str = "PatientID",
+                        event_column: str = "Event", time_column: str = "Time",
+                        note_column: str | None = "EHR note") -> list[CohortCase]:
+    """A Decathlon-style image folder + a clinical CSV, paired by patient id (synthetic or HECKTOR-style).
+
+    The CSV is ``dataset.json``'s ``"clinical"`` entry, else ``csv_name``, else the only ``*.csv`` in the folder.
+    An image belongs to a patient when its ``training`` entry has ``"patient"`` or its file name starts with the
+    patient id (HECKTOR: ``CHUM-001__PT.nii.gz``).  Patients without an image and images without a clinical
+    row raise, naming them: a silently dropped patient would bias the C-index.
+    """
+    root = Path(path)
+    meta = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").is_file() else {}
+    name = meta.get("clinical") or csv_name
+    if name is None:
+        found = sorted(root.glob("*.csv"))
+        if len(found) != 1:
+            raise ValueError(f"{root}: name the clinical CSV (found {[f.name for f in found]})")
+        name = found[0].name
+    rows = {r.patient_id: r for r in load_clinical_csv(root / name, id_column=id_column, event_column=event_column,
+                                                        time_column=time_column, note_column=note_column)}
+    entries = meta.get("training") or [{"image": str(p.relative_to(root))}
+                                       for p in sorted((root / "imagesTr").glob("*.nii*"))]
+    cases, unmatched = [], []
+    for e in entries:
+        image = (root / e["image"]).resolve()
+        pid = e.get("patient") or next((r for r in sorted(rows, key=len, reverse=True)
+                                        if image.name.startswith(r)), None)
+        if pid is None or pid not in rows:
+            unmatched.append(image.name)
+            continue
+        label = (root / e["label"]).resolve() if e.get("label") else None
+        cases.append(CohortCase(pid, image, label, rows[pid]))
+    if unmatched:
+        raise ValueError(f"{root}: images without a clinical row: {unmatched[:5]}")
+    missing = sorted(set(rows) - {c.patient_id for c in cases})
+    if missing:
+        raise ValueError(f"{root}: patients without an image: {missing[:5]}")
+    return cases
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@ repository and segments every sample over gRPC through the ``segment_volume`` mo
 in-process PyTorch. For each sample (CT abdomen, MR abdomen, CT and PET head and neck; seeds never used in
 training) it writes the input volume, the predicted label map (NIfTI, input geometry), a PNG
 overlay with the ground truth outlined, and ``summary.json`` with per-case modality, prompts,
-Dice per target and seconds.
+Dice per target and seconds. When the repository holds the prognosis models, a few held-out synthetic
+head-and-neck patients (PET + EHR note) also go through ``prognose`` (risk, measured vs true tumour).
 """
 
 from __future__ import annotations
@@ -58,8 +59,34 @@ def run(checkpoint: str, out: Path, device: str = "cpu", samples=SAMPLES, serve:
                 res = client.segment_volume(image, affine, modality, t1, targets)
                 return res.labels, res.resolved
 
+            extra = {"grpc_url": server.grpc_url, "repository": str(serve)}
+            if "prognosis" in server.manifest:
+                extra["prognosis"] = _prognose(client, server.manifest["prognosis"])
             return _run(checkpoint, out, segment, "triton", "triton:" + server.manifest["engine"], samples,
-                        extra={"grpc_url": server.grpc_url, "repository": str(serve)})
+                        extra=extra)
+
+
+#: held-out synthetic head-and-neck patients for the prognosis part of the demo (never a training seed)
+PROGNOSIS_SEED, PROGNOSIS_PATIENTS = 9101, 4
+
+
+def _prognose(client, manifest: dict) -> list[dict]:
+    """Risk for a few held-out synthetic patients through Triton's prognose model (PET + EHR note)."""
+    from training.cohort import CohortSpec, generate_cohort, pet_volume
+
+    rows = []
+    for p in tqdm(generate_cohort(CohortSpec(PROGNOSIS_PATIENTS, PROGNOSIS_SEED)), desc="prognose", unit="patient"):
+        ph = pet_volume(p)
+        t0 = time.perf_counter()
+        res = client.prognose(ph.image, ph.affine, manifest["modality"], manifest["t1"], p.note)
+        rows.append({"patient": p.patient_id, "ehr": p.note, "risk": round(res.risk, 4),
+                     "true_risk": p.clinical["true_risk"],
+                     "tumour_ml": {"measured": round(float(np.exp(res.features["log_tumour_volume"]) - 0.1), 2),
+                                   "true": p.clinical["tumour_volume_ml"]},
+                     "suv_max": {"measured": round(res.features["suv_max"], 2), "true": p.clinical["suv_max"]},
+                     "event": p.event, "months": p.time, "seconds": round(time.perf_counter() - t0, 2)})
+        log.info("%s: risk %.3f (true log-hazard %.3f)", p.patient_id, res.risk, p.clinical["true_risk"])
+    return rows
 
 
 def _run(checkpoint: str, out: Path, segment, served_by: str, device: str, samples, extra=None) -> dict:
@@ -123,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in summary["cases"]:
         print(f"{c['case']:15s} {c['modality']:4s} mean Dice {c['mean_dice']:.3f}  {c['seconds']:6.1f} s  "
               f"{json.dumps(c['dice'])}")
+    for r in summary.get("prognosis", []):
+        print(f"{r['patient']:15s} prognose: risk {r['risk']:+.3f} (true log-hazard {r['true_risk']:+.3f})  "
+              f"tumour {r['tumour_ml']['measured']} ml (true {r['tumour_ml']['true']})  {r['seconds']:.1f} s")
     print(f"wrote {args.out}/summary.json")
     return 0
 

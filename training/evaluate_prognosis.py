@@ -95,7 +95,8 @@ def plot_km(time, event, groups: np.ndarray, labels: list[str], p_value: float, 
         if sel.any():
             KaplanMeierFitter(label=f"{label} (n={int(sel.sum())})").fit(time[sel], event[sel]).plot_survival_function(
                 ax=ax, ci_show=True)
-    ax.set(title=f"{title}\nlog-rank p = {p_value:.2g}", xlabel="months", ylabel="survival probability", ylim=(0, 1.02))
+    ax.set_title(f"{title}\nlog-rank p = {p_value:.2g}", fontsize=9)
+    ax.set(xlabel="months", ylabel="survival probability", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -110,7 +111,8 @@ def evaluate(checkpoint: Path, patients: int, seed: int, *, repository: Path | N
 
     model, meta = load_prognosis_checkpoint(checkpoint)
     train_spec = CohortSpec(**meta["train_cohort"])
-    used = {train_spec.seed, meta["val_cohort"]["seed"]}
+    used = {train_spec.seed, meta["val_cohort"]["seed"]} | ({meta["reader_cohort"]["seed"]}
+                                                           if meta.get("reader_cohort") else set())
     if seed in used:
         raise ValueError(f"seed {seed} was used to train or validate this checkpoint ({sorted(used)}): pick another")
     hazard = train_spec.hazard

@@ -22,7 +22,6 @@ partial log-likelihood (Breslow ties).  Units exported for serving:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from training.files import file_sha256  # noqa: F401 - re-exported for the prognosis commands
 from training.model import Segmenter
 from training.preprocessing import INTENSITY_POLICIES, to_model_space
 from training.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
@@ -61,9 +61,10 @@ class PrognosisConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("query", "value")
-    text_hidden: int = 32
+    text_hidden: int = 13          # width of the note read-out (= the number of structured variables when aux_weight > 0)
     dropout: float = 0.1
     max_ehr_tokens: int = MAX_EHR_TOKENS
+    aux_weight: float = 1.0        # training only: weight of the auxiliary "read the note" loss (0 = Cox only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -78,16 +79,10 @@ class PrognosisConfig:
             raise ValueError("lora_targets must name at least one module (e.g. query, value)")
         if self.text_hidden < 1:
             raise ValueError(f"text_hidden must be >= 1, got {self.text_hidden}")
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
         if not 8 <= self.max_ehr_tokens <= 512:
             raise ValueError(f"max_ehr_tokens must be in 8..512, got {self.max_ehr_tokens}")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -312,15 +307,24 @@ class TextEncoderMerged(nn.Module):
 
 
 class PrognosisHead(nn.Module):
-    """risk = w . standardised image features + MLP(EHR embedding): late fusion in log-hazard space."""
+    """risk = w . standardised image features + v . read(EHR embedding): late fusion in log-hazard space.
 
-    def __init__(self, image_dim: int, text_dim: int, text_hidden: int = 32, dropout: float = 0.1):
+    ``read`` is a linear read-out of ``text_hidden`` clinical quantities from the note embedding (a
+    concept bottleneck): trained with the auxiliary loss it holds the structured variables the note states
+    (HPV/p16, smoking, ECOG, TNM, treatment, age ...), so that the survival signal only has to fit a few
+    Cox-like coefficients ``v``.  ``read_out`` exposes it.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, text_hidden: int = 13, dropout: float = 0.1):
         super().__init__()
         self.register_buffer("image_mean", torch.zeros(image_dim))
         self.register_buffer("image_std", torch.ones(image_dim))
         self.image = nn.Sequential(nn.Dropout(dropout), nn.Linear(image_dim, 1))
-        self.text = nn.Sequential(nn.Linear(text_dim, text_hidden), nn.GELU(), nn.Dropout(dropout),
-                                  nn.Linear(text_hidden, 1))
+        self.read = nn.Linear(text_dim, text_hidden)
+        self.text = nn.Linear(text_hidden, 1)
+        # the embedding is L2-normalised (entries ~ 1 / sqrt(dim)): rescale to unit-size entries so that the
+        # read-out's weights are O(1) and train at the head's learning rate
+        self.text_scale = math.sqrt(text_dim)
         nn.init.zeros_(self.image[1].weight)
         nn.init.zeros_(self.image[1].bias)
 
@@ -328,9 +332,12 @@ class PrognosisHead(nn.Module):
         self.image_mean.copy_(features.mean(0))
         self.image_std.copy_(features.std(0).clamp_min(1e-3))
 
+    def read_out(self, ehr_embedding: torch.Tensor) -> torch.Tensor:
+        return self.read(ehr_embedding * self.text_scale)
+
     def forward(self, image_features: torch.Tensor, ehr_embedding: torch.Tensor) -> torch.Tensor:
         z = (image_features - self.image_mean) / self.image_std
-        return (self.image(z) + self.text(ehr_embedding)).reshape(-1)
+        return (self.image(z) + self.text(self.read_out(ehr_embedding))).reshape(-1)
 
 
 def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
@@ -376,7 +383,12 @@ def bootstrap_c_index(time, scores: dict[str, np.ndarray], event, n: int = 1000,
 
 
 class PrognosisModel(nn.Module):
-    """EHR encoder (LoRA) + head; the image features come precomputed from the frozen backbone."""
+    """EHR encoder (LoRA) + head; the image features come precomputed from the frozen backbone.
+
+    In training, an auxiliary loss (``cfg.aux_weight``) asks the head's note read-out to equal the
+    standardised structured variables of the patient: it teaches the adapters to *read* the note from
+    far more signal than the survival times alone carry.
+    """
 
     def __init__(self, cfg: PrognosisConfig, image_dim: int):
         super().__init__()

@@ -6,8 +6,9 @@ Steps: draw the synthetic training and validation cohorts (or read a HECKTOR-sty
 extract the frozen backbone's image features once per patient (cached on disk, keyed by the
 segmentation checkpoint's sha256, so an interrupted run resumes where it stopped), then train the
 LoRA adapters and the head with the Cox partial likelihood on mini-batches, each epoch with a
-fresh phrasing of every note (text augmentation).  The checkpoint with the best validation
-C-index is kept; it holds only the LoRA weights and the head (the base text encoder and the
+fresh phrasing of every note (text augmentation), plus an auxiliary loss that reads the structured
+clinical variables back from the note embedding (``model.aux_weight``; training only).  The checkpoint with the best validation
+partial likelihood (Cox loss) is kept; it holds only the LoRA weights and the head (the base text encoder and the
 segmentation checkpoint are referenced by name and sha256).  Writes curves.png beside it.
 """
 
@@ -25,11 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
-from training.cohort import CohortSpec, Patient, generate_cohort, note_variant, pet_volume
-from training.prognosis import (ImageFeatureExtractor, PrognosisConfig, PrognosisModel, c_index, cox_loss,
-                                feature_names, file_sha256, save_prognosis_checkpoint)
+from training.cohort import EHR_COVARIATES, CohortSpec, Patient, covariates, generate_cohort, note_variant, pet_volume
+from training.prognosis import (
+    ImageFeatureExtractor,
+    PrognosisConfig,
+    PrognosisModel,
+    c_index,
+    cox_loss,
+    feature_names,
+    file_sha256,
+    save_prognosis_checkpoint,
+)
 
 log = logging.getLogger("training.train_prognosis")
 
@@ -42,7 +52,8 @@ class PrognosisOptim:
     lr_head: float = 3e-3
     weight_decay: float = 1e-2
     note_variants: int = 8           # phrasings per patient drawn across epochs (0 = the original note only)
-    patience: int = 8                # epochs without a better validation C-index before stopping
+    patience: int = 8                # epochs without a better validation partial likelihood before stopping
+    reader_epochs: int = 3           # epochs of note-reading pretraining on reader_cohort (auxiliary loss only)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -62,13 +73,14 @@ class TrainPrognosisConfig:
     val_cohort: CohortSpec
     model: PrognosisConfig = field(default_factory=PrognosisConfig)
     optim: PrognosisOptim = field(default_factory=PrognosisOptim)
+    reader_cohort: CohortSpec | None = None   # notes + structured fields only (no images): reader pretraining
     feature_cache: str = "runs/prognosis_features"
     seed: int = 0
     threads: int = 0
 
     def __post_init__(self) -> None:
-        for name, cls in (("train_cohort", CohortSpec), ("val_cohort", CohortSpec), ("model", PrognosisConfig),
-                          ("optim", PrognosisOptim)):
+        for name, cls in (("train_cohort", CohortSpec), ("val_cohort", CohortSpec), ("reader_cohort", CohortSpec),
+                          ("model", PrognosisConfig), ("optim", PrognosisOptim)):
             if isinstance(getattr(self, name), dict):
                 object.__setattr__(self, name, cls(**getattr(self, name)))
         if self.train_cohort.seed == self.val_cohort.seed:
@@ -104,6 +116,35 @@ def cohort_features(patients: list[Patient], extractor: ImageFeatureExtractor, c
     return np.stack(out).astype(np.float32)
 
 
+def _pretrain_reader(model: PrognosisModel, patients: list[Patient], targets: torch.Tensor,
+                     cfg: TrainPrognosisConfig, opt_lr: float) -> None:
+    """Note-reading pretraining: LoRA + the head's read-out learn to state the structured variables of notes of
+    patients without images (a fresh phrasing of each note every epoch); no survival signal is used."""
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    opt = torch.optim.AdamW([{"params": lora, "lr": opt_lr},
+                             {"params": list(model.head.read.parameters()), "lr": cfg.optim.lr_head}],
+                            weight_decay=cfg.optim.weight_decay)
+    rng = np.random.default_rng(cfg.seed + 17)
+    model.train()
+    for epoch in range(1, cfg.optim.reader_epochs + 1):
+        order = rng.permutation(len(patients))
+        losses = []
+        bar = tqdm(range(0, len(order), cfg.optim.batch_size), desc=f"reader epoch {epoch}", unit="batch")
+        for i in bar:
+            idx = order[i:i + cfg.optim.batch_size]
+            notes = [note_variant(patients[j], int(rng.integers(0, cfg.optim.note_variants + 1)), cfg.seed)
+                     for j in idx]
+            tok = model.ehr.tokenize(notes)
+            loss = nn.functional.mse_loss(model.head.read_out(model.ehr(tok["input_ids"], tok["attention_mask"])),
+                                          targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            bar.set_postfix(mse=f"{losses[-1]:.3f}")
+        log.info("reader epoch %d: read-out MSE %.4f (standardised variables)", epoch, float(np.mean(losses)))
+
+
 def plot_curves(history: dict, path: Path) -> None:
     import matplotlib
 
@@ -113,7 +154,7 @@ def plot_curves(history: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ep = [h["epoch"] for h in history]
     axes[0].plot(ep, [h["loss"] for h in history], marker="o")
-    axes[0].set(title="training loss (Cox partial likelihood)", xlabel="epoch")
+    axes[0].set(title="training loss (Cox partial likelihood + auxiliary read-out)", xlabel="epoch")
     axes[1].plot(ep, [h["val_c_index"] for h in history], marker="o", label="validation")
     axes[1].plot(ep, [h["train_c_index"] for h in history], marker=".", alpha=0.6, label="training")
     axes[1].set(title="C-index", xlabel="epoch", ylim=(0.5, 1.0))
@@ -144,6 +185,19 @@ def train(cfg: TrainPrognosisConfig, features_only: bool = False) -> Path:
     backbone_params = sum(p.numel() for p in extractor.unit.parameters())
     del extractor
 
+    # the structured variables each note states, standardised: targets of the auxiliary read-out
+    reader_pat = generate_cohort(cfg.reader_cohort) if cfg.reader_cohort is not None and cfg.model.aux_weight else []
+    aux_all = np.array([covariates(p.clinical, EHR_COVARIATES) for p in (reader_pat or train_pat)], np.float32)
+    aux_mean, aux_std = aux_all.mean(0), aux_all.std(0) + 1e-6
+
+    def aux_targets(patients) -> torch.Tensor:
+        raw = np.array([covariates(p.clinical, EHR_COVARIATES) for p in patients], np.float32)
+        return torch.from_numpy((raw - aux_mean) / aux_std)
+
+    aux_train = aux_targets(train_pat)
+    if cfg.model.aux_weight and cfg.model.text_hidden != aux_train.shape[1]:
+        raise ValueError(f"model.text_hidden must be {aux_train.shape[1]} (the structured variables read from the "
+                         f"note) when model.aux_weight > 0, got {cfg.model.text_hidden}")
     model = PrognosisModel(cfg.model, x_train.shape[1])
     model.head.set_image_statistics(torch.from_numpy(x_train))
     counts = model.parameter_counts(backbone_params)
@@ -155,11 +209,15 @@ def train(cfg: TrainPrognosisConfig, features_only: bool = False) -> Path:
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.optim.lr_lora}, {"params": head, "lr": cfg.optim.lr_head}],
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.optim.epochs, eta_min=1e-5)
+    if reader_pat:
+        _pretrain_reader(model, reader_pat, aux_targets(reader_pat), cfg, opt_lr=cfg.optim.lr_lora)
     t_train = torch.tensor([p.time for p in train_pat])
     e_train = torch.tensor([p.event for p in train_pat])
     val_notes = [p.note for p in val_pat]
+    t_val = torch.tensor([p.time for p in val_pat], dtype=torch.float64)
+    e_val = torch.tensor([p.event for p in val_pat])
     rng = np.random.default_rng(cfg.seed)
-    history, best, stale, best_path = [], -1.0, 0, out / "best.pt"
+    history, best, stale, best_path = [], -float("inf"), 0, out / "best.pt"
     t0 = time.time()
     for epoch in range(1, cfg.optim.epochs + 1):
         model.train()
@@ -173,8 +231,11 @@ def train(cfg: TrainPrognosisConfig, features_only: bool = False) -> Path:
             notes = [note_variant(train_pat[j], int(rng.integers(0, cfg.optim.note_variants + 1)), cfg.seed)
                      for j in idx]
             tok = model.ehr.tokenize(notes)
-            risk = model(torch.from_numpy(x_train[idx]), tok["input_ids"], tok["attention_mask"])
+            emb = model.ehr(tok["input_ids"], tok["attention_mask"])
+            risk = model.head(torch.from_numpy(x_train[idx]), emb)
             loss = cox_loss(risk, t_train[idx], e_train[idx])
+            if cfg.model.aux_weight:
+                loss = loss + cfg.model.aux_weight * nn.functional.mse_loss(model.head.read_out(emb), aux_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -186,25 +247,28 @@ def train(cfg: TrainPrognosisConfig, features_only: bool = False) -> Path:
         train_risk = model.risk(x_train, [p.note for p in train_pat])
         rec = {"epoch": epoch, "loss": float(np.mean(losses)),
                "val_c_index": c_index([p.time for p in val_pat], val_risk, [p.event for p in val_pat]),
+               "val_cox": float(cox_loss(torch.from_numpy(val_risk), t_val, e_val)),
                "train_c_index": c_index(t_train.numpy(), train_risk, e_train.numpy())}
         history.append(rec)
-        log.info("epoch %d: loss %.4f, C-index train %.3f val %.3f (%.0f s)", epoch, rec["loss"],
-                 rec["train_c_index"], rec["val_c_index"], time.time() - t0)
-        if rec["val_c_index"] > best:
-            best, stale = rec["val_c_index"], 0
+        log.info("epoch %d: loss %.4f, C-index train %.3f val %.3f, val Cox loss %.4f (%.0f s)", epoch, rec["loss"],
+                 rec["train_c_index"], rec["val_c_index"], rec["val_cox"], time.time() - t0)
+        # model selection on the validation partial likelihood: smoother than the C-index of 100 patients
+        if -rec["val_cox"] > best:
+            best, stale = -rec["val_cox"], 0
             save_prognosis_checkpoint(best_path, model, {
                 "segmentation_checkpoint": str(seg_ckpt), "segmentation_sha256": seg_sha,
                 "feature_names": feature_names((x_train.shape[1] - 5) // 3), "train_cohort": asdict(cfg.train_cohort),
-                "val_cohort": asdict(cfg.val_cohort), "epoch": epoch, "val_c_index": rec["val_c_index"],
+                "val_cohort": asdict(cfg.val_cohort), "epoch": epoch,
+                "reader_cohort": asdict(cfg.reader_cohort) if reader_pat else None, "val_c_index": rec["val_c_index"],
                 "risk_tertiles": np.quantile(train_risk, [1 / 3, 2 / 3]).tolist(),
                 "parameter_counts": counts, "history": history, "format": "duplus-prognosis/1"})
         else:
             stale += 1
         plot_curves(history, out / "curves.png")
         if stale >= cfg.optim.patience:
-            log.info("no better validation C-index for %d epochs: stopping", stale)
+            log.info("no better validation partial likelihood for %d epochs: stopping", stale)
             break
-    log.info("best validation C-index %.3f; checkpoint %s (%.0f s)", best, best_path, time.time() - t0)
+    log.info("best validation Cox loss %.4f; checkpoint %s (%.0f s)", -best, best_path, time.time() - t0)
     return best_path
 
 

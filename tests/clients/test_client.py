@@ -43,6 +43,30 @@ def test_shared_memory_equals_plain_grpc(triton_server, small_ct):
     assert (a.labels == 1).sum() > 0
 
 
+def _cuda_ready() -> str | None:
+    try:
+        import tritonclient.utils.cuda_shared_memory  # noqa: F401
+    except (ImportError, RuntimeError) as exc:
+        return f"CUDA shared memory unavailable: {exc}"
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA GPU on this machine"
+
+
+def test_cuda_shared_memory_is_refused_clearly_without_cuda_or_equals_plain(triton_server, small_ct):
+    reason = _cuda_ready()
+    if reason is not None:
+        if "unavailable" in reason:  # no cuda-python: the client says what is missing instead of failing later
+            with pytest.raises(ValueError, match="shared_memory='cuda' needs"):
+                SegmentationClient(triton_server.grpc_url, shared_memory="cuda")
+        pytest.skip(f"{reason}: CUDA shared memory needs a GPU shared by client and server")
+    with SegmentationClient(triton_server.grpc_url) as plain, \
+            SegmentationClient(triton_server.grpc_url, shared_memory="cuda") as cuda:
+        a = plain.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS)
+        b = cuda.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
 def test_timeout_is_a_clear_error_and_invalid_argument_is_not_retried(triton_server, small_ct):
     with SegmentationClient(triton_server.grpc_url, timeout_s=0.05) as fast:
         with pytest.raises(RequestTimeout, match="did not answer within 0.1 s"):

@@ -43,20 +43,55 @@ def patients():
     return generate_cohort(CohortSpec(3, HELD_OUT_SEED + 1))
 
 
-def test_served_risk_equals_in_process_pytorch(client, in_process, patients):
+@pytest.fixture(scope="module")
+def torch_server(tmp_path_factory):
+    """A second server whose units run PyTorch (``--engine torch``): the served path with in-process numerics."""
+    from export.build_engines import build
+    from export.serve import TritonServer
+    from tests.conftest import DEMO_CHECKPOINT
+
+    out = tmp_path_factory.mktemp("triton_torch") / "model_repository"
+    build(DEMO_CHECKPOINT, out, engine="torch", prognosis_checkpoint=PROGNOSIS_CHECKPOINT)
+    with TritonServer(out, checkpoint=DEMO_CHECKPOINT, log_file=out.parent / "triton.log") as srv:
+        yield srv
+
+
+def test_served_risk_equals_in_process_pytorch(torch_server, in_process, patients):
+    """The prognose BLS (volume checks, preprocessing, one feature pass, radiomics, EHR tokens, merged LoRA
+    encoder, head) on PyTorch units gives the in-process PyTorch risk to a relative 1e-4."""
     model, extractor, meta = in_process
+    with SegmentationClient(torch_server.grpc_url) as client:
+        for p in patients:
+            ph = pet_volume(p)   # random PET acquisition: 2-4 mm, permuted and flipped axes
+            feats = extractor(ph.image, ph.affine)
+            expected = float(model.risk(feats.vector[None], [p.note])[0])
+            served = client.prognose(ph.image, ph.affine, "PET", T1, p.note)
+            assert abs(served.risk - expected) <= 1e-4 * max(abs(expected), 1e-2), (served.risk, expected)
+            assert list(served.features) == meta["feature_names"]
+            got = np.array(list(served.features.values()), np.float32)
+            assert np.allclose(got, feats.vector, rtol=1e-4, atol=1e-5)
+            # the radiomics describe the patient: measured tumour volume within 40% of the true one
+            true_ml = p.clinical["tumour_volume_ml"]
+            assert abs(np.exp(served.features["log_tumour_volume"]) - true_ml) < 0.4 * true_ml
+
+
+def test_onnx_runtime_server_equals_in_process_onnx_and_is_close_to_pytorch(client, in_process, patients,
+                                                                            triton_repository):
+    """The default server (ONNX Runtime units) equals in-process scoring with the same exported image_features
+    unit to a relative 1e-4; against PyTorch eager it differs by what fp32 ONNX Runtime vs PyTorch convolutions
+    leave (segmenter logits ~1e-3, amplified by the head's standardisation): well below the risk's spread."""
+    from training.evaluate_prognosis import OnnxFeatureExtractor
+
+    model, extractor, meta = in_process
+    onnx = OnnxFeatureExtractor(triton_repository, ROOT / meta["segmentation_checkpoint"], model.cfg.modality,
+                                model.cfg.t1)
     for p in patients:
-        ph = pet_volume(p)   # random PET acquisition: 2-4 mm, permuted and flipped axes
-        feats = extractor(ph.image, ph.affine)
-        expected = float(model.risk(feats.vector[None], [p.note])[0])
+        ph = pet_volume(p)
+        expected = float(model.risk(onnx(ph.image, ph.affine).vector[None], [p.note])[0])
+        eager = float(model.risk(extractor(ph.image, ph.affine).vector[None], [p.note])[0])
         served = client.prognose(ph.image, ph.affine, "PET", T1, p.note)
-        assert abs(served.risk - expected) <= 1e-4 * max(abs(expected), 1e-3), (served.risk, expected)
-        assert list(served.features) == meta["feature_names"]
-        got = np.array(list(served.features.values()), np.float32)
-        assert np.allclose(got, feats.vector, rtol=1e-3, atol=1e-3)
-        # the radiomics describe the patient: measured tumour volume within 40% of the true one
-        true_ml = p.clinical["tumour_volume_ml"]
-        assert abs(np.exp(served.features["log_tumour_volume"]) - true_ml) < 0.4 * true_ml
+        assert abs(served.risk - expected) <= 1e-4 * max(abs(expected), 1e-2), (served.risk, expected)
+        assert abs(served.risk - eager) < 0.05, (served.risk, eager)
 
 
 def test_served_text_encoder_ehr_is_the_merged_adapted_encoder(triton_server, in_process, patients):
@@ -96,7 +131,7 @@ def test_bad_ehr_is_invalid_argument_and_the_server_stays_healthy(client, triton
 def test_bad_volume_and_prompt_are_invalid_argument(client, patients):
     ph = pet_volume(patients[0])
     for args, message in (((ph.image, ph.affine, "XR", T1), "unknown modality"),
-                          ((ph.image, np.zeros((4, 4)), "PET", T1), "singular"),
+                          ((ph.image, np.zeros((4, 4)), "PET", T1), "spacing"),
                           ((np.zeros((400, 400, 400), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]), "PET", T1),
                            "field of view too large")):
         with pytest.raises(InferenceServerException) as err:

@@ -9,10 +9,28 @@ import numpy as np
 import pytest
 import torch
 
-from training.cohort import (EHR_COVARIATES, LATENT_COVARIATES, CohortSpec, HazardModel, covariates, generate_cohort,
-                             load_clinical_csv, note_variant, write_cohort)
-from training.prognosis import (EHREncoder, PrognosisConfig, PrognosisHead, PrognosisModel, c_index, cox_loss,
-                                radiomics, validate_ehr)
+from training.cohort import (
+    EHR_COVARIATES,
+    LATENT_COVARIATES,
+    CohortSpec,
+    HazardModel,
+    covariates,
+    generate_cohort,
+    load_clinical_csv,
+    load_cohort_dataset,
+    note_variant,
+    write_cohort,
+)
+from training.prognosis import (
+    EHREncoder,
+    PrognosisConfig,
+    PrognosisHead,
+    PrognosisModel,
+    c_index,
+    cox_loss,
+    radiomics,
+    validate_ehr,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +110,28 @@ def test_load_hecktor_style_csv(tmp_path):
         csv.writer(fh).writerow(["CHUM-003", "55", "M", "1", "2", "100"])
     with pytest.raises(ValueError, match="line 4"):
         load_clinical_csv(path, event_column="Relapse", time_column="RFS", note_column=None)
+
+
+def test_cohort_dataset_on_disk_pairs_images_and_clinical_rows(tmp_path):
+    import nibabel as nib
+
+    task = write_cohort(tmp_path, "HNCohort", CohortSpec(3, 21), progress=False)
+    cases = load_cohort_dataset(task)
+    patients = generate_cohort(CohortSpec(3, 21))
+    assert [c.patient_id for c in cases] == [p.patient_id for p in patients]
+    img = nib.load(str(cases[0].image))
+    assert img.shape == nib.load(str(cases[0].label)).shape and np.asarray(img.dataobj).max() > 3.0  # SUV
+    # HECKTOR layout: images named <PatientID>__PT.nii.gz, events in Relapse / RFS, no dataset.json
+    hk = tmp_path / "hecktor"
+    (hk / "imagesTr").mkdir(parents=True)
+    for pid in ("CHUM-001", "CHUM-010"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(hk / "imagesTr" / f"{pid}__PT.nii.gz"))
+    (hk / "hecktor2022_clinical.csv").write_text("PatientID,Age,Relapse,RFS\nCHUM-001,61,0,1520\nCHUM-010,70,1,388\n")
+    cases = load_cohort_dataset(hk, event_column="Relapse", time_column="RFS", note_column=None)
+    assert [(c.patient_id, c.clinical.event) for c in cases] == [("CHUM-001", 0), ("CHUM-010", 1)]
+    (hk / "hecktor2022_clinical.csv").write_text("PatientID,Age,Relapse,RFS\nCHUM-001,61,0,1520\n")
+    with pytest.raises(ValueError, match="without a clinical row"):
+        load_cohort_dataset(hk, event_column="Relapse", time_column="RFS", note_column=None)
 
 
 def _breslow_brute_force(risk, time, event):
@@ -199,7 +239,7 @@ def test_head_is_additive_and_standardises_images():
     with torch.no_grad():
         head.image[1].weight.fill_(0.5)
         r = head(x, emb)
-        r_img = head.image(((x - head.image_mean) / head.image_std)).reshape(-1)
-        r_txt = head.text(emb).reshape(-1)
+        r_img = head.image((x - head.image_mean) / head.image_std).reshape(-1)
+        r_txt = head.text(head.read_out(emb)).reshape(-1)
     assert torch.allclose(r, r_img + r_txt, atol=1e-6)
     assert r.shape == (20,)
