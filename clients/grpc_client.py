@@ -183,20 +183,28 @@ class SegmentationClient(_Common):
 
     def segment_volume(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str,
                        targets: list[str] | tuple[str, ...]) -> VolumeResult:
-        from tritonclient.utils import InferenceServerException
-
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
+
+        def call() -> VolumeResult:
+            if self.shared_memory == "system":
+                return self._segment_shm(volume, affine, modality, t1, targets)
+            if self.shared_memory == "cuda":
+                return self._segment_cuda_shm(volume, affine, modality, t1, targets)
+            res = self.client.infer("segment_volume", self._inputs(self._grpc, volume, affine, modality, t1, targets),
+                                    outputs=self._outputs(self._grpc), client_timeout=self.timeout_s)
+            return self._result(res, affine, targets)
+
+        return self._with_retries(call)
+
+    def _with_retries(self, call):
+        """``call()``, retried with backoff while the server is UNAVAILABLE; a timeout becomes RequestTimeout."""
+        from tritonclient.utils import InferenceServerException
+
         started, attempt = time.monotonic(), 0
         while True:
             try:
-                if self.shared_memory == "system":
-                    return self._segment_shm(volume, affine, modality, t1, targets)
-                if self.shared_memory == "cuda":
-                    return self._segment_cuda_shm(volume, affine, modality, t1, targets)
-                res = self.client.infer("segment_volume", self._inputs(self._grpc, volume, affine, modality, t1, targets),
-                                        outputs=self._outputs(self._grpc), client_timeout=self.timeout_s)
-                return self._result(res, affine, targets)
+                return call()
             except InferenceServerException as exc:
                 timeout = self._timeout_error(exc)
                 if timeout is not None:
@@ -240,7 +248,6 @@ class SegmentationClient(_Common):
     def prognose(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str, ehr: str | bytes
                  ) -> PrognosisResult:
         """Risk from a (PET) volume in its own geometry, its T1 prompt and the patient's EHR note."""
-        from tritonclient.utils import InferenceServerException
 
         if not getattr(self, "_prognose_checked", False):
             if not self.client.is_model_ready("prognose"):
@@ -252,30 +259,22 @@ class SegmentationClient(_Common):
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
         g = self._grpc
-        started, attempt = time.monotonic(), 0
-        while True:
-            try:
-                inputs = []
-                for name, arr, dtype in (("VOLUME", volume, "FP32"), ("AFFINE", affine, "FP64"),
-                                         ("MODALITY", _strings([modality]), "BYTES"), ("T1", _strings([t1]), "BYTES"),
-                                         ("EHR", _strings([ehr]), "BYTES")):
-                    t = g.InferInput(name, list(arr.shape), dtype)
-                    t.set_data_from_numpy(arr)
-                    inputs.append(t)
-                res = self.client.infer("prognose", inputs, outputs=[g.InferRequestedOutput(n) for n in PROGNOSE_OUTPUTS],
-                                        client_timeout=self.timeout_s)
-                names = [b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("FEATURE_NAMES")]
-                return PrognosisResult(float(res.as_numpy("RISK")[0]),
-                                       dict(zip(names, (float(v) for v in res.as_numpy("IMAGE_FEATURES")))))
-            except InferenceServerException as exc:
-                timeout = self._timeout_error(exc)
-                if timeout is not None:
-                    raise timeout from None
-                wait = self._retryable(exc, started, attempt)
-                if wait is None:
-                    raise
-                time.sleep(wait)
-                attempt += 1
+
+        def call() -> PrognosisResult:
+            inputs = []
+            for name, arr, dtype in (("VOLUME", volume, "FP32"), ("AFFINE", affine, "FP64"),
+                                     ("MODALITY", _strings([modality]), "BYTES"), ("T1", _strings([t1]), "BYTES"),
+                                     ("EHR", _strings([ehr]), "BYTES")):
+                t = g.InferInput(name, list(arr.shape), dtype)
+                t.set_data_from_numpy(arr)
+                inputs.append(t)
+            res = self.client.infer("prognose", inputs, outputs=[g.InferRequestedOutput(n) for n in PROGNOSE_OUTPUTS],
+                                    client_timeout=self.timeout_s)
+            names = [b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("FEATURE_NAMES")]
+            return PrognosisResult(float(res.as_numpy("RISK")[0]),
+                                   dict(zip(names, (float(v) for v in res.as_numpy("IMAGE_FEATURES")))))
+
+        return self._with_retries(call)
 
     def _segment_cuda_shm(self, volume, affine, modality, t1, targets) -> VolumeResult:
         """Volume in and labels out through CUDA shared memory on ``cuda_device`` (client and server share the GPU)."""

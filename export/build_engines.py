@@ -150,11 +150,7 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
         atol, rtol = TOLERANCES[name]
         results = parity(modules[name], onnx_path, contract, fresh, atol=atol, rtol=rtol, session=session)
         failures += [str(r) for r in results if not r.ok]
-        entry = {"onnx": str(onnx_path.relative_to(output)), "sha256": file_sha256(onnx_path),
-                 "inputs": [[t.name, t.dtype, list(t.shape)] for t in contract.inputs],
-                 "outputs": [[t.name, t.dtype, list(t.shape)] for t in contract.outputs],
-                 "parity": [{"output": r.output, "max_abs": r.max_abs, "max_rel": r.max_rel, "atol": r.atol,
-                             "rtol": r.rtol} for r in results]}
+        entry = _unit_entry(output, onnx_path, contract, results)
         if engine == "tensorrt":
             profile = _profile(name, cfg, patch, max_batch_size, max_targets)
             plan = build_engine(onnx_path, output / name / "1" / "model.plan", contract, profile,
@@ -175,6 +171,15 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("built the %s repository (%s) in %.0f s", target, engine, manifest["seconds"])
     return manifest
+
+
+def _unit_entry(output: Path, onnx_path: Path, contract, results) -> dict:
+    """The manifest's record of one exported unit: file, hash, I/O and parity figures."""
+    return {"onnx": str(onnx_path.relative_to(output)), "sha256": file_sha256(onnx_path),
+            "inputs": [[t.name, t.dtype, list(t.shape)] for t in contract.inputs],
+            "outputs": [[t.name, t.dtype, list(t.shape)] for t in contract.outputs],
+            "parity": [{"output": r.output, "max_abs": r.max_abs, "max_rel": r.max_rel, "atol": r.atol,
+                        "rtol": r.rtol} for r in results]}
 
 
 def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path, manifest: dict, engine: str,
@@ -218,11 +223,7 @@ def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path,
         atol, rtol = TOLERANCES[name]
         results = parity(modules[name], onnx_path, contract, fresh, atol=atol, rtol=rtol)
         failures += [str(r) for r in results if not r.ok]
-        entry = {"onnx": str(onnx_path.relative_to(output)), "sha256": file_sha256(onnx_path),
-                 "inputs": [[t.name, t.dtype, list(t.shape)] for t in contract.inputs],
-                 "outputs": [[t.name, t.dtype, list(t.shape)] for t in contract.outputs],
-                 "parity": [{"output": r.output, "max_abs": r.max_abs, "max_rel": r.max_rel, "atol": r.atol,
-                             "rtol": r.rtol} for r in results]}
+        entry = _unit_entry(output, onnx_path, contract, results)
         if engine == "tensorrt":
             plan = build_engine(onnx_path, output / name / "1" / "model.plan", contract,
                                 _prognosis_profile(name, cfg, image_dim), precision=precision,

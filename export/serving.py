@@ -109,7 +109,7 @@ class PromptTokenizer:
 
 def check_unit_feed(unit: str, feed: dict[str, np.ndarray], *, n_modalities: int, level_factor: int) -> None:
     """Checks the ONNX graph would otherwise fail on with an opaque message."""
-    if unit == "segmenter":
+    if unit in ("segmenter", "image_features"):
         image, modality, film = feed["image"], feed["modality"], feed["film"]
         b = image.shape[0]
         if modality.shape[0] != b or film.shape[0] != b:
@@ -120,19 +120,7 @@ def check_unit_feed(unit: str, feed: dict[str, np.ndarray], *, n_modalities: int
             raise InvalidRequest(f"modality index {modality.tolist()} out of range [0, {n_modalities})")
         if not np.isfinite(image).all():
             raise InvalidRequest("image contains NaN or Inf values")
-    elif unit == "text_encoder":
-        if feed["input_ids"].shape != feed["attention_mask"].shape:
-            raise InvalidRequest(f"input_ids {feed['input_ids'].shape} and attention_mask "
-                                 f"{feed['attention_mask'].shape} differ in shape")
-    elif unit == "image_features":
-        image, modality = feed["image"], feed["modality"]
-        if any(s % level_factor for s in image.shape[2:]):
-            raise InvalidRequest(f"image spatial size {tuple(image.shape[2:])} must be multiples of {level_factor}")
-        if (modality < 0).any() or (modality >= n_modalities).any():
-            raise InvalidRequest(f"modality index {modality.tolist()} out of range [0, {n_modalities})")
-        if not np.isfinite(image).all():
-            raise InvalidRequest("image contains NaN or Inf values")
-    elif unit == "text_encoder_ehr":
+    elif unit in ("text_encoder", "text_encoder_ehr"):
         if feed["input_ids"].shape != feed["attention_mask"].shape:
             raise InvalidRequest(f"input_ids {feed['input_ids'].shape} and attention_mask "
                                  f"{feed['attention_mask'].shape} differ in shape")
