@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", required=True, help="YAML training configuration (see configs/demo.yaml)")
     ap.add_argument("--output", help="override the output folder of the configuration")
     ap.add_argument("--steps", type=int, help="override optim.steps")
+    ap.add_argument("--lr", type=float, help="override optim.lr, the peak learning rate of the warm-up + cosine "
+                    "schedule (e.g. lower when continuing from --init-from)")
     ap.add_argument("--init-from", help="start from the weights of this checkpoint (fresh optimizer and schedule), "
                     "e.g. to continue training the shipped checkpoint on a faster machine")
     ap.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT/last.pt exists")
@@ -325,10 +327,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig.from_yaml(args.config, output=args.output, init_from=args.init_from)
-    if args.steps:
-        from dataclasses import replace
+    from dataclasses import replace
 
+    if args.steps:
         cfg = replace(cfg, optim=replace(cfg.optim, steps=args.steps))
+    if args.lr:
+        cfg = replace(cfg, optim=replace(cfg.optim, lr=args.lr))
     train(cfg, resume=not args.no_resume)
 
 
