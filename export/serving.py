@@ -138,6 +138,52 @@ class EncodedPrompts:
     target_embedding: np.ndarray  # [K, E]
 
 
+class PromptCache:
+    """Thread-safe LRU of encoded prompts keyed by (modality, normalised T1, normalised targets).
+
+    Repeated prompt sets (the common case: one protocol, many studies) skip the text encoder and
+    conditioning calls; ``segment_volume`` and ``prognose`` each hold one.
+    """
+
+    def __init__(self, encode: Callable[[str, str, list[str]], EncodedPrompts], entries: int):
+        self.encode, self.entries = encode, entries
+        self._cache: OrderedDict[tuple, EncodedPrompts] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
+        key = (modality, normalise_text(t1), tuple(normalise_text(t) for t in targets))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        enc = self.encode(modality, t1, targets)
+        with self._lock:
+            self._cache[key] = enc
+            while len(self._cache) > self.entries:
+                self._cache.popitem(last=False)
+        return enc
+
+
+def check_request_volume(volume, affine, modality: str, modalities: tuple[str, ...], limits: ServingLimits
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The checks every volume request shares: known modality, valid array and affine, size limit.
+
+    Returns (volume, float64 affine, voxel spacing in mm); a failure is InvalidRequest naming the problem.
+    """
+    from training.preprocessing import check_volume
+
+    if modality not in modalities:
+        raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(modalities)}")
+    volume = np.asarray(volume)
+    affine = np.asarray(affine, dtype=np.float64)
+    try:
+        check_volume(volume, affine, max_voxels=limits.max_voxels)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return volume, affine, np.linalg.norm(affine[:3, :3], axis=0)
+
+
 class VolumeSegmenter:
     """Whole volume in its own geometry -> uint8 labels on the same grid (the segment_volume model)."""
 
@@ -153,49 +199,21 @@ class VolumeSegmenter:
         self.known_names = [str(n) for n in known_targets["names"]]
         self.known_embeddings = np.asarray(known_targets["embeddings"], dtype=np.float32)
         self.encode, self.segment, self.limits = encode, segment, limits
-        self._cache: OrderedDict[tuple, EncodedPrompts] = OrderedDict()
-        self._lock = threading.Lock()
-        self._cache_entries = cache_entries
-        self.prompt_cache_hits = 0
-        self.prompt_cache_misses = 0
+        self.prompts = PromptCache(encode, cache_entries)
 
     @staticmethod
     def load_known_targets(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {"names": z["names"], "embeddings": z["embeddings"]}
 
-    def prompts(self, modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
-        key = (modality, normalise_text(t1), tuple(normalise_text(t) for t in targets))
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                self.prompt_cache_hits += 1
-                return hit
-        enc = self.encode(modality, t1, targets)
-        with self._lock:
-            self.prompt_cache_misses += 1
-            self._cache[key] = enc
-            while len(self._cache) > self._cache_entries:
-                self._cache.popitem(last=False)
-        return enc
-
     def __call__(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str, targets: list[str]
                  ) -> tuple[np.ndarray, list[str], list[float]]:
         import torch
 
         from training.inference import UnknownPromptError, match_targets, sliding_window_probabilities
-        from training.preprocessing import check_volume, fuse_labels, to_input_grid, to_model_space
+        from training.preprocessing import fuse_labels, to_input_grid, to_model_space
 
-        if modality not in self.modalities:
-            raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(self.modalities)}")
-        volume = np.asarray(volume)
-        affine = np.asarray(affine, dtype=np.float64)
-        try:
-            check_volume(volume, affine, max_voxels=self.limits.max_voxels)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        volume, affine, spacing = check_request_volume(volume, affine, modality, self.modalities, self.limits)
         model_voxels = int(np.prod(np.asarray(volume.shape) * spacing / np.asarray(self.spacing)))
         if model_voxels > self.limits.max_model_voxels:
             raise InvalidRequest(f"volume covers {model_voxels} voxels at the model spacing {self.spacing} mm; "
@@ -281,40 +299,21 @@ class Prognoser:
         self.feature_names = list(prog["feature_names"])
         self.tokenizer, self.limits = ehr_tokenizer, limits
         self.encode, self.features, self.encode_ehr, self.head = encode, features, encode_ehr, head
-        self._prompts: OrderedDict[tuple, EncodedPrompts] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _conditioning(self, modality: str, t1: str) -> EncodedPrompts:
-        key = (modality, normalise_text(t1))
-        with self._lock:
-            if key in self._prompts:
-                self._prompts.move_to_end(key)
-                return self._prompts[key]
-        enc = self.encode(modality, t1, self.targets)
-        with self._lock:
-            self._prompts[key] = enc
-            while len(self._prompts) > 64:
-                self._prompts.popitem(last=False)
-        return enc
+        self.prompts = PromptCache(encode, 64)
 
     def __call__(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str, ehr: list) -> PrognosisOutput:
-        from training.preprocessing import check_volume, to_model_space
+        from training.preprocessing import to_model_space
         from training.prognosis import check_feature_grid, image_features_from_model_space
 
         tokens = self.tokenizer(ehr)                     # a bad note fails before any image work
         if tokens["input_ids"].shape[0] != 1:
             raise InvalidRequest(f"EHR must hold exactly one note, got {tokens['input_ids'].shape[0]}")
-        if modality not in self.modalities:
-            raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(self.modalities)}")
-        volume = np.asarray(volume)
-        affine = np.asarray(affine, dtype=np.float64)
+        volume, affine, spacing = check_request_volume(volume, affine, modality, self.modalities, self.limits)
         try:
-            check_volume(volume, affine, max_voxels=self.limits.max_voxels)
-            spacing = np.linalg.norm(affine[:3, :3], axis=0)
             check_feature_grid(np.ceil(np.asarray(volume.shape) * spacing / np.asarray(self.spacing)).astype(int))
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        enc = self._conditioning(modality, t1)
+        enc = self.prompts(modality, t1, self.targets)
         x, _ = to_model_space(volume, affine, modality, self.spacing, check=False)
 
         def unit_fn(padded: np.ndarray):
