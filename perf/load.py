@@ -55,8 +55,12 @@ def write_cases(names: list[str], path: Path) -> Path:
 
 
 def run_locust(url: str, cases: Path, prefix: Path, *, users: int = 2, spawn_rate: float = 1.0,
-               duration_s: int = 60, timeout_s: float | None = None) -> list[dict]:
-    """locust headless against ``url``; returns the summary rows (also written next to ``prefix``)."""
+               duration_s: int = 60, stop_timeout_s: int = 600, timeout_s: float | None = None) -> list[dict]:
+    """locust headless against ``url``; returns the summary rows (also written next to ``prefix``).
+
+    After ``duration_s`` the users get ``stop_timeout_s`` to finish the request in flight; the locust
+    process itself is killed (and this raises) after ``timeout_s`` (default: both plus 300 s).
+    """
     host = url.split("://")[-1]
     if not (host.startswith("127.0.0.1:") or host.startswith("localhost:")):
         raise ValueError(f"load tests run on loopback only, got {url!r}")
@@ -66,9 +70,16 @@ def run_locust(url: str, cases: Path, prefix: Path, *, users: int = 2, spawn_rat
     env = dict(os.environ, DUPLUS_LOCUST_CASES=str(cases))
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r",
            str(spawn_rate), "-t", f"{duration_s}s", "--host", host, "--csv", str(prefix), "--only-summary",
-           "--stop-timeout", "600", "--exit-code-on-error", "1", "--loglevel", "WARNING"]
+           "--stop-timeout", str(stop_timeout_s), "--exit-code-on-error", "1", "--loglevel", "WARNING"]
     log.info("%s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s or duration_s + 900)
+    limit = timeout_s or duration_s + stop_timeout_s + 300
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as exc:   # subprocess.run has killed it; keep what it printed
+        out = b"".join(x if isinstance(x, bytes) else (x or "").encode() for x in (exc.stdout, exc.stderr))
+        prefix.with_suffix(".log").write_bytes(out)
+        raise RuntimeError(f"locust did not exit within {limit:.0f} s of a {duration_s} s run (killed); its output "
+                           f"is in {prefix.with_suffix('.log')}: {out.decode(errors='replace')[-2000:]}") from exc
     prefix.with_suffix(".log").write_text(proc.stdout + proc.stderr)
     stats = Path(f"{prefix}_stats.csv")
     if not stats.is_file():

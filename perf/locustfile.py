@@ -10,8 +10,10 @@ paraphrase of the volume's modality and region, and 1-3 of its targets under syn
 was trained with ("primary tumour", "GTVp", "the liver", ...).
 """
 
+import atexit
 import os
 import random
+import sys
 import time
 
 import grpc.experimental.gevent as grpc_gevent
@@ -20,7 +22,7 @@ grpc_gevent.init_gevent()  # grpc must cooperate with locust's gevent loop
 
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
-from locust import User, between, task  # noqa: E402
+from locust import User, between, events, task  # noqa: E402
 
 CASES_ENV = "DUPLUS_LOCUST_CASES"
 
@@ -32,6 +34,24 @@ def load_cases(path: str) -> list[dict]:
                  "modality": str(z[f"modality_{i}"]), "t1": [str(t) for t in z[f"t1_{i}"]],
                  "targets": {str(k): [str(s) for s in z[f"syn_{i}_{j}"]] for j, k in enumerate(z[f"targets_{i}"])}}
                 for i in range(n)]
+
+
+@events.quit.add_listener
+def _leave_without_grpc_finalizers(exit_code, **_kwargs):
+    """Exit with locust's code once it has written its CSVs, skipping the interpreter's final GC.
+
+    grpc's gevent integration can deadlock in a finalizer at interpreter exit: the run is over and
+    its statistics are written, yet the process hangs in ``Py_FinalizeEx`` -> gc -> a grpc mutex
+    (seen with grpcio 1.85 and locust 2.47, ``gdb`` backtrace in the commit). Locust fires ``quit``,
+    closes its CSV files and calls ``sys.exit``; this atexit hook, registered last and so run first,
+    then leaves before the collector reaches grpc's objects.
+    """
+    def leave():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+    atexit.register(leave)
 
 
 def _input(name, arr, dtype):
