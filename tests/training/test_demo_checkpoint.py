@@ -19,11 +19,18 @@ pytestmark = pytest.mark.slow
 
 HELD_OUT_SEED = 777_001
 
-# Issue 2's accuracy bar is not reached by the checkpoint trained on this 2-core CPU (see README,
-# "Status"). These tests keep the issue's thresholds and run on every CI; they are expected to fail
-# until a longer-trained checkpoint is shipped, and then show as XPASS (remove the marker).
+# Issue 2's accuracy bar is not fully reached by the checkpoint trained on this 2-core CPU (see README,
+# "Status"). The tests that encode an unmet part keep the issue's thresholds and run on every CI; they
+# are expected to fail until a longer-trained checkpoint is shipped, and then show as XPASS (remove
+# the marker once the margin is known, as was done for the liver/spleen switch and the paraphrases).
 below_bar = pytest.mark.xfail(strict=False, reason="shipped demo checkpoint is below issue 2's Dice bar "
                               "(CPU-limited training); see README Status")
+# MR passes on this test's two cases (0.821) but not on a second held-out set (seed 5050, 4 cases: 0.782).
+borderline_bar = pytest.mark.xfail(strict=False, reason="shipped demo checkpoint is borderline on issue 2's MR "
+                                   "bar: 0.821 here, 0.782 on another held-out seed; see README Status")
+weak_context = pytest.mark.xfail(strict=False, reason="a T1 claiming MR lowers the shipped checkpoint's CT Dice "
+                                 "by ~0.03, not 0.2: the stem follows the volume's modality and FiLM alone "
+                                 "barely shifts it; see README Status")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,7 @@ def _mean_dice(ph, labels, truth, targets):
     return float(np.mean([dice(labels == k + 1, truth == ph.label_names.index(t) + 1) for k, t in enumerate(targets)]))
 
 
-@below_bar
+@weak_context
 def test_context_prompt_mismatch_lowers_dice(demo_predictor, ct_case):
     """(a) a CT volume whose T1 claims MR: mean Dice drops by at least 0.2."""
     ph, x, truth = ct_case
@@ -55,7 +62,6 @@ def test_context_prompt_mismatch_lowers_dice(demo_predictor, ct_case):
     assert right - wrong >= 0.2
 
 
-@below_bar
 def test_target_prompt_switch_liver_spleen(demo_predictor, ct_case):
     """(b) switching T2 between liver and spleen: each mask matches its organ and they barely overlap."""
     ph, x, truth = ct_case
@@ -69,13 +75,15 @@ def test_target_prompt_switch_liver_spleen(demo_predictor, ct_case):
     assert overlap < 0.05
 
 
-@below_bar
 def test_paraphrased_prompts_work(demo_predictor, ct_case):
     """Prompts a user types, not in the training vocabulary, still segment the right organ."""
     ph, x, truth = ct_case
     labels = _segment(demo_predictor, x, "abdominal CT scan", ["the hepatic organ", "kidney on the left side"])
-    assert dice(labels == 1, truth == ph.label_names.index("liver") + 1) >= 0.8
-    assert dice(labels == 2, truth == ph.label_names.index("left kidney") + 1) >= 0.7
+    d_liver = dice(labels == 1, truth == ph.label_names.index("liver") + 1)
+    d_kidney = dice(labels == 2, truth == ph.label_names.index("left kidney") + 1)
+    print(f"paraphrased prompts: liver Dice {d_liver:.3f}, left kidney Dice {d_kidney:.3f}")
+    assert d_liver >= 0.8
+    assert d_kidney >= 0.7
 
 
 @pytest.mark.parametrize("t1,targets,error,message", [
@@ -113,7 +121,7 @@ def test_evaluate_command_prints_json_with_dice():
 
 
 @pytest.mark.parametrize("modality,bar", [pytest.param("CT", 0.85, marks=below_bar),
-                                           pytest.param("MR", 0.80, marks=below_bar), ("PET", 0.80)])
+                                           pytest.param("MR", 0.80, marks=borderline_bar), ("PET", 0.80)])
 def test_held_out_dice_bar(modality, bar):
     """Issue 2's bar: mean Dice >= 0.85 on CT targets and >= 0.80 on MR and PET targets (held-out phantoms)."""
     res = _evaluate_cli("--modality", modality, "--cases", "2", "--seed", "4040", "--json")
