@@ -95,7 +95,7 @@ def segment(args) -> int:
         overlay_png(volume, res.labels, affine, out / "overlay.png", list(args.targets),
                     window=(-200.0, 300.0) if modality == "CT" else None, title=f"T1 = '{t1}'")
         files.append("overlay.png")
-    summary = {"input": str(src), "modality": modality, "t1": t1, "targets": list(args.targets),
+    summary = {"input": str(src), "modality": modality, "t1": t1, "stem": res.stem, "targets": list(args.targets),
                "resolved": list(res.resolved), "similarity": [round(s, 4) for s in res.similarity],
                "shape": list(volume.shape), "affine": np.round(affine, 6).tolist(),
                "voxels_per_label": np.bincount(res.labels.ravel(), minlength=len(args.targets) + 1).tolist(),
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--targets", nargs="+", required=True, help="target prompts, e.g. liver 'left kidney'")
     s.add_argument("--t1", default=None, help="context prompt, e.g. 'CT of the abdomen' (default: from the DICOM header)")
     s.add_argument("--modality", choices=("CT", "MR", "PET"), default=None,
-                   help="which stem (default: from the DICOM header's Modality)")
+                   help="what the volume is, which picks its intensity normalisation (default: from the DICOM "
+                        "header's Modality); the stem is the modality the T1 names, this one when it names none")
     s.add_argument("--series-uid", default=None, help="which series, when the folder holds several")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--png", action="store_true", help="also write an overlay PNG")
@@ -185,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ehr-file", default=None, help="a UTF-8 text file holding the EHR note")
     p.add_argument("--t1", default=None, help="context prompt (default: from the DICOM header, else "
                    "'PET of the head and neck')")
-    p.add_argument("--modality", choices=("CT", "MR", "PET"), default=None, help="stem (default: header, else PET)")
+    p.add_argument("--modality", choices=("CT", "MR", "PET"), default=None,
+                   help="what the volume is (intensity normalisation; stem when the T1 names no modality; "
+                        "default: header, else PET)")
     p.add_argument("--series-uid", default=None, help="which series, when the folder holds several")
     p.add_argument("--out", default=None, help="also write the result with every image feature to this JSON file")
     p.add_argument("--url", default=None, help="gRPC url of a running Triton server (default: start one)")

@@ -36,7 +36,8 @@ EXPECTED_MODELS = ("tokenizer", "text_encoder", "conditioning", "segmenter", "en
 # segment_volume's contract as this client uses it: name -> (datatype, rank)
 VOLUME_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "MODALITY": ("BYTES", 1), "T1": ("BYTES", 1),
                  "TARGETS": ("BYTES", 1)}
-VOLUME_OUTPUTS = {"LABELS": ("UINT8", 3), "RESOLVED_TARGETS": ("BYTES", 1), "SIMILARITY": ("FP32", 1)}
+VOLUME_OUTPUTS = {"LABELS": ("UINT8", 3), "RESOLVED_TARGETS": ("BYTES", 1), "SIMILARITY": ("FP32", 1),
+                  "STEM": ("BYTES", 1)}
 
 
 PROGNOSE_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "MODALITY": ("BYTES", 1), "T1": ("BYTES", 1),
@@ -59,6 +60,7 @@ class VolumeResult:
     targets: tuple[str, ...]      # the prompts as sent
     resolved: tuple[str, ...]     # the canonical target each prompt matched
     similarity: tuple[float, ...]
+    stem: str = ""                # the stem the volume ran through: the modality T1 names, else MODALITY
 
 
 def _strings(values) -> np.ndarray:
@@ -125,14 +127,17 @@ class _Common:
         labels = g.InferRequestedOutput("LABELS")
         if region is not None:
             labels.set_shared_memory(region, nbytes)
-        return [labels, g.InferRequestedOutput("RESOLVED_TARGETS"), g.InferRequestedOutput("SIMILARITY")]
+        return [labels, g.InferRequestedOutput("RESOLVED_TARGETS"), g.InferRequestedOutput("SIMILARITY"),
+                g.InferRequestedOutput("STEM")]
 
     @staticmethod
     def _result(res, affine, targets, labels=None) -> VolumeResult:
         labels = res.as_numpy("LABELS") if labels is None else labels
         resolved = tuple(b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("RESOLVED_TARGETS"))
+        stem = res.as_numpy("STEM").reshape(-1)[0]
         return VolumeResult(labels, affine, tuple(targets), resolved,
-                            tuple(float(s) for s in res.as_numpy("SIMILARITY")))
+                            tuple(float(s) for s in res.as_numpy("SIMILARITY")),
+                            stem.decode() if isinstance(stem, bytes) else str(stem))
 
     def _retryable(self, exc, started: float, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or None to raise."""

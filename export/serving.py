@@ -1,8 +1,10 @@
 """What the Triton python-backend models do, as plain Python (no Triton import), so it is tested
 directly and the model.py files under ``model_repository/`` stay thin.
 
-- ``PromptTokenizer``: modality + T1 + target prompts -> modality index and token tensors, with the
-  checks a server needs (UTF-8, empty, too long, too many targets, unknown modality).
+- ``PromptTokenizer``: modality + T1 + target prompts -> stem index and token tensors, with the
+  checks a server needs (UTF-8, empty, too long, too many targets, unknown modality). The stem is
+  the modality the T1 prompt names (the model follows its context prompt, as in DuPLUS), else the
+  declared modality; the declared modality always picks the intensity normalisation.
 - ``check_unit_feed``: shape/dtype/consistency checks for direct calls of the exported units.
 - ``VolumeSegmenter``: the ``segment_volume`` pipeline: training preprocessing, prompt conditioning
   once per request (LRU-cached across requests), Gaussian-blended sliding window over batched
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from export.triton_config import ServingLimits
-from training.prompts import PromptVocabulary, normalise_text
+from training.prompts import PromptVocabulary, normalise_text, stem_modality
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +94,23 @@ class PromptTokenizer:
             raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(self.modalities)}")
         return self.modalities.index(modality)
 
+    def stem(self, modality: str, t1: str) -> str:
+        """The stem for a request: the modality the T1 names, else the declared one (checked)."""
+        self.modality_index(modality)
+        try:
+            return stem_modality(t1, modality, self.modalities)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
     def __call__(self, modality: str, t1: str, targets: list[str]) -> dict[str, np.ndarray]:
-        index = self.modality_index(modality)
+        self.modality_index(modality)
         if not targets:
             raise InvalidRequest("TARGETS is empty: give at least one target prompt")
         if len(targets) > self.limits.max_targets:
             raise InvalidRequest(f"{len(targets)} target prompts; at most {self.limits.max_targets} per request")
         t1_tok = self.tokenizer(self._prompts([t1], "T1 (context)"), padding=True, return_tensors="np")
         t2_tok = self.tokenizer(self._prompts(targets, "TARGETS"), padding=True, return_tensors="np")
+        index = self.modalities.index(self.stem(modality, t1))
         return {"modality": np.array([index], dtype=np.int64),
                 "t1_input_ids": t1_tok["input_ids"].astype(np.int64),
                 "t1_attention_mask": t1_tok["attention_mask"].astype(np.int64),
@@ -132,7 +143,7 @@ def check_unit_feed(unit: str, feed: dict[str, np.ndarray], *, n_modalities: int
 
 @dataclass(frozen=True)
 class EncodedPrompts:
-    modality_index: int
+    modality_index: int         # the stem: the modality the T1 names, else the declared one
     film: np.ndarray            # [1, F]
     head_params: np.ndarray     # [K, P]
     target_embedding: np.ndarray  # [K, E]
@@ -207,7 +218,8 @@ class VolumeSegmenter:
             return {"names": z["names"], "embeddings": z["embeddings"]}
 
     def __call__(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str, targets: list[str]
-                 ) -> tuple[np.ndarray, list[str], list[float]]:
+                 ) -> tuple[np.ndarray, list[str], list[float], str]:
+        """-> (uint8 labels on the input grid, canonical target per prompt, match similarity, stem used)."""
         import torch
 
         from training.inference import UnknownPromptError, match_targets, sliding_window_probabilities
@@ -228,6 +240,10 @@ class VolumeSegmenter:
         x, _ = to_model_space(volume, affine, modality, self.spacing, check=False)
         film, head = enc.film, enc.head_params
         index = enc.modality_index
+        stem = self.modalities[index]
+        if stem != modality:
+            log.warning("T1 %r names %s but the volume is declared %s: normalised as %s, stem and FiLM follow the "
+                        "prompt", t1, stem, modality, modality)
 
         def logits_fn(patch: torch.Tensor) -> torch.Tensor:
             b = patch.shape[0]
@@ -239,7 +255,7 @@ class VolumeSegmenter:
                                              self.limits.overlap, logits_fn)
         probs_in = to_input_grid(probs, x.affine, affine, tuple(volume.shape))
         labels = fuse_labels(probs_in).numpy().astype(np.uint8)
-        return labels, resolved, sims
+        return labels, resolved, sims, stem
 
 
 class EHRTokenizer:

@@ -317,7 +317,8 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
     models.append(ModelConfig(
         "segment_volume", backend="python",
         inputs=(_t("VOLUME", "float32", -1, -1, -1), _t("AFFINE", "float64", 4, 4)) + prompt_inputs,
-        outputs=(_t("LABELS", "uint8", -1, -1, -1), _t("RESOLVED_TARGETS", S, -1), _t("SIMILARITY", "float32", -1)),
+        outputs=(_t("LABELS", "uint8", -1, -1, -1), _t("RESOLVED_TARGETS", S, -1), _t("SIMILARITY", "float32", -1),
+                 _t("STEM", S, 1)),
         instance_groups=(InstanceGroup(1, "KIND_CPU"),),
         parameters=lim.parameters() + (("patch_size", ",".join(map(str, opts.patch_size))),)))
     if all(u in units for u in PROGNOSIS_UNITS):

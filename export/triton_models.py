@@ -188,10 +188,11 @@ def segment_volume_model(pb):
                     t1 = decode_strings(_input(pb, request, "T1"), "T1")[0]
                     targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
                     self.prompt_check(modality, t1, targets)
-                    labels, resolved, sims = self.segmenter(volume, affine, modality, t1, targets)
+                    labels, resolved, sims, stem = self.segmenter(volume, affine, modality, t1, targets)
                     responses.append(pb.InferenceResponse([
                         pb.Tensor("LABELS", labels), _string_tensor(pb, "RESOLVED_TARGETS", resolved),
-                        pb.Tensor("SIMILARITY", np.asarray(sims, dtype=np.float32))]))
+                        pb.Tensor("SIMILARITY", np.asarray(sims, dtype=np.float32)),
+                        _string_tensor(pb, "STEM", [stem])]))
                 except Exception as exc:  # noqa: BLE001
                     responses.append(_error(pb, exc))
             return responses

@@ -44,7 +44,7 @@ def run(checkpoint: str, out: Path, device: str = "cpu", samples=SAMPLES, serve:
 
         def segment(image, affine, modality, t1, targets):
             pred = predictor.predict_array(image, affine, modality, t1, targets)
-            return pred.labels, pred.resolved
+            return pred.labels, pred.resolved, pred.stem
 
         return _run(checkpoint, out, segment, "in-process", device, samples)
 
@@ -57,7 +57,7 @@ def run(checkpoint: str, out: Path, device: str = "cpu", samples=SAMPLES, serve:
 
             def segment(image, affine, modality, t1, targets):
                 res = client.segment_volume(image, affine, modality, t1, targets)
-                return res.labels, res.resolved
+                return res.labels, res.resolved, res.stem
 
             extra = {"grpc_url": server.grpc_url, "repository": str(serve)}
             if "prognosis" in server.manifest:
@@ -106,7 +106,7 @@ def _run(checkpoint: str, out: Path, segment, served_by: str, device: str, sampl
         targets = contexts.get((modality, region)) or list(ph.label_names)
         t1 = canonical_t1(modality, region, ph.sequence)
         t0 = time.perf_counter()
-        labels, resolved = segment(ph.image, ph.affine, modality, t1, targets)
+        labels, resolved, stem = segment(ph.image, ph.affine, modality, t1, targets)
         seconds = time.perf_counter() - t0
         case_dir = out / name
         case_dir.mkdir(exist_ok=True)
@@ -122,7 +122,7 @@ def _run(checkpoint: str, out: Path, segment, served_by: str, device: str, sampl
         overlay_png(ph.image, labels, ph.affine, case_dir / "overlay.png", targets, truth=truth, window=window,
                     title=f"{name}: T1 = '{t1}', Dice {np.mean(list(scores.values())):.3f}")
         cases.append({"case": name, "modality": modality, "region": region, "sequence": ph.sequence,
-                      "t1": t1, "targets": list(targets), "seed": seed, "shape": list(ph.image.shape),
+                      "t1": t1, "stem": stem, "targets": list(targets), "seed": seed, "shape": list(ph.image.shape),
                       "spacing_mm": np.round(np.linalg.norm(ph.affine[:3, :3], axis=0), 3).tolist(),
                       "dice": scores, "mean_dice": round(float(np.mean(list(scores.values()))), 4),
                       "seconds": round(seconds, 2),

@@ -5,7 +5,8 @@
 Each case is generated with a seed that the checkpoint never saw in training (the command
 refuses seeds that were), run through the full inference path (orientation, resampling,
 sliding window, inverse mapping) and scored on the input's own grid. ``--t1`` overrides the
-context prompt (the DuPLUS prompt-mismatch experiment).
+context prompt (the DuPLUS prompt-mismatch experiment): the volume keeps the intensity
+normalisation of ``--modality``, while the stem and FiLM follow the modality the prompt names.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def evaluate(predictor: Predictor, ckpt: dict, modality: str, cases: int, seed: 
         names = targets or contexts.get((modality, reg)) or list(ph.label_names)
         prompt = t1 or canonical_t1(modality, reg, ph.sequence)
         pred = predictor.predict_array(ph.image, ph.affine, modality, prompt, names)
-        case = {"case": i, "seed": s, "region": reg, "t1": prompt, "shape": list(ph.image.shape),
+        case = {"case": i, "seed": s, "region": reg, "t1": prompt, "stem": pred.stem, "shape": list(ph.image.shape),
                 "spacing_mm": np.round(np.linalg.norm(ph.affine[:3, :3], axis=0), 3).tolist(),
                 "seconds": round(pred.seconds, 2), "dice": {}}
         for k, name in enumerate(names):
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--region", choices=("abdomen", "head_neck"), help="body region; default: every region the "
                     "checkpoint was trained on for this modality, alternating over cases")
     ap.add_argument("--t1", help="override the context (T1) prompt, e.g. 'T2-weighted MRI of the abdomen' on CT "
-                    "volumes for the prompt-mismatch experiment")
+                    "volumes for the prompt-mismatch experiment (stem and FiLM follow the prompt, normalisation follows "
+                    "--modality)")
     ap.add_argument("--targets", nargs="+", help="target (T2) prompts; default: the targets trained for the context")
     ap.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")

@@ -22,7 +22,7 @@ from monai.inferers import sliding_window_inference
 
 from training.model import DuPLUS, DuPLUSConfig
 from training.preprocessing import fuse_labels, to_input_grid, to_model_space
-from training.prompts import PromptVocabulary, normalise_text, validate_prompt
+from training.prompts import PromptVocabulary, normalise_text, stem_modality, t1_modality, validate_prompt
 from training.text_encoder import EmbeddingCache, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ class Conditioning:
     similarity: tuple[float, ...]    # cosine similarity of that match
     film: torch.Tensor               # [1, F]
     head_params: torch.Tensor        # [K, P]
+    t1_modality: str | None = None   # the modality the T1 prompt names (None: it names none)
+
+    def stem(self, modality: str) -> str:
+        """The stem a volume declared as ``modality`` runs through: the T1's modality, else the declared one."""
+        return self.t1_modality or modality
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class Prediction:
     resolved: tuple[str, ...]
     probabilities: np.ndarray | None      # float32 [K, ...] on the input grid, only on request
     seconds: float
+    stem: str = ""                        # the stem it ran through (the T1's modality, else the declared one)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -111,23 +117,30 @@ class Predictor:
     @torch.no_grad()
     def condition(self, t1: str, targets: list[str] | tuple[str, ...]) -> Conditioning:
         t1 = validate_prompt(t1, "context (T1)")
+        named = t1_modality(t1)
+        if named is not None:
+            stem_modality(t1, named, self.cfg.modalities)   # a T1 naming a modality without a stem is an error
         resolved, scores = self.resolve_targets(list(targets))
         t1_emb = self.cache.encode([t1]).to(self.device)
         t2_emb = self.cache.encode(list(targets)).to(self.device)
         film, head = self.model.conditioning(t1_emb, t2_emb)
-        return Conditioning(t1, tuple(targets), tuple(resolved), tuple(scores), film, head)
+        return Conditioning(t1, tuple(targets), tuple(resolved), tuple(scores), film, head, named)
 
     # ---- layers ----------------------------------------------------------------------------
     @torch.no_grad()
     def patch_logits(self, patch: torch.Tensor, modality: str, cond: Conditioning) -> torch.Tensor:
         b = patch.shape[0]
-        mod = self.model.modality_index([modality] * b).to(self.device)
+        mod = self.model.modality_index([cond.stem(modality)] * b).to(self.device)
         return self.model.segmenter(patch.to(self.device), mod, cond.film.expand(b, -1), cond.head_params)
 
     @torch.no_grad()
     def predict_preprocessed(self, image: torch.Tensor, modality: str, cond: Conditioning) -> torch.Tensor:
-        """[1, X, Y, Z] model-space volume -> [K, X, Y, Z] probabilities (Gaussian-blended sliding window)."""
-        mod_index = self.model.modality_index(modality).to(self.device)
+        """[1, X, Y, Z] model-space volume -> [K, X, Y, Z] probabilities (Gaussian-blended sliding window).
+
+        ``modality`` is what the volume was declared as; the stem is the one the T1 prompt names
+        (``cond.stem``), falling back to ``modality`` when the prompt names none.
+        """
+        mod_index = self.model.modality_index(cond.stem(modality)).to(self.device)
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
             b = patch.shape[0]
@@ -144,13 +157,17 @@ class Predictor:
         if modality not in self.cfg.modalities:
             raise ValueError(f"unknown modality {modality!r}; this model has stems for {self.cfg.modalities}")
         cond = self.condition(t1, targets)
+        if cond.stem(modality) != modality:
+            log.warning("the T1 prompt %r names %s but the volume is declared %s: intensities are normalised as %s, "
+                        "the stem and FiLM follow the prompt (%s)", t1, cond.stem(modality), modality, modality,
+                        cond.stem(modality))
         x, _ = to_model_space(image, affine, modality, self.cfg.spacing)
         probs = self.predict_preprocessed(x, modality, cond)
         probs_in = to_input_grid(probs, x.affine, affine, tuple(image.shape))
         labels = fuse_labels(probs_in).numpy()
         return Prediction(labels=labels, affine=np.asarray(affine, dtype=np.float64), targets=tuple(targets),
                           resolved=cond.resolved, probabilities=probs_in.numpy() if return_probabilities else None,
-                          seconds=time.perf_counter() - t0)
+                          seconds=time.perf_counter() - t0, stem=cond.stem(modality))
 
     def predict_file(self, path: str | Path, modality: str, t1: str, targets: list[str], *,
                      out: str | Path | None = None) -> Prediction:

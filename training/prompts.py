@@ -93,6 +93,43 @@ def validate_prompt(text: str, what: str, max_chars: int = 256) -> str:
     return stripped
 
 
+# words that name a modality in a free-text T1 prompt (matched on whole words, after normalise_text)
+T1_MODALITY_PATTERNS: dict[str, tuple[str, ...]] = {
+    "CT": (r"ct", r"computed tomography", r"cat scan"),
+    "MR": (r"mri?", r"magnetic resonance", r"t[12]w", r"t[12][- ]weighted"),
+    "PET": (r"pet", r"positron emission( tomography)?", r"(18f[- ])?fdg"),
+}
+
+
+def t1_modality(text: str) -> str | None:
+    """The modality a context (T1) prompt names, or None when it names none or more than one.
+
+    The T1 prompt decides which input stem a volume goes through (and FiLM conditions every stage
+    on it), as in DuPLUS: the context is a prompt the model follows, so a CT volume sent with
+    "MRI of the abdomen" is segmented as MR. "abdominal CT scan" -> CT, "T2w MRI" -> MR,
+    "FDG-PET of the neck" -> PET; "PET/CT of the neck" and "scan of the abdomen" -> None, and the
+    caller falls back to the modality declared with the volume.
+    """
+    norm = normalise_text(text)
+    named = [m for m, patterns in T1_MODALITY_PATTERNS.items()
+             if any(re.search(rf"(?<![a-z0-9]){p}(?![a-z0-9])", norm) for p in patterns)]
+    return named[0] if len(named) == 1 else None
+
+
+def stem_modality(t1: str, modality: str, modalities: tuple[str, ...] | list[str] = MODALITIES) -> str:
+    """Which stem a request runs through: the modality its T1 names, else the declared ``modality``.
+
+    A T1 that names a modality the model has no stem for is an error that names it.
+    """
+    named = t1_modality(t1)
+    if named is None:
+        return modality
+    if named not in modalities:
+        raise ValueError(f"context (T1) prompt {t1!r} names modality {named!r}; this model has stems for "
+                         f"{list(modalities)}")
+    return named
+
+
 def modality_key(modality: str, sequence: str | None = None) -> str:
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")

@@ -72,6 +72,7 @@ def test_segment_volume_equals_in_process_and_evaluation(client, demo_predictor,
     assert served.labels.shape == phantom.image.shape and served.labels.dtype == np.uint8
     np.testing.assert_array_equal(served.affine, affine)
     assert served.resolved == tuple(TARGETS)
+    assert served.stem == "CT"
 
     local = demo_predictor.predict_array(phantom.image, affine, "CT", T1, TARGETS)
     for k in range(1, len(TARGETS) + 1):
@@ -97,6 +98,21 @@ def test_segment_patch_ensemble_equals_pytorch(triton_server, demo_predictor):
     ref = torch.sigmoid(demo_predictor.patch_logits(torch.from_numpy(patch), "CT", cond)).numpy()
     assert probs.shape == (1, 2, 96, 96, 64)
     assert np.abs(probs - ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("modality,t1,stem", [
+    ("CT", "T2-weighted MRI of the abdomen", "MR"),    # the context prompt picks the stem
+    ("CT", "scan of the abdomen", "CT"),               # it names no modality: the declared one
+    ("PET", "PET/CT of the head and neck", "PET"),     # it names two: the declared one
+])
+def test_context_prompt_picks_the_stem(triton_server, modality, t1, stem):
+    prompts = _prompts(modality, t1, ["liver"])
+    index = _infer(triton_server, "encode_prompts", prompts).as_numpy("MODALITY_INDEX")
+    assert index.tolist() == [["CT", "MR", "PET"].index(stem)]
+    served = _infer(triton_server, "segment_volume", _volume_request(SMALL_VOLUME, SMALL_AFFINE, modality, t1,
+                                                                     ["liver"]))
+    assert [s.decode() for s in served.as_numpy("STEM")] == [stem]
+    assert served.as_numpy("LABELS").shape == SMALL_VOLUME.shape
 
 
 def _text_encoder_stats(server):
