@@ -54,8 +54,17 @@ class TextEncoder(nn.Module):
         local = Path(path).exists()
         self.name = name_or_path
         self.max_tokens = max_tokens
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        if not local and name_or_path.startswith((".", "/", "~")):
+            raise ValueError(f"text encoder {name_or_path!r}: no such folder")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        except OSError as exc:  # transformers' own message blames the network, which is never used here
+            where = "the folder has no loadable tokenizer and model" if local else (
+                "it is not in the local Hugging Face cache, and models are never downloaded at run time")
+            raise ValueError(f"text encoder {name_or_path!r}: {where}; pass a folder written by "
+                             "save_pretrained (tokenizer and model) or the packaged default "
+                             f"{DEFAULT_TEXT_ENCODER!r}") from exc
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

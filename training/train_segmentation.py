@@ -209,6 +209,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     rng = np.random.default_rng(cfg.seed)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
+    # the text encoder first: a wrong name or width fails before minutes of data preparation
+    encoder = TextEncoder(cfg.model.text_encoder)
+    if encoder.dim != cfg.model.text_dim:
+        raise ValueError(f"model.text_dim={cfg.model.text_dim} but the text encoder "
+                         f"{cfg.model.text_encoder!r} gives {encoder.dim}")
+
     datasets = prepare_datasets(cfg)
     train_sets, val_cases, training_seeds = [], [], []
     bar = tqdm(total=sum(len(r) for _, r in datasets), desc="preprocessing", unit="case")
@@ -224,9 +230,6 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     bar.close()
 
     vocab = PromptVocabulary()
-    encoder = TextEncoder(cfg.model.text_encoder)
-    if encoder.dim != cfg.model.text_dim:
-        raise ValueError(f"model.text_dim={cfg.model.text_dim} but the text encoder gives {encoder.dim}")
     cache = EmbeddingCache(encoder, max_entries=100_000)
     contexts = {(c.record.modality, c.record.region, c.record.sequence) for _, cs in train_sets for c in cs}
     targets = {t for _, cs in train_sets for c in cs for t in c.record.targets.values()}

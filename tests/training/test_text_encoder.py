@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from training.text_encoder import EmbeddingCache
@@ -32,3 +33,37 @@ def test_tokens_contract(text_encoder):
     assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == batch["attention_mask"].shape
     out = text_encoder(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(out, text_encoder.encode(["CT of the abdomen", "liver"]))
+
+
+def test_any_local_hugging_face_model_by_path(tmp_path, text_encoder):
+    """A user's own encoder (e.g. PubMedBERT's text tower) loads from a folder; its width sets text_dim."""
+    from transformers import BertConfig, BertModel
+
+    from training.model import DuPLUS, DuPLUSConfig
+    from training.text_encoder import TextEncoder
+
+    folder = tmp_path / "my-bert"
+    text_encoder.tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=text_encoder.tokenizer.vocab_size, hidden_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=96)).save_pretrained(str(folder))
+    enc = TextEncoder(str(folder))
+    assert enc.dim == 48
+    e = enc.encode(["CT of the abdomen", "liver", "spleen"])
+    assert e.shape == (3, 48)
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(3), rtol=1e-5, atol=1e-5)
+
+    model = DuPLUS(DuPLUSConfig(text_dim=enc.dim, text_encoder=str(folder), channels=(8, 16, 32)))
+    out = model(torch.randn(1, 1, 16, 16, 16), torch.tensor([0]), e[:1], e[1:])
+    assert out.shape == (1, 2, 16, 16, 16)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("someorg/not-a-cached-model", "not in the local Hugging Face cache"),
+    ("./no/such/folder", "no such folder"),
+])
+def test_unknown_text_encoder_is_named(name, message):
+    from training.text_encoder import TextEncoder
+
+    with pytest.raises(ValueError, match=message):
+        TextEncoder(name)
