@@ -38,6 +38,29 @@ log = logging.getLogger("serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("tokenizer", "text_encoder", "conditioning", "segmenter", "encode_prompts", "segment_patch",
           "segment_volume")
+# what each model calls (ensemble steps and BLS requests, see export/triton_config.py and export/triton_models.py):
+# serving a subset loads these with it
+MODEL_DEPENDENCIES = {
+    "encode_prompts": ("tokenizer", "text_encoder", "conditioning"),
+    "segment_patch": ("tokenizer", "text_encoder", "conditioning", "segmenter"),
+    "segment_volume": ("encode_prompts", "segmenter"),
+    "prognose": ("encode_prompts", "image_features", "text_encoder_ehr", "prognosis"),
+}
+
+
+def with_dependencies(models) -> list[str]:
+    """``models`` and everything they call, each once, dependencies first."""
+    out: list[str] = []
+
+    def add(name: str) -> None:
+        for dep in MODEL_DEPENDENCIES.get(name, ()):
+            add(dep)
+        if name not in out:
+            out.append(name)
+
+    for m in models:
+        add(m)
+    return out
 
 
 class RepositoryError(RuntimeError):
@@ -154,9 +177,20 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, *, checkpoint: str | Path | None = None, grpc_port: int | None = None,
                  http_port: int | None = None, metrics_port: int | None = None, cache_mb: int = 64,
-                 log_file: str | Path | None = None, log_verbose: int = 0, ready_timeout: float = 300.0):
+                 log_file: str | Path | None = None, log_verbose: int = 0, ready_timeout: float = 300.0,
+                 models: list[str] | tuple[str, ...] | None = None):
         self.repository = Path(repository).resolve()
         self.manifest = check_repository(self.repository, Path(checkpoint) if checkpoint else None)
+        # a subset of the repository's models (with what they call) starts faster: each python-backend model
+        # costs a stub process and its imports
+        built = self._built_models()
+        if models is not None:
+            unknown = [m for m in models if m not in built]
+            if unknown or not models:
+                raise ValueError(f"cannot serve {unknown or 'no models'}: the repository {self.repository} has "
+                                 f"{built}")
+            built = [m for m in with_dependencies(models) if m in built]
+        self.served = built
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -191,6 +225,10 @@ class TritonServer:
                 "--model-control-mode=explicit", *[f"--load-model={m}" for m in self.models()]]
 
     def models(self) -> list[str]:
+        """The models this server loads."""
+        return list(self.served)
+
+    def _built_models(self) -> list[str]:
         manifest = Path(self.repository) / "manifest.json"
         listed = json.loads(manifest.read_text()).get("models") if manifest.is_file() else None
         return list(listed or MODELS)
@@ -278,14 +316,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-file", default=None, help="write the server's own log here (default: discard)")
     ap.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     ap.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for all models to load")
+    ap.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                    help="serve only these models and the models they call (e.g. `segment_volume`: faster start, "
+                         "less memory); default: every model of the repository")
     ap.add_argument("--log-level", default="INFO", help="logging level of this launcher")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = TritonServer(args.model_repository, checkpoint=args.checkpoint or None, grpc_port=args.grpc_port,
                               http_port=args.http_port, metrics_port=args.metrics_port, cache_mb=args.cache_mb,
-                              log_file=args.log_file, log_verbose=args.log_verbose, ready_timeout=args.ready_timeout)
-    except RepositoryError as exc:
+                              log_file=args.log_file, log_verbose=args.log_verbose, ready_timeout=args.ready_timeout,
+                              models=args.models)
+    except (RepositoryError, ValueError) as exc:
         log.error("refusing to start: %s", exc)
         return 2
     stop = threading.Event()

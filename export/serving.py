@@ -223,7 +223,7 @@ class VolumeSegmenter:
         import torch
 
         from training.inference import UnknownPromptError, match_targets, sliding_window_probabilities
-        from training.preprocessing import fuse_labels, to_input_grid, to_model_space
+        from training.preprocessing import fuse_labels, keep_largest_components, to_input_grid, to_model_space
 
         volume, affine, spacing = check_request_volume(volume, affine, modality, self.modalities, self.limits)
         model_voxels = int(np.prod(np.asarray(volume.shape) * spacing / np.asarray(self.spacing)))
@@ -254,7 +254,7 @@ class VolumeSegmenter:
         probs = sliding_window_probabilities(torch.as_tensor(x), self.patch_size, self.limits.sw_batch_size,
                                              self.limits.overlap, logits_fn)
         probs_in = to_input_grid(probs, x.affine, affine, tuple(volume.shape))
-        labels = fuse_labels(probs_in).numpy().astype(np.uint8)
+        labels = keep_largest_components(fuse_labels(probs_in).numpy().astype(np.uint8), resolved)
         return labels, resolved, sims, stem
 
 

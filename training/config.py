@@ -63,7 +63,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     targets_per_step: int = 3         # K target prompts asked per step (a random subset of the labelled ones)
     foreground_prob: float = 0.85     # chance that a patch is centred on a labelled voxel
-    bf16: bool = True                 # bfloat16 autocast (AMX on recent x86 CPUs, tensor cores on GPUs)
+    bf16: bool = True                 # bfloat16 autocast where native (AMX / AVX512-BF16 CPUs, GPUs); else fp32
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "targets_per_step"):

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", help="target (T2) prompts; default: the targets trained for the context")
     ap.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    ap.add_argument("--no-largest-component", action="store_true",
+                    help="skip the post-processing that keeps the largest connected component of single-structure "
+                         "targets (liver, spleen, kidneys, aorta, pancreas, stomach), for ablation")
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: a short table)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases < 1:
         ap.error("--cases must be >= 1")
     ckpt = load_checkpoint(args.checkpoint)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, overlap=args.overlap)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, overlap=args.overlap,
+                                          largest_component=not args.no_largest_component)
     try:
         result = evaluate(predictor, ckpt, args.modality, args.cases, args.seed, region=args.region, t1=args.t1,
                           targets=args.targets, progress=not args.json)

@@ -21,7 +21,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from training.model import DuPLUS, DuPLUSConfig
-from training.preprocessing import fuse_labels, to_input_grid, to_model_space
+from training.preprocessing import fuse_labels, keep_largest_components, to_input_grid, to_model_space
 from training.prompts import PromptVocabulary, normalise_text, stem_modality, t1_modality, validate_prompt
 from training.text_encoder import EmbeddingCache, TextEncoder
 
@@ -74,7 +74,8 @@ class Predictor:
 
     def __init__(self, model: DuPLUS, vocabulary: PromptVocabulary, text_encoder: TextEncoder | None = None, *,
                  device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int = 2,
-                 target_similarity: float = 0.6, ambiguity_margin: float = 0.05, bf16: bool = False):
+                 target_similarity: float = 0.6, ambiguity_margin: float = 0.05, bf16: bool = False,
+                 largest_component: bool = True):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.cfg: DuPLUSConfig = model.cfg
@@ -88,6 +89,7 @@ class Predictor:
         # that wins by less than this margin is refused as ambiguous rather than guessed
         self.ambiguity_margin = ambiguity_margin
         self.bf16 = bf16  # bfloat16 autocast for the sliding window (validation during training)
+        self.largest_component = largest_component  # keep_largest_components on single-structure targets
         self._known_t2: list[tuple[str, str]] = [(t, p) for t, ps in vocabulary.all_t2().items() for p in ps]
         self._known_t2_emb: torch.Tensor | None = None
 
@@ -165,6 +167,8 @@ class Predictor:
         probs = self.predict_preprocessed(x, modality, cond)
         probs_in = to_input_grid(probs, x.affine, affine, tuple(image.shape))
         labels = fuse_labels(probs_in).numpy()
+        if self.largest_component:
+            labels = keep_largest_components(labels, cond.resolved)
         return Prediction(labels=labels, affine=np.asarray(affine, dtype=np.float64), targets=tuple(targets),
                           resolved=cond.resolved, probabilities=probs_in.numpy() if return_probabilities else None,
                           seconds=time.perf_counter() - t0, stem=cond.stem(modality))

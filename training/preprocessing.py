@@ -129,3 +129,30 @@ def fuse_labels(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Te
     """[K, ...] per-target probabilities -> uint8 labels 1..K (0 where no target reaches the threshold)."""
     best, index = probabilities.max(dim=0)
     return torch.where(best >= threshold, index + 1, torch.zeros_like(index)).to(torch.uint8)
+
+
+def keep_largest_components(labels: np.ndarray, resolved, single: frozenset[str] | None = None) -> np.ndarray:
+    """Post-processing: for every target that is one connected structure (``SINGLE_STRUCTURE_TARGETS``: liver,
+    spleen, kidneys, aorta, pancreas, stomach), keep the largest 6-connected component of its label and set the
+    others to background, as nnU-Net's post-processing does.  Tumours and lymph nodes (several lesions) are left
+    as they are.  ``labels``: uint8 1..K for the K prompts, ``resolved``: the canonical target of each prompt.
+    """
+    from scipy import ndimage
+
+    from training.prompts import SINGLE_STRUCTURE_TARGETS
+
+    single = SINGLE_STRUCTURE_TARGETS if single is None else single
+    labels = np.array(labels, copy=True)
+    boxes = ndimage.find_objects(labels)          # one bounding box per label value 1..max
+    for k, name in enumerate(resolved):
+        value = k + 1
+        if name not in single or value > len(boxes) or boxes[value - 1] is None:
+            continue
+        box = boxes[value - 1]
+        mask = labels[box] == value
+        components, n = ndimage.label(mask)       # default structure: face (6-) connectivity
+        if n > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            view = labels[box]
+            view[mask & (components != int(np.argmax(sizes)) + 1)] = 0
+    return labels

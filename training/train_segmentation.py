@@ -199,12 +199,27 @@ def save_checkpoint(path: Path, model: DuPLUS, vocab: PromptVocabulary, cfg: Tra
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 / AMX.
+
+    Elsewhere (e.g. an AVX2-only CPU) oneDNN emulates bf16 convolutions, about 100x slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    bf16 = cfg.optim.bf16 and native_bf16(device)
+    if cfg.optim.bf16 and not bf16:
+        log.warning("optim.bf16: this %s has no native bfloat16 (CPU capability %s); training in float32", device.type,
+                    torch.backends.cpu.get_cpu_capability())
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -275,7 +290,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             trained[key] = sorted(set(trained.get(key, [])) | set(c.record.targets.values()))
     meta = {"trained_contexts": trained}
     sampler = PatchSampler(cfg, train_sets, seed=cfg.seed + start)
-    predictor = Predictor(model, vocab, encoder, device=device, sw_batch_size=2, bf16=cfg.optim.bf16)
+    predictor = Predictor(model, vocab, encoder, device=device, sw_batch_size=2, bf16=bf16)
     predictor.cache = cache
 
     model.train()
@@ -284,7 +299,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     for step in pbar:
         images, masks, modalities, t1s, t2s = sampler.sample()
         images, masks = images.to(device), masks.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.optim.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images, model.modality_index(modalities).to(device), cache.encode(t1s).to(device),
                            cache.encode(t2s).to(device))
         loss = segmentation_loss(logits, masks)

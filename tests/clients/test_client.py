@@ -4,7 +4,6 @@ UNAVAILABLE only (a server restart mid-batch), the contract check, asyncio with 
 import asyncio
 import logging
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -67,15 +66,18 @@ def test_cuda_shared_memory_is_refused_clearly_without_cuda_or_equals_plain(trit
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_timeout_is_a_clear_error_and_invalid_argument_is_not_retried(triton_server, small_ct):
+def test_timeout_is_a_clear_error_and_invalid_argument_is_not_retried(triton_server, small_ct, caplog):
     with SegmentationClient(triton_server.grpc_url, timeout_s=0.05) as fast:
         with pytest.raises(RequestTimeout, match="did not answer within 0.1 s"):
             fast.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS)
-    with SegmentationClient(triton_server.grpc_url, retry_deadline_s=60) as client:
-        t0 = time.monotonic()
-        with pytest.raises(InferenceServerException) as err:
-            client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, ["banana"])
-        assert "INVALID_ARGUMENT" in str(err.value.status()) and time.monotonic() - t0 < 10
+    # the server may still be finishing the timed-out request, so "not retried" is read off the client's retry
+    # log, not off a wall-clock bound (a slow CI machine took 10.8 s here while answering at the first attempt)
+    with SegmentationClient(triton_server.grpc_url, retry_deadline_s=60, backoff_s=0.5) as client:
+        with caplog.at_level(logging.WARNING, logger="clients.grpc_client"):
+            with pytest.raises(InferenceServerException, match="banana") as err:
+                client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, ["banana"])
+        assert "INVALID_ARGUMENT" in str(err.value.status())
+        assert "server unavailable" not in caplog.text and "retry" not in caplog.text, caplog.text
         assert client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS).labels.any()
 
 
@@ -97,10 +99,11 @@ def test_asyncio_concurrent_calls_and_cancellation(triton_server, small_ct):
             await client.check_ready()
             a, b = await asyncio.gather(*(client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS)
                                           for _ in range(2)))
-            big = generate_phantom("abdomen", "CT", 424242)
-            task = asyncio.create_task(client.segment_volume(big.image, big.affine, "CT", "CT of the abdomen",
-                                                             ["liver"]))
+            # cancelled while in flight (the server finishes it regardless: a whole abdomen here cost a minute)
+            task = asyncio.create_task(client.segment_volume(small_ct.image, small_ct.affine, "CT", T1,
+                                                             ["primary tumour"]))
             await asyncio.sleep(0.3)
+            assert not task.done()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -113,7 +116,8 @@ def test_asyncio_concurrent_calls_and_cancellation(triton_server, small_ct):
 
 
 def test_server_restart_mid_batch_is_retried(triton_repository, small_ct, caplog):
-    ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    # segment_volume and what it calls: the restart need not wait for the prognosis models
+    ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), models=["segment_volume"])
     server = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT, **ports).start()
     results, errors = [], []
     first_done = threading.Event()

@@ -203,12 +203,33 @@ def test_stale_or_missing_repository_is_refused(triton_repository, tmp_path):
     assert manifest["checkpoint_sha256"] != "" and check_repository(triton_repository, DEMO_CHECKPOINT)
 
 
+def test_a_model_subset_loads_what_it_calls_and_unknown_names_are_refused(triton_repository):
+    from export.serve import TritonServer
+
+    full = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT).models()
+    assert len(full) == 11 and "prognose" in full
+    seg = TritonServer(triton_repository, models=["segment_volume"]).models()
+    assert seg == ["tokenizer", "text_encoder", "conditioning", "encode_prompts", "segmenter", "segment_volume"]
+    prog = TritonServer(triton_repository, models=["prognose", "segmenter"]).models()
+    assert set(prog) == {"tokenizer", "text_encoder", "conditioning", "encode_prompts", "image_features",
+                         "text_encoder_ehr", "prognosis", "prognose", "segmenter"} and len(prog) == 9
+    with pytest.raises(ValueError, match=r"cannot serve \['banana'\]"):
+        TritonServer(triton_repository, models=["segment_volume", "banana"])
+    with pytest.raises(ValueError, match="no models"):
+        TritonServer(triton_repository, models=[])
+    proc = subprocess.run([sys.executable, "-m", "export.serve", "--model-repository", str(triton_repository),
+                           "--checkpoint", str(DEMO_CHECKPOINT), "--models", "banana"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot serve ['banana']" in proc.stderr
+
+
 def test_server_command_stops_cleanly_on_sigterm(triton_repository, triton_server):
     """`python -m export.serve` on its own ports: ready, then SIGTERM -> exit 0 and the ports are free."""
     ports = [free_port() for _ in range(3)]
     proc = subprocess.Popen([sys.executable, "-m", "export.serve", "--model-repository", str(triton_repository),
                              "--checkpoint", str(DEMO_CHECKPOINT), "--grpc-port", str(ports[0]),
-                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                             "--models", "segment_volume"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
@@ -221,7 +242,8 @@ def test_server_command_stops_cleanly_on_sigterm(triton_repository, triton_serve
                 pass
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(1)
-        assert client.is_model_ready("segment_volume")
+        assert client.is_model_ready("segment_volume") and client.is_model_ready("segmenter")
+        assert not client.is_model_ready("prognose")   # --models: only segment_volume and what it calls
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
     finally:

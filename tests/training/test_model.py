@@ -125,7 +125,8 @@ def test_stem_selection_matches_per_modality_and_mixed_batches():
         mixed = model.segmenter.stems(x, mod)
         for i in range(3):
             single = model.segmenter.stems.stems[i](x[i:i + 1])
-            assert torch.equal(mixed[i:i + 1], single)
+            # equal to float rounding: oneDNN may pick other kernels for a batch of 3 than of 1 (e.g. AVX2 CPUs)
+            torch.testing.assert_close(mixed[i:i + 1], single, rtol=1e-5, atol=1e-6)
         # different modalities really give different features
         assert not torch.allclose(model.segmenter.stems(x[:1], torch.tensor([0])),
                                   model.segmenter.stems(x[:1], torch.tensor([1])))

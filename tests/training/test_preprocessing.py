@@ -104,3 +104,24 @@ def test_fuse_labels():
     p = torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.7, 0.8]])
     assert fuse_labels(p).tolist() == [1, 2, 2]
     assert fuse_labels(torch.full((2, 3), 0.3)).tolist() == [0, 0, 0]
+
+
+def test_largest_component_is_kept_for_single_structures_only():
+    from training.preprocessing import keep_largest_components
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:8, 2:8, 2:8] = 1        # liver: the organ ...
+    labels[12:14, 12:14, 12:14] = 1  # ... and a false-positive island
+    labels[9, 9, 9] = 1              # an island touching the organ only at a corner (6-connectivity: apart)
+    labels[8, 8, 8] = 1
+    labels[2:5, 12:15, 2:5] = 2      # two lymph nodes: both stay
+    labels[15:18, 2:5, 15:18] = 2
+    labels[16:19, 16:19, 2:4] = 3    # spleen, one component: unchanged
+    out = keep_largest_components(labels, ("liver", "lymph node", "spleen"))
+    assert out.dtype == np.uint8 and out.shape == labels.shape
+    assert (out == 1).sum() == 6 ** 3 and out[12, 12, 12] == 0 and out[8, 8, 8] == 0 and out[9, 9, 9] == 0
+    np.testing.assert_array_equal(out == 2, labels == 2)
+    np.testing.assert_array_equal(out == 3, labels == 3)
+    assert labels[12, 12, 12] == 1   # the input is not modified
+    np.testing.assert_array_equal(keep_largest_components(labels, ("liver", "lymph node", "spleen"), frozenset()),
+                                  labels)
