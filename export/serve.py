@@ -183,7 +183,7 @@ class TritonServer:
         self.manifest = check_repository(self.repository, Path(checkpoint) if checkpoint else None)
         # a subset of the repository's models (with what they call) starts faster: each python-backend model
         # costs a stub process and its imports
-        built = self._built_models()
+        built = list(self.manifest.get("models") or MODELS)
         if models is not None:
             unknown = [m for m in models if m not in built]
             if unknown or not models:
@@ -227,11 +227,6 @@ class TritonServer:
     def models(self) -> list[str]:
         """The models this server loads."""
         return list(self.served)
-
-    def _built_models(self) -> list[str]:
-        manifest = Path(self.repository) / "manifest.json"
-        listed = json.loads(manifest.read_text()).get("models") if manifest.is_file() else None
-        return list(listed or MODELS)
 
     def start(self) -> TritonServer:
         binary, backends = prepare_server()

@@ -136,6 +136,7 @@ def keep_largest_components(labels: np.ndarray, resolved, single: frozenset[str]
     spleen, kidneys, aorta, pancreas, stomach), keep the largest 6-connected component of its label and set the
     others to background, as nnU-Net's post-processing does.  Tumours and lymph nodes (several lesions) are left
     as they are.  ``labels``: uint8 1..K for the K prompts, ``resolved``: the canonical target of each prompt.
+    (MONAI's KeepLargestConnectedComponent needs scikit-image or cuCIM, neither a dependency here; scipy is.)
     """
     from scipy import ndimage
 
