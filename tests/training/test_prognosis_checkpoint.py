@@ -13,7 +13,11 @@ from training.evaluate_prognosis import evaluate
 pytestmark = pytest.mark.slow
 
 HELD_OUT_SEED = 9002
-PATIENTS = 240
+# The first 160 patients of the README's 240-patient held-out cohort (a cohort's patients do not depend
+# on its size). Measured with the shipped checkpoint (2026-12-02, ONNX Runtime features, 500 resamples):
+# C-index 0.775, EHR-only 0.700 (half-width 0.048), oracle 0.785, log-rank p 4e-21, 115 events; about
+# 1.6 s of feature extraction per patient on 2 cores, the largest single item of `make test`.
+PATIENTS = 160
 
 
 @pytest.fixture(scope="module")
