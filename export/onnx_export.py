@@ -12,6 +12,7 @@ import onnx
 import torch
 from torch import nn
 
+from export.runtime import ort_session  # noqa: F401  (re-exported: build_engines, parity)
 from export.units import UnitContract
 
 log = logging.getLogger(__name__)
@@ -93,23 +94,6 @@ def check_onnx(path: Path, contract: UnitContract) -> onnx.ModelProto:
                     raise ContractError(f"{contract.name}.{spec.name}: axis {i} ({s}) was exported as fixed {d}")
             log.info("  %s %-8s %-14s %-8s %s", contract.name, kind, spec.name, dtype, dims)
     return model
-
-
-def ort_session(path: Path, *, threads: int = 0, providers: list[str] | None = None,
-                optimization: str = "all"):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                                     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    available = ort.get_available_providers()
-    wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
 
 
 def parity(module: nn.Module, path: Path, contract: UnitContract, inputs: list[dict[str, torch.Tensor]], *,

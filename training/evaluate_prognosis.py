@@ -55,7 +55,7 @@ class OnnxFeatureExtractor:
     """The exported image_features unit of a built repository on ONNX Runtime (what the server runs)."""
 
     def __init__(self, repository: Path, segmentation_checkpoint: Path, modality: str, t1: str):
-        from export.onnx_export import ort_session
+        from export.runtime import ort_session
         from training.prognosis import PROGNOSIS_TARGETS, ImageFeatureExtractor
 
         manifest = json.loads((repository / "manifest.json").read_text())

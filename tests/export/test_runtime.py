@@ -43,6 +43,33 @@ def test_onnxruntime_and_torch_runners_agree(small_repo, unit):
         assert np.abs(ort[name] - eager[name]).max() < 1e-4, name
 
 
+def test_onnxruntime_runner_loads_without_torch_monai_or_transformers(small_repo):
+    """What a python-backend stub of an ONNX Runtime unit imports: the runner, the manifest reader and the
+    model's triton module, and nothing heavy (each of torch, MONAI and transformers cost a stub seconds of
+    start-up and memory). In a fresh interpreter, as the stub is."""
+    import subprocess
+    import sys
+
+    repo, _, _ = small_repo
+    code = f"""
+import sys
+from pathlib import Path
+import export.triton_models
+from export.contract import UnitContract
+from export.runtime import make_runner
+from export.serving import read_manifest
+import numpy as np
+repo = Path({str(repo)!r})
+manifest = read_manifest(repo)
+contract = UnitContract.from_manifest("segmenter", manifest["units"]["segmenter"])
+runner = make_runner("segmenter", repo / "segmenter" / "1", contract, "onnxruntime", threads=1)
+print(sorted(m for m in ("torch", "monai", "transformers") if m in sys.modules))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout
+
+
 def test_runner_errors_name_the_problem(small_repo, tmp_path):
     repo, manifest, _ = small_repo
     contract = UnitContract.from_manifest("segmenter", manifest["units"]["segmenter"])
