@@ -39,7 +39,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 
 from export.adapters import merge_adapters  # noqa: E402
-from export.onnx_export import ContractError, ParityError, check_onnx, export_onnx, ort_session, parity  # noqa: E402
+from export.onnx_export import ContractError, ParityError, check_onnx, export_onnx, parity  # noqa: E402
+from export.runtime import ort_session  # noqa: E402
 from export.serve import file_sha256  # noqa: E402
 from export.serving import KNOWN_TARGETS  # noqa: E402
 from export.tensorrt_engine import ShapeProfile, build_engine, tensorrt_available  # noqa: E402

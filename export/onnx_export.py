@@ -12,7 +12,7 @@ import onnx
 import torch
 from torch import nn
 
-from export.runtime import ort_session  # noqa: F401  (re-exported: build_engines, parity)
+from export.runtime import ort_session
 from export.units import UnitContract
 
 log = logging.getLogger(__name__)

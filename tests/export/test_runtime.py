@@ -58,7 +58,6 @@ import export.triton_models
 from export.contract import UnitContract
 from export.runtime import make_runner
 from export.serving import read_manifest
-import numpy as np
 repo = Path({str(repo)!r})
 manifest = read_manifest(repo)
 contract = UnitContract.from_manifest("segmenter", manifest["units"]["segmenter"])
