@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	# the embedded Triton server (tritonserver 2.51 + python backend) from the nvidia-pytriton wheel;
 	# --no-deps: its Python API (which pins numpy<2) is never imported
 	$(PY) -m pip install -q --no-deps "$(PYTRITON_SPEC)"
-	# numpy 1.x for the python-backend stubs only (built against the numpy 1 C API; see export/serve.py)
+	# numpy 1.x for the python-backend stubs only (built against the numpy 1 C API; see serving/serve.py)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-site "$(STUB_NUMPY)"
 	touch $(STAMP)
 
@@ -54,10 +54,10 @@ pacs-tools:
 
 demo: setup
 	$(PY) export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository
-	$(PY) -m training.demo --checkpoint checkpoints/duplus_demo.pt --out demo_out --serve model_repository
+	$(PY) -m clients.demo --checkpoint checkpoints/duplus_demo.pt --out demo_out --serve model_repository
 
 serve: setup
-	$(PY) -m export.serve --model-repository model_repository --checkpoint checkpoints/duplus_demo.pt
+	$(PY) -m serving.serve --model-repository model_repository --checkpoint checkpoints/duplus_demo.pt
 
 test: setup perf-tools pacs-tools
 	$(PY) -m pytest -q
@@ -71,7 +71,7 @@ bench: setup perf-tools
 	$(PY) -m perf.bench --report-only
 
 lint: setup
-	$(VENV)/bin/ruff check training export clients perf tests
+	$(VENV)/bin/ruff check duplus training export serving clients perf tests
 
 train: setup
 	$(PY) -m training.train_segmentation --config configs/demo.yaml

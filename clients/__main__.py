@@ -72,7 +72,7 @@ def segment(args) -> int:
     with ExitStack() as stack:
         url = args.url
         if url is None:
-            from export.serve import TritonServer
+            from serving.serve import TritonServer
 
             server = stack.enter_context(TritonServer(args.repository, checkpoint=args.checkpoint or None,
                                                       log_file=out / "triton.log"))
@@ -90,7 +90,7 @@ def segment(args) -> int:
         write_seg(series, res.labels, list(args.targets), list(res.resolved), out / "seg.dcm")
         files.append("seg.dcm")
     if args.png:
-        from training.visualize import overlay_png
+        from duplus.visualize import overlay_png
 
         overlay_png(volume, res.labels, affine, out / "overlay.png", list(args.targets),
                     window=(-200.0, 300.0) if modality == "CT" else None, title=f"T1 = '{t1}'")
@@ -127,7 +127,7 @@ def prognose(args) -> int:
     with ExitStack() as stack:
         url = args.url
         if url is None:
-            from export.serve import TritonServer
+            from serving.serve import TritonServer
 
             server = stack.enter_context(TritonServer(args.repository, checkpoint=args.checkpoint or None))
             url = server.grpc_url

@@ -55,7 +55,7 @@ def derive_t1(ds) -> tuple[str, str, str | None]:
     part or the description the region, and for MR the description's T1/T2 wording the sequence.
     Raises ValueError when the header does not say enough; the caller then asks for --t1.
     """
-    from training.prompts import canonical_t1
+    from duplus.vocabulary import canonical_t1
 
     modality = {"CT": "CT", "MR": "MR", "PT": "PET"}.get(str(ds.get("Modality", "")).upper())
     if modality is None:

@@ -1,2 +1,2 @@
-"""Export of the DuPLUS units (text encoder, conditioning, segmenter) to ONNX / TensorRT and
-generation of the Triton model repository (`python export/build_engines.py`; next issue)."""
+"""Export: checkpoint -> adapters merged -> ONNX units with parity -> TensorRT engines -> Triton repository
+(``python export/build_engines.py``)."""

@@ -38,26 +38,24 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from export.adapters import merge_adapters  # noqa: E402
-from export.onnx_export import ContractError, ParityError, check_onnx, export_onnx, parity  # noqa: E402
-from export.runtime import ort_session  # noqa: E402
-from export.serve import file_sha256  # noqa: E402
-from export.serving import KNOWN_TARGETS  # noqa: E402
-from export.tensorrt_engine import ShapeProfile, build_engine, tensorrt_available  # noqa: E402
-from export.triton_config import RepositoryOptions, ServingLimits, parse_pbtxt, repository_models  # noqa: E402
-from export.units import (  # noqa: E402
+from duplus.contract import KNOWN_TARGETS, ServingLimits, contracts, prognosis_contracts  # noqa: E402
+from duplus.files import file_sha256  # noqa: E402
+from duplus.inference import load_checkpoint  # noqa: E402
+from duplus.models.duplus import DuPLUS, DuPLUSConfig  # noqa: E402
+from duplus.models.units import (  # noqa: E402
     ConditioningUnit,
     PrognosisHeadUnit,
     SegmenterUnit,
     TextEncoderUnit,
-    contracts,
     example_inputs,
-    prognosis_contracts,
     prognosis_example_inputs,
 )
-from training.inference import load_checkpoint  # noqa: E402
-from training.model import DuPLUS, DuPLUSConfig  # noqa: E402
-from training.text_encoder import TextEncoder  # noqa: E402
+from duplus.ort import ort_session  # noqa: E402
+from duplus.text_encoder import TextEncoder  # noqa: E402
+from export.adapters import merge_adapters  # noqa: E402
+from export.onnx_export import ContractError, ParityError, check_onnx, export_onnx, parity  # noqa: E402
+from export.tensorrt_engine import ShapeProfile, build_engine, tensorrt_available  # noqa: E402
+from export.triton_config import RepositoryOptions, parse_pbtxt, repository_models  # noqa: E402
 
 log = logging.getLogger("build_engines")
 
@@ -188,7 +186,7 @@ def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path,
     """Export image_features, text_encoder_ehr (LoRA merged, merge checked) and prognosis; fill manifest."""
     import torch
 
-    from training.prognosis import (
+    from duplus.models.prognosis import (
         MAX_EHR_CHARS,
         PROGNOSIS_TARGETS,
         ImageFeatureUnit,
@@ -244,7 +242,7 @@ def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path,
 
 
 def _save_prognosis_files(path: Path, output: Path, engine: str) -> None:
-    from training.prognosis import load_prognosis_checkpoint
+    from duplus.models.prognosis import load_prognosis_checkpoint
 
     prog, _ = load_prognosis_checkpoint(path)
     prog.ehr.tokenizer.save_pretrained(str(output / "prognose" / "1" / "tokenizer"))
@@ -266,8 +264,8 @@ def _prognosis_profile(name: str, cfg: DuPLUSConfig, image_dim: int) -> ShapePro
 def _write_triton_repository(output: Path, opts: RepositoryOptions, spec, encoder: TextEncoder, model: DuPLUS,
                              ckpt: dict, checkpoint: Path) -> None:
     """config.pbtxt for every model, python-backend sources, tokenizer files and known-target embeddings."""
-    from training.inference import Predictor
-    from training.prompts import PromptVocabulary
+    from duplus.inference import Predictor
+    from duplus.vocabulary import PromptVocabulary
 
     for m in repository_models(spec, opts):
         folder = output / m.name

@@ -12,8 +12,8 @@ import onnx
 import torch
 from torch import nn
 
-from export.runtime import ort_session
-from export.units import UnitContract
+from duplus.contract import UnitContract
+from duplus.ort import ort_session
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from duplus.contract import UnitContract
 from export.onnx_export import ContractError
-from export.units import UnitContract
 
 log = logging.getLogger(__name__)
 

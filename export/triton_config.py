@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import text_format
 
-from export.contract import UnitContract
+from duplus.contract import ServingLimits, UnitContract
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
@@ -173,41 +173,6 @@ class ModelConfig:
 def parse_pbtxt(text: str):
     """Parse a config.pbtxt with Triton's own schema (unknown fields are an error)."""
     return text_format.Parse(text, _pb().ModelConfig())
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """What segment_volume accepts and how it runs the sliding window."""
-
-    max_voxels: int = 512 * 512 * 640          # input grid
-    max_model_voxels: int = 400 * 400 * 400    # after resampling to the model spacing
-    max_targets: int = 16
-    max_prompt_chars: int = 256
-    max_prompt_tokens: int = 64
-    overlap: float = 0.25
-    sw_batch_size: int = 2
-    target_similarity: float = 0.6
-    ambiguity_margin: float = 0.05
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-        for name in ("max_voxels", "max_model_voxels", "max_targets", "max_prompt_chars", "max_prompt_tokens",
-                     "sw_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def parameters(self) -> tuple[tuple[str, str], ...]:
-        return tuple((k, str(getattr(self, k))) for k in self.__dataclass_fields__)
-
-    @classmethod
-    def from_parameters(cls, params: dict) -> ServingLimits:
-        kw = {}
-        for k, f in cls.__dataclass_fields__.items():
-            if k in params:
-                raw = params[k]["string_value"] if isinstance(params[k], dict) else params[k]
-                kw[k] = (float if f.type == "float" else int)(raw)
-        return cls(**kw)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ PATCH = (96, 96, 96)
 
 def make_volume(name: str):
     """(image, affine, label, label_names, sequence) of one benchmark volume."""
-    from training.phantoms import AcquisitionSpec, generate_phantom
+    from duplus.synth.phantoms import AcquisitionSpec, generate_phantom
 
     region, modality, seed = VOLUMES[name]
     if name != "ct_256":
@@ -140,10 +140,9 @@ def _time(fn, warmup: int, repeats: int, desc: str) -> tuple[list[float], object
 
 def onnxruntime_segmenter(repository: Path, limits=None):
     """The served pipeline without Triton: same VolumeSegmenter, units on ONNX Runtime in this process."""
-    from export.contract import UnitContract
-    from export.runtime import make_runner
-    from export.serving import KNOWN_TARGETS, EncodedPrompts, PromptTokenizer, VolumeSegmenter, read_manifest
-    from export.triton_config import ServingLimits
+    from duplus.contract import ServingLimits, UnitContract
+    from serving.pipelines import KNOWN_TARGETS, EncodedPrompts, PromptTokenizer, VolumeSegmenter, read_manifest
+    from serving.runtime import make_runner
 
     manifest = read_manifest(repository)
     limits = limits or ServingLimits(sw_batch_size=manifest.get("max_batch_size", 4))
@@ -171,10 +170,10 @@ def run(cfg: BenchConfig) -> Path:
     import torch
 
     from clients.grpc_client import SegmentationClient
-    from export.serve import RepositoryError, TritonServer, check_repository
+    from duplus.inference import Predictor, dice
+    from duplus.vocabulary import canonical_t1
     from perf.gpu_monitor import GpuMonitor
-    from training.inference import Predictor, dice
-    from training.prompts import canonical_t1
+    from serving.serve import RepositoryError, TritonServer, check_repository
 
     out = cfg.out_root / cfg.label
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +333,7 @@ def _prompt_latency(cfg, res, server) -> None:
 
 
 def _ct512(cfg, predictor) -> float:
-    from training.phantoms import AcquisitionSpec, generate_phantom
+    from duplus.synth.phantoms import AcquisitionSpec, generate_phantom
 
     acq = AcquisitionSpec(spacing=(0.78, 0.78, 1.5), axis_order=(0, 1, 2), flips=(True, True, False), noise=1.0)
     ph = generate_phantom("abdomen", "CT", 515151, acquisition=acq)

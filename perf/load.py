@@ -34,8 +34,8 @@ VOLUMES = {"ct_abdomen": ("abdomen", "CT", 424242, None), "ct_head_neck": ("head
 
 
 def write_cases(names: list[str], path: Path) -> Path:
-    from training.phantoms import AcquisitionSpec, generate_phantom
-    from training.prompts import t1_paraphrases, t2_paraphrases
+    from duplus.synth.phantoms import AcquisitionSpec, generate_phantom
+    from duplus.vocabulary import t1_paraphrases, t2_paraphrases
 
     arrays: dict[str, np.ndarray] = {"count": np.array(len(names))}
     for i, name in enumerate(names):
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.url:
         return go(args.url)
-    from export.serve import TritonServer
+    from serving.serve import TritonServer
 
     with TritonServer(args.repository, checkpoint=args.checkpoint, log_file=out / "triton_load.log") as server:
         return go(server.grpc_url)

@@ -67,8 +67,8 @@ def _strings(values: list[str]) -> dict:
 
 def phantom_patch(checkpoint: Path | None = None) -> tuple[np.ndarray, dict]:
     """A real 96x96x64 model-space patch around the liver of a held-out CT phantom (+ its conditioning)."""
-    from training.phantoms import generate_phantom
-    from training.preprocessing import to_model_space
+    from duplus.preprocessing import to_model_space
+    from duplus.synth.phantoms import generate_phantom
 
     ph = generate_phantom("abdomen", "CT", 424242)
     x, y = to_model_space(ph.image, ph.affine, "CT", label=ph.label)
@@ -81,7 +81,7 @@ def phantom_patch(checkpoint: Path | None = None) -> tuple[np.ndarray, dict]:
     patch[:crop.shape[0], :crop.shape[1], :crop.shape[2]] = crop
     cond = {}
     if checkpoint is not None:
-        from training.inference import Predictor
+        from duplus.inference import Predictor
 
         c = Predictor.from_checkpoint(checkpoint).condition(PROMPTS["T1"][0], PROMPTS["TARGETS"])
         cond = {"film": c.film.numpy().astype(np.float32), "head_params": c.head_params.numpy().astype(np.float32)}
@@ -91,7 +91,7 @@ def phantom_patch(checkpoint: Path | None = None) -> tuple[np.ndarray, dict]:
 def input_data(model: str, checkpoint: Path) -> dict:
     """perf_analyzer's --input-data JSON for one model."""
     if model == "segment_volume":
-        from training.phantoms import generate_phantom
+        from duplus.synth.phantoms import generate_phantom
 
         ph = generate_phantom("head_neck", "CT", 444444)
         entry = {"VOLUME": _tensor(ph.image.astype(np.float32)), "AFFINE": _tensor(ph.affine.astype(np.float64)),
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         sweep(args.url)
     else:
-        from export.serve import TritonServer
+        from serving.serve import TritonServer
 
         with TritonServer(args.repository, checkpoint=args.checkpoint, log_file=out / "triton_pa.log") as server:
             sweep(server.grpc_url)

@@ -15,14 +15,14 @@ torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def text_encoder():
-    from training.text_encoder import TextEncoder
+    from duplus.text_encoder import TextEncoder
 
     return TextEncoder()
 
 
 @pytest.fixture(scope="session")
 def demo_predictor():
-    from training.inference import Predictor
+    from duplus.inference import Predictor
 
     if not DEMO_CHECKPOINT.is_file():
         pytest.fail(f"the shipped demo checkpoint is missing: {DEMO_CHECKPOINT}")
@@ -44,7 +44,7 @@ def triton_repository(tmp_path_factory):
 @pytest.fixture(scope="session")
 def triton_server(triton_repository):
     """The real Triton server (nvidia-pytriton's tritonserver) on free loopback ports, for the session."""
-    from export.serve import TritonServer
+    from serving.serve import TritonServer
 
     with TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT,
                       log_file=triton_repository.parent / "triton.log") as srv:

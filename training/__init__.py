@@ -1,1 +1,1 @@
-"""DuPLUS training code: prompts, text encoder, model, phantoms, data, preprocessing, training and evaluation."""
+"""Training and evaluation commands: data loading, configs, train_segmentation, train_prognosis, evaluate."""

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from training.model import DuPLUSConfig
-from training.prompts import MODALITIES, REGIONS, TARGET_SYNONYMS
+from duplus.models.duplus import DuPLUSConfig
+from duplus.vocabulary import MODALITIES, REGIONS, TARGET_SYNONYMS
 
 
 @dataclass(frozen=True)

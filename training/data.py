@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.prompts import REGIONS, canonical_target
+from duplus.vocabulary import REGIONS, canonical_target
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from training.inference import Predictor, dice, load_checkpoint
-from training.prompts import MODALITIES, canonical_t1
+from duplus.inference import Predictor, dice, load_checkpoint, trained_contexts
+from duplus.vocabulary import MODALITIES, canonical_t1
 
 log = logging.getLogger("evaluate")
 
@@ -30,18 +30,9 @@ def case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def trained_contexts(ckpt: dict) -> dict[tuple[str, str], list[str]]:
-    """(modality, region) -> targets the checkpoint was trained on, from its stored training config."""
-    out: dict[tuple[str, str], list[str]] = {}
-    for key, targets in ckpt.get("trained_contexts", {}).items():
-        modality, region = key.split("|")
-        out[(modality, region)] = list(targets)
-    return out
-
-
 def evaluate(predictor: Predictor, ckpt: dict, modality: str, cases: int, seed: int, *, region: str | None = None,
              t1: str | None = None, targets: list[str] | None = None, progress: bool = True) -> dict:
-    from training.phantoms import generate_phantom
+    from duplus.synth.phantoms import generate_phantom
 
     contexts = trained_contexts(ckpt)
     regions = [r for (m, r) in contexts if m == modality]

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.cohort import EHR_COVARIATES, LATENT_COVARIATES, CohortSpec, HazardModel, covariates, generate_cohort
-from training.prognosis import bootstrap_c_index, c_index, file_sha256, load_prognosis_checkpoint
+from duplus.files import file_sha256
+from duplus.models.prognosis import bootstrap_c_index, c_index, load_prognosis_checkpoint
+from duplus.synth.cohort import EHR_COVARIATES, LATENT_COVARIATES, CohortSpec, HazardModel, covariates, generate_cohort
 
 log = logging.getLogger("training.evaluate_prognosis")
 
@@ -55,8 +56,8 @@ class OnnxFeatureExtractor:
     """The exported image_features unit of a built repository on ONNX Runtime (what the server runs)."""
 
     def __init__(self, repository: Path, segmentation_checkpoint: Path, modality: str, t1: str):
-        from export.runtime import ort_session
-        from training.prognosis import PROGNOSIS_TARGETS, ImageFeatureExtractor
+        from duplus.models.prognosis import PROGNOSIS_TARGETS, ImageFeatureExtractor
+        from duplus.ort import ort_session
 
         manifest = json.loads((repository / "manifest.json").read_text())
         if manifest["checkpoint_sha256"] != file_sha256(segmentation_checkpoint):
@@ -74,8 +75,8 @@ class OnnxFeatureExtractor:
             "head_params": cond.head_params.numpy()}))
 
     def __call__(self, volume, affine):
-        from training.preprocessing import to_model_space
-        from training.prognosis import image_features_from_model_space
+        from duplus.models.prognosis import image_features_from_model_space
+        from duplus.preprocessing import to_model_space
 
         x, _ = to_model_space(volume, affine, self.base.modality, self.base.cfg.spacing)
         return image_features_from_model_space(x.as_tensor()[0].numpy(), self.base.modality, self.base.cfg.spacing,
@@ -123,7 +124,7 @@ def evaluate(checkpoint: Path, patients: int, seed: int, *, repository: Path | N
         raise ValueError(f"{seg} is not the segmentation checkpoint {checkpoint} was trained with")
     extractor = (OnnxFeatureExtractor(repository, seg, model.cfg.modality, model.cfg.t1) if repository else None)
     if extractor is None:
-        from training.prognosis import ImageFeatureExtractor
+        from duplus.models.prognosis import ImageFeatureExtractor
 
         extractor = ImageFeatureExtractor(seg, model.cfg.modality, model.cfg.t1)
     cache_dir = cache or os.path.join("runs", "prognosis_features_eval" if repository is None else "prognosis_features_onnx")

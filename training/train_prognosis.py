@@ -29,16 +29,24 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.cohort import EHR_COVARIATES, CohortSpec, Patient, covariates, generate_cohort, note_variant, pet_volume
-from training.prognosis import (
+from duplus.files import file_sha256
+from duplus.models.prognosis import (
     ImageFeatureExtractor,
     PrognosisConfig,
     PrognosisModel,
     c_index,
     cox_loss,
     feature_names,
-    file_sha256,
     save_prognosis_checkpoint,
+)
+from duplus.synth.cohort import (
+    EHR_COVARIATES,
+    CohortSpec,
+    Patient,
+    covariates,
+    generate_cohort,
+    note_variant,
+    pet_volume,
 )
 
 log = logging.getLogger("training.train_prognosis")

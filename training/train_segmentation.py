@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from duplus.inference import Predictor, dice
+from duplus.models.duplus import DuPLUS, count_parameters
+from duplus.preprocessing import fuse_labels, to_model_space
+from duplus.text_encoder import EmbeddingCache, TextEncoder
+from duplus.vocabulary import PromptVocabulary, canonical_t1, t1_paraphrases, t2_paraphrases
 from training.config import DatasetSpec, TrainConfig
 from training.data import CaseRecord, load_decathlon, read_case
-from training.inference import Predictor, dice
-from training.model import DuPLUS, count_parameters
-from training.preprocessing import fuse_labels, to_model_space
-from training.prompts import PromptVocabulary, canonical_t1, t1_paraphrases, t2_paraphrases
-from training.text_encoder import EmbeddingCache, TextEncoder
 
 log = logging.getLogger("train_segmentation")
 
@@ -76,7 +76,7 @@ def prepare_datasets(cfg: TrainConfig) -> list[tuple[DatasetSpec, list[CaseRecor
         if not (path / "dataset.json").is_file():
             if spec.phantom is None:
                 raise FileNotFoundError(f"{path}/dataset.json is missing and no phantom spec is given")
-            from training.phantoms import write_decathlon_dataset
+            from duplus.synth.phantoms import write_decathlon_dataset
 
             p = spec.phantom
             log.info("generating phantom data set %s (%s %s, %d cases, seed %d)", path, p.modality, p.region,

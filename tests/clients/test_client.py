@@ -16,9 +16,9 @@ from clients.grpc_client import (
     ServerMismatchError,
     _check_metadata,
 )
-from export.serve import TritonServer, free_port
+from duplus.synth.phantoms import AcquisitionSpec, generate_phantom
+from serving.serve import TritonServer, free_port
 from tests.conftest import DEMO_CHECKPOINT
-from training.phantoms import AcquisitionSpec, generate_phantom
 
 pytestmark = pytest.mark.server
 T1, TARGETS = "CT of the head and neck", ["primary tumour", "lymph node"]

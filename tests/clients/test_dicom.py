@@ -12,7 +12,7 @@ import pytest
 from clients.__main__ import main as clients_main
 from clients.dicom_io import DicomSeriesError, normal_ordered, read_series, write_series
 from clients.dicom_seg import SNOMED, derive_t1, seg_to_labels, write_seg
-from training.phantoms import generate_phantom
+from duplus.synth.phantoms import generate_phantom
 
 
 def _rotation(deg_z, deg_x):

@@ -17,8 +17,8 @@ from clients.dicom_io import read_series, write_series
 from clients.dicom_node import Destination, DicomNode, NodeConfig, seg_uid_for
 from clients.dicom_seg import seg_to_labels
 from clients.grpc_client import SegmentationClient
-from export.serve import free_port
-from training.phantoms import generate_phantom
+from duplus.synth.phantoms import generate_phantom
+from serving.serve import free_port
 
 pytestmark = pytest.mark.server
 ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).exists()), None)

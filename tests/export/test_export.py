@@ -6,13 +6,14 @@ import onnx
 import pytest
 import torch
 
+from duplus.contract import contracts
+from duplus.models.duplus import DuPLUS, DuPLUSConfig
+from duplus.models.units import ConditioningUnit, SegmenterUnit, example_inputs
+from duplus.vocabulary import PromptVocabulary
 from export.adapters import has_adapters, merge_adapters
 from export.build_engines import build
 from export.onnx_export import ContractError, check_onnx, export_onnx, parity
 from export.tensorrt_engine import ShapeProfile, tensorrt_available
-from export.units import ConditioningUnit, SegmenterUnit, contracts, example_inputs
-from training.model import DuPLUS, DuPLUSConfig
-from training.prompts import PromptVocabulary
 
 SMALL = DuPLUSConfig(channels=(4, 8, 16), patch_size=(32, 32, 16), film_hidden=32, controller_hidden=32,
                      head_channels=4, head_levels=2)

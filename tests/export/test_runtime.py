@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from duplus.contract import UnitContract
+from duplus.models.duplus import DuPLUS
+from duplus.models.units import example_inputs
+from duplus.vocabulary import PromptVocabulary
 from export.build_engines import build
-from export.contract import UnitContract
-from export.runtime import make_runner
-from export.serve import check_repository
 from export.tensorrt_engine import tensorrt_available
-from export.units import example_inputs
+from serving.runtime import make_runner
+from serving.serve import check_repository
 from tests.export.test_triton_config import SMALL
-from training.model import DuPLUS
-from training.prompts import PromptVocabulary
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,10 @@ def test_onnxruntime_runner_loads_without_torch_monai_or_transformers(small_repo
     code = f"""
 import sys
 from pathlib import Path
-import export.triton_models
-from export.contract import UnitContract
-from export.runtime import make_runner
-from export.serving import read_manifest
+import serving.triton_models
+from duplus.contract import UnitContract
+from serving.runtime import make_runner
+from serving.pipelines import read_manifest
 repo = Path({str(repo)!r})
 manifest = read_manifest(repo)
 contract = UnitContract.from_manifest("segmenter", manifest["units"]["segmenter"])
@@ -79,7 +79,7 @@ def test_runner_errors_name_the_problem(small_repo, tmp_path):
 
 
 def test_edited_onnx_file_makes_the_repository_stale(small_repo, tmp_path):
-    from export.serve import RepositoryError
+    from serving.serve import RepositoryError
 
     repo, _, ckpt = small_repo
     copy = tmp_path / "repo"

@@ -8,10 +8,11 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from duplus.contract import ServingLimits
+from duplus.models.duplus import DuPLUS, DuPLUSConfig
+from duplus.vocabulary import PromptVocabulary
 from export.build_engines import build
-from export.triton_config import InstanceGroup, ModelConfig, RepositoryOptions, ServingLimits, TritonTensor, parse_pbtxt
-from training.model import DuPLUS, DuPLUSConfig
-from training.prompts import PromptVocabulary
+from export.triton_config import InstanceGroup, ModelConfig, RepositoryOptions, TritonTensor, parse_pbtxt
 
 SMALL = DuPLUSConfig(channels=(4, 8, 16), patch_size=(32, 32, 16), film_hidden=32, controller_hidden=32,
                      head_channels=4, head_levels=2)

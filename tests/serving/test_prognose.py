@@ -14,9 +14,9 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from clients.grpc_client import SegmentationClient
+from duplus.models.prognosis import ImageFeatureExtractor, load_prognosis_checkpoint
+from duplus.synth.cohort import CohortSpec, generate_cohort, pet_volume
 from tests.conftest import PROGNOSIS_CHECKPOINT, ROOT
-from training.cohort import CohortSpec, generate_cohort, pet_volume
-from training.prognosis import ImageFeatureExtractor, load_prognosis_checkpoint
 
 pytestmark = pytest.mark.server
 
@@ -47,7 +47,7 @@ def patients():
 def torch_server(tmp_path_factory):
     """A second server whose units run PyTorch (``--engine torch``): the served path with in-process numerics."""
     from export.build_engines import build
-    from export.serve import TritonServer
+    from serving.serve import TritonServer
     from tests.conftest import DEMO_CHECKPOINT
 
     out = tmp_path_factory.mktemp("triton_torch") / "model_repository"

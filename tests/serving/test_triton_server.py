@@ -16,11 +16,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients.grpc_client import SegmentationClient
-from export.serve import RepositoryError, check_repository, free_port
+from duplus.inference import dice, load_checkpoint
+from duplus.synth.phantoms import generate_phantom
+from serving.serve import RepositoryError, check_repository, free_port
 from tests.conftest import DEMO_CHECKPOINT, ROOT
 from training.evaluate import case_seed, evaluate
-from training.inference import dice, load_checkpoint
-from training.phantoms import generate_phantom
 
 pytestmark = pytest.mark.server
 
@@ -196,7 +196,7 @@ def test_stale_or_missing_repository_is_refused(triton_repository, tmp_path):
         check_repository(triton_repository, other)
     with pytest.raises(RepositoryError, match="no model repository"):
         check_repository(tmp_path / "nowhere")
-    proc = subprocess.run([sys.executable, "-m", "export.serve", "--model-repository", str(triton_repository),
+    proc = subprocess.run([sys.executable, "-m", "serving.serve", "--model-repository", str(triton_repository),
                            "--checkpoint", str(other)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "stale" in proc.stderr
     manifest = json.loads((triton_repository / "manifest.json").read_text())
@@ -204,7 +204,7 @@ def test_stale_or_missing_repository_is_refused(triton_repository, tmp_path):
 
 
 def test_a_model_subset_loads_what_it_calls_and_unknown_names_are_refused(triton_repository):
-    from export.serve import TritonServer
+    from serving.serve import TritonServer
 
     full = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT).models()
     assert len(full) == 11 and "prognose" in full
@@ -217,16 +217,16 @@ def test_a_model_subset_loads_what_it_calls_and_unknown_names_are_refused(triton
         TritonServer(triton_repository, models=["segment_volume", "banana"])
     with pytest.raises(ValueError, match="no models"):
         TritonServer(triton_repository, models=[])
-    proc = subprocess.run([sys.executable, "-m", "export.serve", "--model-repository", str(triton_repository),
+    proc = subprocess.run([sys.executable, "-m", "serving.serve", "--model-repository", str(triton_repository),
                            "--checkpoint", str(DEMO_CHECKPOINT), "--models", "banana"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "cannot serve ['banana']" in proc.stderr
 
 
 def test_server_command_stops_cleanly_on_sigterm(triton_repository, triton_server):
-    """`python -m export.serve` on its own ports: ready, then SIGTERM -> exit 0 and the ports are free."""
+    """`python -m serving.serve` on its own ports: ready, then SIGTERM -> exit 0 and the ports are free."""
     ports = [free_port() for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "export.serve", "--model-repository", str(triton_repository),
+    proc = subprocess.Popen([sys.executable, "-m", "serving.serve", "--model-repository", str(triton_repository),
                              "--checkpoint", str(DEMO_CHECKPOINT), "--grpc-port", str(ports[0]),
                              "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),
                              "--models", "segment_volume"],

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from duplus.inference import UnknownPromptError, dice, load_checkpoint
+from duplus.preprocessing import fuse_labels, to_model_space
+from duplus.synth.phantoms import generate_phantom
 from tests.conftest import DEMO_CHECKPOINT, ROOT
-from training.inference import UnknownPromptError, dice, load_checkpoint
-from training.phantoms import generate_phantom
-from training.preprocessing import fuse_labels, to_model_space
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training.model import DuPLUS, DuPLUSConfig, apply_dynamic_head
+from duplus.models.duplus import DuPLUS, DuPLUSConfig, apply_dynamic_head
 
 SMALL = dict(channels=(4, 8, 16), patch_size=(16, 16, 16), film_hidden=32, controller_hidden=32, head_channels=4, head_levels=2)
 

@@ -1,4 +1,4 @@
-"""Tests for training/phantoms.py: determinism, anatomy, world geometry, ill inputs, Decathlon output."""
+"""Tests for duplus/synth/phantoms.py: determinism, anatomy, world geometry, ill inputs, Decathlon output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from training.phantoms import (
+from duplus.synth.phantoms import (
     DECATHLON_MODALITY,
     MODALITIES,
     REGION_MODALITIES,
@@ -340,7 +340,7 @@ def test_write_decathlon_dataset_paired_and_mr_sequences(tmp_path):
 
 
 def test_write_decathlon_dataset_mr_fixed_sequence(tmp_path, monkeypatch):
-    import training.phantoms as phantoms
+    import duplus.synth.phantoms as phantoms
 
     # a coarse acquisition keeps the test fast; the sequence must still be forced to T2
     monkeypatch.setattr(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.preprocessing import check_volume, fuse_labels, normalise_intensity, to_input_grid, to_model_space
+from duplus.preprocessing import check_volume, fuse_labels, normalise_intensity, to_input_grid, to_model_space
 
 
 def _affine(perm, flips, spacing, origin=(10.0, -20.0, 30.0)):
@@ -107,7 +107,7 @@ def test_fuse_labels():
 
 
 def test_largest_component_is_kept_for_single_structures_only():
-    from training.preprocessing import keep_largest_components
+    from duplus.preprocessing import keep_largest_components
 
     labels = np.zeros((20, 20, 20), np.uint8)
     labels[2:8, 2:8, 2:8] = 1        # liver: the organ ...

@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from training.cohort import (
+from duplus.models.prognosis import (
+    EHREncoder,
+    PrognosisConfig,
+    PrognosisHead,
+    PrognosisModel,
+    c_index,
+    cox_loss,
+    radiomics,
+    validate_ehr,
+)
+from duplus.synth.cohort import (
     EHR_COVARIATES,
     LATENT_COVARIATES,
     CohortSpec,
@@ -20,16 +30,6 @@ from training.cohort import (
     load_cohort_dataset,
     note_variant,
     write_cohort,
-)
-from training.prognosis import (
-    EHREncoder,
-    PrognosisConfig,
-    PrognosisHead,
-    PrognosisModel,
-    c_index,
-    cox_loss,
-    radiomics,
-    validate_ehr,
 )
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from training.prompts import (
+from duplus.vocabulary import (
     REGION_TARGETS,
     PromptVocabulary,
     canonical_t1,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.text_encoder import EmbeddingCache
+from duplus.text_encoder import EmbeddingCache
 
 
 def test_embeddings_are_normalised_and_semantic(text_encoder):
@@ -39,8 +39,8 @@ def test_any_local_hugging_face_model_by_path(tmp_path, text_encoder):
     """A user's own encoder (e.g. PubMedBERT's text tower) loads from a folder; its width sets text_dim."""
     from transformers import BertConfig, BertModel
 
-    from training.model import DuPLUS, DuPLUSConfig
-    from training.text_encoder import TextEncoder
+    from duplus.models.duplus import DuPLUS, DuPLUSConfig
+    from duplus.text_encoder import TextEncoder
 
     folder = tmp_path / "my-bert"
     text_encoder.tokenizer.save_pretrained(str(folder))
@@ -64,7 +64,7 @@ def test_any_local_hugging_face_model_by_path(tmp_path, text_encoder):
     ("~/no/such/folder", "no such folder"),
 ])
 def test_unknown_text_encoder_is_named(name, message):
-    from training.text_encoder import TextEncoder
+    from duplus.text_encoder import TextEncoder
 
     with pytest.raises(ValueError, match=message):
         TextEncoder(name)

@@ -1,6 +1,6 @@
-"""Triton python backend: the exported image_features unit on ONNX Runtime, TensorRT or PyTorch (see export/triton_models.py)."""
+"""Triton python backend: the exported image_features unit on ONNX Runtime, TensorRT or PyTorch (see serving/triton_models.py)."""
 import triton_python_backend_utils as pb_utils
 
-from export.triton_models import unit_model
+from serving.triton_models import unit_model
 
 TritonPythonModel = unit_model(pb_utils, "image_features")

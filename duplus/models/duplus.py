@@ -25,7 +25,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetUpBlock
 from torch import nn
 
-from training.prompts import MODALITIES
+from duplus.vocabulary import MODALITIES
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Start the embedded Triton server (from the nvidia-pytriton wheel) on a generated repository.
 
-    python -m export.serve --model-repository model_repository --checkpoint checkpoints/duplus_demo.pt
+    python -m serving.serve --model-repository model_repository --checkpoint checkpoints/duplus_demo.pt
 
 It refuses to start, with a message saying what to do, when the repository is missing, incomplete,
 of the ngc flavour, or stale (built from another checkpoint than ``--checkpoint``). It binds
@@ -31,14 +31,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.files import file_sha256  # noqa: E402,F401 - build_engines imports it from here
+from duplus.files import file_sha256  # noqa: E402
 
 log = logging.getLogger("serve")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("tokenizer", "text_encoder", "conditioning", "segmenter", "encode_prompts", "segment_patch",
           "segment_volume")
-# what each model calls (ensemble steps and BLS requests, see export/triton_config.py and export/triton_models.py):
+# what each model calls (ensemble steps and BLS requests, see export/triton_config.py and serving/triton_models.py):
 # serving a subset loads these with it
 MODEL_DEPENDENCIES = {
     "encode_prompts": ("tokenizer", "text_encoder", "conditioning"),
@@ -298,7 +298,7 @@ class TritonServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.serve", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m serving.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-repository", default="model_repository",
                     help="repository written by `python export/build_engines.py` (embedded flavour)")

@@ -1,6 +1,6 @@
 """A synthetic head-and-neck cancer cohort for prognosis: PET phantoms, EHR notes, survival.
 
-Each patient is one head-and-neck anatomy from :mod:`training.phantoms` (primary tumour and
+Each patient is one head-and-neck anatomy from :mod:`duplus.synth.phantoms` (primary tumour and
 lymph nodes, imaged by PET; the CT of the same ``anatomy_seed`` is co-registered), a set of
 structured clinical variables drawn to be plausible for the tumour, a free-text **EHR note**
 written from those variables in varied phrasings, and a survival time drawn from a **known
@@ -15,7 +15,7 @@ follow-up.  ``eta`` is kept as ``true_risk``: it is the oracle against which a m
 The cohort is written as a Decathlon-style data set (PET images + tumour/node labels) plus a
 clinical CSV (HECKTOR-like: ``PatientID, Age, Gender, HPV status, ... , Event, Time``), and
 :func:`load_clinical_csv` reads real HECKTOR-style CSVs (event/time column names configurable)
-with the same code.  Command line: ``python -m training.cohort --help``.
+with the same code.  Command line: ``python -m duplus.synth.cohort --help``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.phantoms import _case_seed, generate_phantom, save_nifti
+from duplus.synth.phantoms import _case_seed, generate_phantom, save_nifti
 
-log = logging.getLogger("training.cohort")
+log = logging.getLogger("duplus.synth.cohort")
 
 TREATMENTS = ("surgery", "radiotherapy", "chemoradiotherapy", "surgery with adjuvant chemoradiotherapy",
               "palliative chemotherapy")
@@ -286,7 +286,7 @@ class Patient:
 
 def generate_cohort(spec: CohortSpec, *, prefix: str = "HN") -> list[Patient]:
     """Draw the patients of a cohort (clinical data and notes; the PET is drawn by :func:`pet_volume`)."""
-    from training.phantoms import _anatomy_rng, _HeadNeck
+    from duplus.synth.phantoms import _anatomy_rng, _HeadNeck
 
     patients = []
     for i in range(spec.n_patients):
@@ -336,7 +336,7 @@ def write_cohort(root, task_name: str, spec: CohortSpec, *, images: bool = True,
             training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}", "patient": p.patient_id,
                              "seed": p.image_seed, "anatomy_seed": p.anatomy_seed})
     task.mkdir(parents=True, exist_ok=True)
-    dataset = {"name": task_name, "description": "Synthetic head and neck cancer cohort (training/cohort.py): "
+    dataset = {"name": task_name, "description": "Synthetic head and neck cancer cohort (duplus/synth/cohort.py): "
                "PET phantoms, EHR notes and survival from a known hazard", "reference": f"seed {spec.seed}",
                "licence": "CC0", "tensorImageSize": "3D", "modality": {"0": "PET"},
                "labels": {"0": "background", "1": "primary tumour", "2": "lymph node"}, "region": "head_neck",
@@ -453,7 +453,7 @@ def load_cohort_dataset(path, *, csv_name: str | None = None, id_column: str = "
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.cohort", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m duplus.synth.cohort", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write the task folder into")
     p.add_argument("--task", default="HNCohort", help="task folder name")

@@ -57,7 +57,7 @@ TARGET_SYNONYMS: dict[str, tuple[str, ...]] = {
 }
 
 # targets that are one connected structure in every body: inference keeps the largest connected component of their
-# masks (training/preprocessing.py keep_largest_components); tumours and lymph nodes may be several lesions
+# masks (duplus/preprocessing.py keep_largest_components); tumours and lymph nodes may be several lesions
 SINGLE_STRUCTURE_TARGETS = frozenset({"liver", "spleen", "left kidney", "right kidney", "aorta", "pancreas", "stomach"})
 
 # Zeus-style instructions: descriptive text from an offline knowledge base.

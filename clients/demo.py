@@ -1,6 +1,6 @@
 """The demo: segment sample phantom volumes with the shipped checkpoint and write demo_out/.
 
-    python -m training.demo --checkpoint checkpoints/duplus_demo.pt --out demo_out --serve model_repository
+    python -m clients.demo --checkpoint checkpoints/duplus_demo.pt --out demo_out --serve model_repository
 
 With ``--serve`` (what ``make demo`` does) it starts the embedded Triton server on the built
 repository and segments every sample over gRPC through the ``segment_volume`` model; without it,
@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from training.evaluate import trained_contexts
-from training.inference import Predictor, dice, load_checkpoint
-from training.prompts import canonical_t1
-from training.visualize import overlay_png
+from duplus.inference import Predictor, dice, load_checkpoint, trained_contexts
+from duplus.visualize import overlay_png
+from duplus.vocabulary import canonical_t1
 
 log = logging.getLogger("demo")
 
@@ -49,7 +48,7 @@ def run(checkpoint: str, out: Path, device: str = "cpu", samples=SAMPLES, serve:
         return _run(checkpoint, out, segment, "in-process", device, samples)
 
     from clients.grpc_client import SegmentationClient
-    from export.serve import TritonServer
+    from serving.serve import TritonServer
 
     with TritonServer(serve, checkpoint=checkpoint, log_file=out / "triton.log") as server:
         with SegmentationClient(server.grpc_url) as client:
@@ -72,7 +71,7 @@ PROGNOSIS_SEED, PROGNOSIS_PATIENTS = 9101, 4
 
 def _prognose(client, manifest: dict) -> list[dict]:
     """Risk for a few held-out synthetic patients through Triton's prognose model (PET + EHR note)."""
-    from training.cohort import CohortSpec, generate_cohort, pet_volume
+    from duplus.synth.cohort import CohortSpec, generate_cohort, pet_volume
 
     rows = []
     for p in tqdm(generate_cohort(CohortSpec(PROGNOSIS_PATIENTS, PROGNOSIS_SEED)), desc="prognose", unit="patient"):
@@ -92,7 +91,7 @@ def _prognose(client, manifest: dict) -> list[dict]:
 def _run(checkpoint: str, out: Path, segment, served_by: str, device: str, samples, extra=None) -> dict:
     import nibabel as nib
 
-    from training.phantoms import generate_phantom
+    from duplus.synth.phantoms import generate_phantom
 
     ckpt = load_checkpoint(checkpoint)
     contexts = trained_contexts(ckpt)
@@ -136,7 +135,7 @@ def _run(checkpoint: str, out: Path, segment, served_by: str, device: str, sampl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt", help="DuPLUS checkpoint to run")
     ap.add_argument("--out", default="demo_out", help="output folder (created; files are overwritten)")

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from training.model import DuPLUS, DuPLUSConfig
-from training.preprocessing import fuse_labels, keep_largest_components, to_input_grid, to_model_space
-from training.prompts import PromptVocabulary, normalise_text, stem_modality, t1_modality, validate_prompt
-from training.text_encoder import EmbeddingCache, TextEncoder
+from duplus.models.duplus import DuPLUS, DuPLUSConfig
+from duplus.preprocessing import fuse_labels, keep_largest_components, to_input_grid, to_model_space
+from duplus.text_encoder import EmbeddingCache, TextEncoder
+from duplus.vocabulary import PromptVocabulary, normalise_text, stem_modality, t1_modality, validate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if key not in ckpt:
             raise ValueError(f"{path} is not a DuPLUS checkpoint (missing {key!r})")
     return ckpt
+
+
+def trained_contexts(ckpt: dict) -> dict[tuple[str, str], list[str]]:
+    """(modality, region) -> targets the checkpoint was trained on, from its stored training config."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for key, targets in ckpt.get("trained_contexts", {}).items():
+        modality, region = key.split("|")
+        out[(modality, region)] = list(targets)
+    return out
 
 
 class Predictor:

@@ -9,7 +9,7 @@ directly and the model.py files under ``model_repository/`` stay thin.
 - ``VolumeSegmenter``: the ``segment_volume`` pipeline: training preprocessing, prompt conditioning
   once per request (LRU-cached across requests), Gaussian-blended sliding window over batched
   windows through any ``segment`` callable (Triton BLS in the server), inverse to the input grid,
-  uint8 labels. It is the same code path as ``training.inference.Predictor``.
+  uint8 labels. It is the same code path as ``duplus.inference.Predictor``.
 
 Every problem with a request raises ``InvalidRequest``; the model.py files turn it into
 INVALID_ARGUMENT and the server stays up.
@@ -27,13 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from export.triton_config import ServingLimits
-from training.prompts import PromptVocabulary, normalise_text, stem_modality
+from duplus.contract import KNOWN_TARGETS, MANIFEST, ServingLimits  # noqa: F401 - KNOWN_TARGETS re-exported
+from duplus.vocabulary import PromptVocabulary, normalise_text, stem_modality
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-KNOWN_TARGETS = "known_targets.npz"
 
 
 class InvalidRequest(ValueError):
@@ -182,7 +180,7 @@ def check_request_volume(volume, affine, modality: str, modalities: tuple[str, .
 
     Returns (volume, float64 affine, voxel spacing in mm); a failure is InvalidRequest naming the problem.
     """
-    from training.preprocessing import check_volume
+    from duplus.preprocessing import check_volume
 
     if modality not in modalities:
         raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(modalities)}")
@@ -222,8 +220,8 @@ class VolumeSegmenter:
         """-> (uint8 labels on the input grid, canonical target per prompt, match similarity, stem used)."""
         import torch
 
-        from training.inference import UnknownPromptError, match_targets, sliding_window_probabilities
-        from training.preprocessing import fuse_labels, keep_largest_components, to_input_grid, to_model_space
+        from duplus.inference import UnknownPromptError, match_targets, sliding_window_probabilities
+        from duplus.preprocessing import fuse_labels, keep_largest_components, to_input_grid, to_model_space
 
         volume, affine, spacing = check_request_volume(volume, affine, modality, self.modalities, self.limits)
         model_voxels = int(np.prod(np.asarray(volume.shape) * spacing / np.asarray(self.spacing)))
@@ -268,7 +266,7 @@ class EHRTokenizer:
         self.max_tokens, self.max_chars = int(max_tokens), int(max_chars)
 
     def __call__(self, notes: list) -> dict[str, np.ndarray]:
-        from training.prognosis import validate_ehr
+        from duplus.models.prognosis import validate_ehr
 
         if not notes:
             raise InvalidRequest("EHR is empty: give one note")
@@ -295,7 +293,7 @@ class PrognosisOutput:
 class Prognoser:
     """Volume + modality/T1 + EHR note -> risk and the image features it used (the ``prognose`` model).
 
-    The same recipe as training (``training.prognosis.image_features_from_model_space``): preprocessing to
+    The same recipe as training (``duplus.models.prognosis.image_features_from_model_space``): preprocessing to
     the model grid, one frozen segmenter pass conditioned on T1 and (primary tumour, lymph node), radiomics
     and pooled features; the EHR note through the merged LoRA encoder; the Cox head.  The four callables are
     Triton BLS calls in the server and ONNX Runtime / PyTorch in tests.
@@ -318,8 +316,8 @@ class Prognoser:
         self.prompts = PromptCache(encode, 64)
 
     def __call__(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str, ehr: list) -> PrognosisOutput:
-        from training.preprocessing import to_model_space
-        from training.prognosis import check_feature_grid, image_features_from_model_space
+        from duplus.models.prognosis import check_feature_grid, image_features_from_model_space
+        from duplus.preprocessing import to_model_space
 
         tokens = self.tokenizer(ehr)                     # a bad note fails before any image work
         if tokens["input_ids"].shape[0] != 1:

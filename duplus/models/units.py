@@ -11,35 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.contract import TensorSpec, UnitContract
-from training.model import DuPLUS, DuPLUSConfig
-from training.text_encoder import TextEncoder
-
-
-def contracts(cfg: DuPLUSConfig) -> dict[str, UnitContract]:
-    e = cfg.text_dim
-    return {
-        "text_encoder": UnitContract(
-            "text_encoder",
-            (TensorSpec("input_ids", "int64", ("n", "tokens")), TensorSpec("attention_mask", "int64", ("n", "tokens"))),
-            (TensorSpec("embedding", "float32", ("n", e)),),
-            "frozen sentence encoder, mean-pooled and L2-normalised"),
-        "conditioning": UnitContract(
-            "conditioning",
-            (TensorSpec("t1_embedding", "float32", ("b", e)), TensorSpec("t2_embedding", "float32", ("k", e))),
-            (TensorSpec("film", "float32", ("b", cfg.film_size)),
-             TensorSpec("head_params", "float32", ("k", cfg.head_params))),
-            "T1 -> FiLM gamma/beta of every stage; T2 -> dynamic-head parameters (controller)"),
-        "segmenter": UnitContract(
-            "segmenter",
-            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")), TensorSpec("modality", "int64", ("b",)),
-             TensorSpec("film", "float32", ("b", cfg.film_size)),
-             TensorSpec("head_params", "float32", ("k", cfg.head_params))),
-            (TensorSpec("logits", "float32", ("b", "k", "x", "y", "z")),
-             TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z"))),
-            "modality stems + FiLM U-Net + K dynamic heads, one backbone pass for K targets; logits for "
-            "Gaussian blending in the sliding window, their sigmoid for single-patch clients"),
-    }
+from duplus.models.duplus import DuPLUS, DuPLUSConfig
+from duplus.text_encoder import TextEncoder
 
 
 class SegmenterUnit(nn.Module):
@@ -94,33 +67,6 @@ def example_inputs(name: str, cfg: DuPLUSConfig, *, batch: int = 2, k: int = 3, 
 
 
 # ---- prognosis (issue: LoRA text encoder + frozen image features -> risk) -------------------
-
-def prognosis_contracts(cfg: DuPLUSConfig, image_dim: int, text_dim: int) -> dict[str, UnitContract]:
-    """The three prognosis units; ``image_dim`` = radiomics + 3 x the decoder's head-input channels."""
-    c3 = image_dim
-    return {
-        "image_features": UnitContract(
-            "image_features",
-            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")), TensorSpec("modality", "int64", ("b",)),
-             TensorSpec("film", "float32", ("b", cfg.film_size)),
-             TensorSpec("head_params", "float32", ("k", cfg.head_params))),
-            (TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z")),
-             TensorSpec("pooled", "float32", ("b", "pooled"))),
-            "frozen segmenter: per-target probabilities and the decoder features pooled over each target "
-            f"(probability-weighted) and globally; with K=2 (tumour, node) pooled has {c3 - 5} values"),
-        "text_encoder_ehr": UnitContract(
-            "text_encoder_ehr",
-            (TensorSpec("input_ids", "int64", ("n", "tokens")), TensorSpec("attention_mask", "int64", ("n", "tokens"))),
-            (TensorSpec("embedding", "float32", ("n", text_dim)),),
-            "the sentence encoder with the prognosis LoRA adapters merged in (EHR notes)"),
-        "prognosis": UnitContract(
-            "prognosis",
-            (TensorSpec("image_features", "float32", ("n", image_dim)),
-             TensorSpec("ehr_embedding", "float32", ("n", text_dim))),
-            (TensorSpec("risk", "float32", ("n",)),),
-            "late-fusion Cox head: log-risk from standardised image features and the EHR embedding"),
-    }
-
 
 class PrognosisHeadUnit(nn.Module):
     def __init__(self, head: nn.Module):

@@ -16,31 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import UnitContract
+from duplus.contract import UnitContract
+from duplus.ort import ort_session
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
-
-def ort_session(path: Path, *, threads: int = 0, providers: list[str] | None = None,
-                optimization: str = "all"):
-    """An ONNX Runtime session (CUDA first where available). Kept in this light module: the python-backend
-    stubs of the ONNX Runtime units import it without torch, MONAI or transformers (importing those three took
-    about 5 s and raised a process's peak memory from 46 MB to 515 MB, measured on 2 CPU cores)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                                     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    available = ort.get_available_providers()
-    wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
 
 
 class OnnxRuntimeRunner:
@@ -106,16 +87,16 @@ class TorchRunner:
     def __init__(self, unit: str, checkpoint: Path, contract: UnitContract, *, gpu: bool = False, device_id: int = 0):
         import torch
 
-        from export.units import ConditioningUnit, SegmenterUnit, TextEncoderUnit
-        from training.inference import load_checkpoint
-        from training.model import DuPLUS, DuPLUSConfig
-        from training.text_encoder import TextEncoder
+        from duplus.inference import load_checkpoint
+        from duplus.models.duplus import DuPLUS, DuPLUSConfig
+        from duplus.models.units import ConditioningUnit, SegmenterUnit, TextEncoderUnit
+        from duplus.text_encoder import TextEncoder
 
         self.torch = torch
         self.device = torch.device("cuda", device_id) if gpu and torch.cuda.is_available() else torch.device("cpu")
         if unit in ("text_encoder_ehr", "prognosis"):  # from the prognosis checkpoint beside checkpoint.pt
-            from export.units import PrognosisHeadUnit
-            from training.prognosis import load_prognosis_checkpoint
+            from duplus.models.prognosis import load_prognosis_checkpoint
+            from duplus.models.units import PrognosisHeadUnit
 
             prog, _ = load_prognosis_checkpoint(Path(checkpoint).parent / "prognosis_checkpoint.pt")
             module = prog.ehr.merged() if unit == "text_encoder_ehr" else PrognosisHeadUnit(prog.head)
@@ -129,7 +110,7 @@ class TorchRunner:
         if unit == "text_encoder":
             module = TextEncoderUnit(TextEncoder(cfg.text_encoder))
         elif unit == "image_features":
-            from training.prognosis import ImageFeatureUnit
+            from duplus.models.prognosis import ImageFeatureUnit
 
             model = DuPLUS(cfg)
             model.load_state_dict(ckpt["state_dict"])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.prompts import normalise_text, validate_prompt
+from duplus.vocabulary import normalise_text, validate_prompt
 
 log = logging.getLogger(__name__)
 

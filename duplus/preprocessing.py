@@ -140,7 +140,7 @@ def keep_largest_components(labels: np.ndarray, resolved, single: frozenset[str]
     """
     from scipy import ndimage
 
-    from training.prompts import SINGLE_STRUCTURE_TARGETS
+    from duplus.vocabulary import SINGLE_STRUCTURE_TARGETS
 
     single = SINGLE_STRUCTURE_TARGETS if single is None else single
     labels = np.array(labels, copy=True)

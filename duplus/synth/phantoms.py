@@ -17,7 +17,7 @@ tested on volumes drawn by this module.  Each case is a small synthetic patient:
 
 Supported region / modality pairs are :data:`REGION_MODALITIES`.  The generator writes
 Medical Segmentation Decathlon folders (:func:`write_decathlon_dataset`), which the real-data
-loaders read like any other Decathlon task.  Command line: ``python -m training.phantoms --help``.
+loaders read like any other Decathlon task.  Command line: ``python -m duplus.synth.phantoms --help``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-logger = logging.getLogger("training.phantoms")  # stable name also under `python -m`
+logger = logging.getLogger("duplus.synth.phantoms")  # stable name also under `python -m`
 
 __all__ = [
     "MODALITIES",
@@ -1681,7 +1681,7 @@ def write_decathlon_dataset(
         )
         logger.debug("wrote %s", name)
 
-    description = f"Procedural {modality} phantoms of the {region.replace('_', ' and ')} (training/phantoms.py)"
+    description = f"Procedural {modality} phantoms of the {region.replace('_', ' and ')} (duplus/synth/phantoms.py)"
     dataset = {
         "name": task_name,
         "description": description,
@@ -1786,7 +1786,7 @@ def preview_png(phantom: Phantom, path) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training.phantoms",
+        prog="python -m duplus.synth.phantoms",
         description="Write procedurally generated, labelled CT / MR / PET phantoms as a Medical "
         "Segmentation Decathlon task (imagesTr/, labelsTr/, dataset.json).",
     )

@@ -2,7 +2,7 @@
 
 Each ``model_repository/<model>/1/model.py`` is two lines that bind one of these factories to
 ``triton_python_backend_utils``, which only exists inside Triton's python-backend stub; the
-logic itself lives in ``export.serving`` and is tested without a server.
+logic itself lives in ``serving.pipelines`` and is tested without a server.
 
 Errors: ``InvalidRequest`` (and its subclasses) -> INVALID_ARGUMENT with the message; anything
 else -> INTERNAL, logged with its traceback. A failed request never takes the model down.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import UnitContract
-from export.serving import (
+from duplus.contract import ServingLimits, UnitContract
+from serving.pipelines import (
     KNOWN_TARGETS,
     EHRTokenizer,
     EncodedPrompts,
@@ -30,7 +30,6 @@ from export.serving import (
     decode_strings,
     read_manifest,
 )
-from export.triton_config import ServingLimits
 
 log = logging.getLogger("duplus.triton")
 
@@ -100,7 +99,7 @@ def unit_model(pb, unit: str):
 
     class TritonPythonModel:
         def initialize(self, args):
-            from export.runtime import make_runner
+            from serving.runtime import make_runner
 
             config, model_dir, version_dir = _context(args)
             params = _params(config)
@@ -152,7 +151,7 @@ def _bls(pb, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarr
 def segment_volume_model(pb):
     class TritonPythonModel:
         def initialize(self, args):
-            import training.inference  # noqa: F401 - torch and MONAI load now, not on the first request
+            import duplus.inference  # noqa: F401 - torch and MONAI load now, not on the first request
 
             config, model_dir, version_dir = _context(args)
             params = _params(config)
@@ -205,7 +204,7 @@ def prognose_model(pb):
 
     class TritonPythonModel:
         def initialize(self, args):
-            import training.prognosis  # noqa: F401 - torch, MONAI and scipy load now, not on the first request
+            import duplus.models.prognosis  # noqa: F401 - torch, MONAI and scipy load now, not on the first request
 
             config, model_dir, version_dir = _context(args)
             manifest = read_manifest(model_dir.parent)

@@ -33,12 +33,11 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from training.files import file_sha256  # noqa: F401 - re-exported for the prognosis commands
-from training.model import Segmenter
-from training.preprocessing import INTENSITY_POLICIES, to_model_space
-from training.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
+from duplus.models.duplus import Segmenter
+from duplus.preprocessing import INTENSITY_POLICIES, to_model_space
+from duplus.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
 
-log = logging.getLogger("training.prognosis")
+log = logging.getLogger("duplus.models.prognosis")
 
 PROGNOSIS_TARGETS = ("primary tumour", "lymph node")
 RADIOMICS = ("log_tumour_volume", "suv_max", "suv_mean", "node_count", "log_node_volume")
@@ -98,7 +97,7 @@ class ImageFeatureUnit(nn.Module):
         self.segmenter = segmenter
 
     def forward(self, image, modality, film, head_params):
-        from training.model import apply_dynamic_head
+        from duplus.models.duplus import apply_dynamic_head
 
         feats = self.segmenter.features(image, modality, film)            # [1, C, X, Y, Z]
         probs = torch.sigmoid(apply_dynamic_head(feats, head_params, self.segmenter.cfg.head_shapes))  # [1, K, ...]
@@ -203,7 +202,7 @@ class ImageFeatureExtractor:
 
     def __init__(self, checkpoint: str | Path, modality: str = "PET", t1: str = "PET of the head and neck",
                  device: str = "cpu"):
-        from training.inference import Predictor
+        from duplus.inference import Predictor
 
         self.predictor = Predictor.from_checkpoint(checkpoint, device=device)
         self.modality, self.t1 = modality, t1

@@ -1,0 +1,1 @@
+"""Model families: DuPLUS (``duplus``), its prognosis extension (``prognosis``) and the exported units (``units``)."""
