@@ -77,12 +77,9 @@ class NodeConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> NodeConfig:
-        import yaml
+        from duplus.config import read_yaml_config
 
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        raw = read_yaml_config(path, cls)
         if raw.get("destination"):
             raw["destination"] = Destination(**raw["destination"])
         if "allowed_calling_aes" in raw:

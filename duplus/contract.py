@@ -11,7 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the model's config, read for its sizes only
+from duplus.vocabulary import AMBIGUITY_MARGIN, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, TARGET_SIMILARITY
+
+if TYPE_CHECKING:  # read for sizes and types only
+    import numpy as np
+
     from duplus.models.duplus import DuPLUSConfig
 
 #: files of a built model repository
@@ -19,20 +23,40 @@ MANIFEST = "manifest.json"
 KNOWN_TARGETS = "known_targets.npz"
 
 
+class InvalidRequest(ValueError):
+    """A request the pipeline refuses, naming the problem (INVALID_ARGUMENT when served)."""
+
+
+def level_factor(channels) -> int:
+    """2 ** (number of downsamplings) of a U-Net with these stage widths: every spatial size the segmenter
+    takes must be a multiple of it."""
+    return 2 ** (len(channels) - 1)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str                     # numpy dtype name: float32, int64, uint8
-    shape: tuple[int | str, ...]   # ints are fixed, strings name dynamic axes
+    shape: tuple[int | str, ...]   # ints are fixed, strings name dynamic axes (one name, one size per request)
+    bounds: tuple[int, int] | None = None   # integer inputs: allowed values lo <= v < hi (indices, token ids)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "int64", "int32", "uint8", "bool"):
             raise ValueError(f"TensorSpec {self.name}: unsupported dtype {self.dtype!r}")
         object.__setattr__(self, "shape", tuple(self.shape))
+        if self.bounds is not None:
+            lo, hi = (int(b) for b in self.bounds)
+            if hi <= lo:
+                raise ValueError(f"TensorSpec {self.name}: bounds {self.bounds} are empty")
+            object.__setattr__(self, "bounds", (lo, hi))
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
         return {i: s for i, s in enumerate(self.shape) if isinstance(s, str)}
+
+    def to_row(self) -> list:
+        row = [self.name, self.dtype, list(self.shape)]
+        return row + [list(self.bounds)] if self.bounds is not None else row
 
 
 @dataclass(frozen=True)
@@ -41,14 +65,33 @@ class UnitContract:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     description: str = ""
+    multiple_of: tuple[tuple[str, int], ...] = ()   # dynamic axes whose size must be a multiple (U-Net levels)
+
+    def to_manifest(self) -> dict:
+        """What ``build_engines`` records in manifest.json (read back by ``from_manifest``)."""
+        entry = {"inputs": [t.to_row() for t in self.inputs], "outputs": [t.to_row() for t in self.outputs]}
+        if self.multiple_of:
+            entry["multiple_of"] = {axis: m for axis, m in self.multiple_of}
+        return entry
 
     @classmethod
     def from_manifest(cls, name: str, entry: dict) -> UnitContract:
         """The contract as ``build_engines`` recorded it in manifest.json."""
         def specs(rows):
-            return tuple(TensorSpec(n, d, tuple(s)) for n, d, s in rows)
+            return tuple(TensorSpec(r[0], r[1], tuple(r[2]), tuple(r[3]) if len(r) > 3 else None) for r in rows)
 
-        return cls(name, specs(entry["inputs"]), specs(entry["outputs"]))
+        return cls(name, specs(entry["inputs"]), specs(entry["outputs"]),
+                   multiple_of=tuple((str(a), int(m)) for a, m in entry.get("multiple_of", {}).items()))
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """What the prompts of one request become (the ``encode_prompts`` ensemble's outputs; numpy arrays)."""
+
+    modality_index: int           # the stem: the modality the T1 names, else the declared one
+    film: np.ndarray              # [1, F]
+    head_params: np.ndarray       # [K, P]
+    target_embedding: np.ndarray  # [K, E]
 
 
 @dataclass(frozen=True)
@@ -58,12 +101,12 @@ class ServingLimits:
     max_voxels: int = 512 * 512 * 640          # input grid
     max_model_voxels: int = 400 * 400 * 400    # after resampling to the model spacing
     max_targets: int = 16
-    max_prompt_chars: int = 256
-    max_prompt_tokens: int = 64
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
     overlap: float = 0.25
     sw_batch_size: int = 2
-    target_similarity: float = 0.6
-    ambiguity_margin: float = 0.05
+    target_similarity: float = TARGET_SIMILARITY
+    ambiguity_margin: float = AMBIGUITY_MARGIN
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -86,12 +129,17 @@ class ServingLimits:
         return cls(**kw)
 
 
-def contracts(cfg: DuPLUSConfig) -> dict[str, UnitContract]:
+def contracts(cfg: DuPLUSConfig, vocab_size: int | None = None) -> dict[str, UnitContract]:
+    """The DuPLUS units; ``vocab_size`` (the tokenizer's) bounds the token ids where known."""
     e = cfg.text_dim
+    ids = (0, vocab_size) if vocab_size else None
+    stems = (0, len(cfg.modalities))
+    spatial = tuple((a, level_factor(cfg.channels)) for a in ("x", "y", "z"))
     return {
         "text_encoder": UnitContract(
             "text_encoder",
-            (TensorSpec("input_ids", "int64", ("n", "tokens")), TensorSpec("attention_mask", "int64", ("n", "tokens"))),
+            (TensorSpec("input_ids", "int64", ("n", "tokens"), ids),
+             TensorSpec("attention_mask", "int64", ("n", "tokens"), (0, 2))),
             (TensorSpec("embedding", "float32", ("n", e)),),
             "frozen sentence encoder, mean-pooled and L2-normalised"),
         "conditioning": UnitContract(
@@ -102,32 +150,37 @@ def contracts(cfg: DuPLUSConfig) -> dict[str, UnitContract]:
             "T1 -> FiLM gamma/beta of every stage; T2 -> dynamic-head parameters (controller)"),
         "segmenter": UnitContract(
             "segmenter",
-            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")), TensorSpec("modality", "int64", ("b",)),
+            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")), TensorSpec("modality", "int64", ("b",), stems),
              TensorSpec("film", "float32", ("b", cfg.film_size)),
              TensorSpec("head_params", "float32", ("k", cfg.head_params))),
             (TensorSpec("logits", "float32", ("b", "k", "x", "y", "z")),
              TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z"))),
             "modality stems + FiLM U-Net + K dynamic heads, one backbone pass for K targets; logits for "
-            "Gaussian blending in the sliding window, their sigmoid for single-patch clients"),
+            "Gaussian blending in the sliding window, their sigmoid for single-patch clients", spatial),
     }
 
 
-def prognosis_contracts(cfg: DuPLUSConfig, image_dim: int, text_dim: int) -> dict[str, UnitContract]:
+def prognosis_contracts(cfg: DuPLUSConfig, image_dim: int, text_dim: int, vocab_size: int | None = None
+                        ) -> dict[str, UnitContract]:
     """The three prognosis units; ``image_dim`` = radiomics + 3 x the decoder's head-input channels."""
     c3 = image_dim
+    ids = (0, vocab_size) if vocab_size else None
+    spatial = tuple((a, level_factor(cfg.channels)) for a in ("x", "y", "z"))
     return {
         "image_features": UnitContract(
             "image_features",
-            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")), TensorSpec("modality", "int64", ("b",)),
+            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")),
+             TensorSpec("modality", "int64", ("b",), (0, len(cfg.modalities))),
              TensorSpec("film", "float32", ("b", cfg.film_size)),
              TensorSpec("head_params", "float32", ("k", cfg.head_params))),
             (TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z")),
              TensorSpec("pooled", "float32", ("b", "pooled"))),
             "frozen segmenter: per-target probabilities and the decoder features pooled over each target "
-            f"(probability-weighted) and globally; with K=2 (tumour, node) pooled has {c3 - 5} values"),
+            f"(probability-weighted) and globally; with K=2 (tumour, node) pooled has {c3 - 5} values", spatial),
         "text_encoder_ehr": UnitContract(
             "text_encoder_ehr",
-            (TensorSpec("input_ids", "int64", ("n", "tokens")), TensorSpec("attention_mask", "int64", ("n", "tokens"))),
+            (TensorSpec("input_ids", "int64", ("n", "tokens"), ids),
+             TensorSpec("attention_mask", "int64", ("n", "tokens"), (0, 2))),
             (TensorSpec("embedding", "float32", ("n", text_dim)),),
             "the sentence encoder with the prognosis LoRA adapters merged in (EHR notes)"),
         "prognosis": UnitContract(

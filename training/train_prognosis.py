@@ -20,15 +20,15 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from duplus.config import read_yaml_config
 from duplus.files import file_sha256
 from duplus.models.prognosis import (
     ImageFeatureExtractor,
@@ -96,12 +96,7 @@ class TrainPrognosisConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainPrognosisConfig:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown configuration keys {sorted(unknown)}")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**raw)
+        return cls(**read_yaml_config(path, cls, **overrides))
 
 
 def cohort_features(patients: list[Patient], extractor: ImageFeatureExtractor, cache_dir: str | Path,

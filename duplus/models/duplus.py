@@ -25,6 +25,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetUpBlock
 from torch import nn
 
+from duplus.contract import level_factor
 from duplus.vocabulary import MODALITIES
 
 
@@ -62,7 +63,7 @@ class DuPLUSConfig:
             raise ValueError(f"head_channels must be positive, got {self.head_channels}")
         if len(self.patch_size) != 3:
             raise ValueError(f"patch_size must have 3 entries, got {self.patch_size}")
-        factor = 2 ** (len(self.channels) - 1)
+        factor = self.level_factor
         bad = [p for p in self.patch_size if p <= 0 or p % factor]
         if bad:
             raise ValueError(f"patch_size {self.patch_size} must be positive multiples of {factor} "
@@ -71,6 +72,11 @@ class DuPLUSConfig:
             raise ValueError(f"spacing must be 3 positive numbers in mm, got {self.spacing}")
         if self.norm not in ("instance", "batch", "group"):
             raise ValueError(f"norm must be 'instance', 'batch' or 'group', got {self.norm!r}")
+
+    @property
+    def level_factor(self) -> int:
+        """Spatial sizes must be multiples of this (2 ** number of downsamplings)."""
+        return level_factor(self.channels)
 
     @property
     def film_channels(self) -> tuple[int, ...]:
@@ -276,7 +282,7 @@ class DuPLUS(nn.Module):
             raise ValueError(f"image must have shape [B, 1, D, H, W] (one channel), got {tuple(image.shape)}")
         if not torch.is_floating_point(image):
             raise ValueError(f"image must be floating point, got {image.dtype}")
-        factor = 2 ** (len(self.cfg.channels) - 1)
+        factor = self.cfg.level_factor
         if any(s % factor for s in image.shape[2:]):
             raise ValueError(f"spatial size {tuple(image.shape[2:])} must be a multiple of {factor}")
         b = image.shape[0]

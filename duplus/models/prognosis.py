@@ -35,7 +35,7 @@ from torch import nn
 
 from duplus.models.duplus import Segmenter
 from duplus.preprocessing import INTENSITY_POLICIES, to_model_space
-from duplus.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder
+from duplus.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder, pooled_embedding
 
 log = logging.getLogger("duplus.models.prognosis")
 
@@ -211,7 +211,7 @@ class ImageFeatureExtractor:
         for p in self.unit.parameters():
             p.requires_grad_(False)
         self.cond = self.predictor.condition(t1, list(PROGNOSIS_TARGETS))
-        self.level_factor = 2 ** (len(self.cfg.channels) - 1)
+        self.level_factor = self.cfg.level_factor
         self.dim = len(RADIOMICS) + 3 * self.cfg.head_in_channels
 
     @torch.no_grad()
@@ -264,10 +264,7 @@ class EHREncoder(nn.Module):
         self.model = get_peft_model(base.model, lora)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        return nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled_embedding(self.model, input_ids, attention_mask)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         texts = [validate_ehr(t) for t in texts]
@@ -294,10 +291,7 @@ class TextEncoderMerged(nn.Module):
         self.model = model.eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        return nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled_embedding(self.model, input_ids, attention_mask)
 
 
 # --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from duplus.synth.phantoms import _case_seed, generate_phantom, save_nifti
+from duplus.synth.phantoms import HeadNeckAnatomy, anatomy_rng, case_seed, generate_phantom, save_nifti
 
 log = logging.getLogger("duplus.synth.cohort")
 
@@ -286,16 +286,14 @@ class Patient:
 
 def generate_cohort(spec: CohortSpec, *, prefix: str = "HN") -> list[Patient]:
     """Draw the patients of a cohort (clinical data and notes; the PET is drawn by :func:`pet_volume`)."""
-    from duplus.synth.phantoms import _anatomy_rng, _HeadNeck
-
     patients = []
     for i in range(spec.n_patients):
-        anatomy_seed = _case_seed(spec.seed, i)
-        anatomy = _HeadNeck(_anatomy_rng(anatomy_seed, "head_neck"))
+        anatomy_seed = case_seed(spec.seed, i)
+        anatomy = HeadNeckAnatomy(anatomy_rng(anatomy_seed, "head_neck"))
         factors = anatomy.factors(None)  # lesion volumes come from a fixed 1 mm world grid
         rec = clinical_record(i, spec.seed, factors, spec.hazard)
         note = ehr_note(rec, np.random.default_rng([spec.seed, i, 11]))
-        patients.append(Patient(f"{prefix}-{spec.seed}-{i:04d}", anatomy_seed, _case_seed(spec.seed + 1, i), rec, note))
+        patients.append(Patient(f"{prefix}-{spec.seed}-{i:04d}", anatomy_seed, case_seed(spec.seed + 1, i), rec, note))
     events = sum(p.event for p in patients)
     log.info("cohort seed %d: %d patients, %d events (%.0f%%), median follow-up %.1f months", spec.seed,
              len(patients), events, 100.0 * events / len(patients), float(np.median([p.time for p in patients])))

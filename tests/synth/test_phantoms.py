@@ -1,4 +1,4 @@
-"""Tests for duplus/synth/phantoms.py: determinism, anatomy, world geometry, ill inputs, Decathlon output."""
+"""Tests for the duplus.synth.phantoms package: determinism, anatomy, world geometry, ill inputs, Decathlon output."""
 
 from __future__ import annotations
 
@@ -340,11 +340,11 @@ def test_write_decathlon_dataset_paired_and_mr_sequences(tmp_path):
 
 
 def test_write_decathlon_dataset_mr_fixed_sequence(tmp_path, monkeypatch):
-    import duplus.synth.phantoms as phantoms
+    import duplus.synth.phantoms.decathlon as decathlon
 
     # a coarse acquisition keeps the test fast; the sequence must still be forced to T2
     monkeypatch.setattr(
-        phantoms, "random_acquisition", lambda rng, modality, region: _acq((4.0, 4.0, 4.0), sequence="T1")
+        decathlon, "random_acquisition", lambda rng, modality, region: _acq((4.0, 4.0, 4.0), sequence="T1")
     )
     task = write_decathlon_dataset(tmp_path, "AbdMR", "abdomen", "MR", 2, 3, sequence="T2", progress=False)
     meta = json.loads((task / "dataset.json").read_text())
@@ -404,3 +404,56 @@ def test_command_line_help_explains_every_option(capsys):
         "--preview",
     ):
         assert option in text
+
+
+# --------------------------------------------------------------------------------------
+# Package layout: public API, `python -m`, no private names used from outside
+# --------------------------------------------------------------------------------------
+
+
+def test_public_api_is_exported_and_public():
+    import duplus.synth.phantoms as phantoms
+
+    assert all(not name.startswith("_") for name in phantoms.__all__)
+    for name in phantoms.__all__:
+        assert getattr(phantoms, name) is not None, name
+    # the seeds the cohort and the Decathlon writer derive their cases from
+    assert phantoms.case_seed(7, 0) == phantoms.case_seed(7, 0) != phantoms.case_seed(7, 1)
+    anatomy = phantoms.HeadNeckAnatomy(phantoms.anatomy_rng(phantoms.case_seed(7, 0), "head_neck"))
+    assert isinstance(anatomy, phantoms.Anatomy) and anatomy.labels == {"primary tumour": 1, "lymph node": 2}
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "duplus.synth.phantoms", "--help"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("usage: python -m duplus.synth.phantoms") and not out.stderr
+
+
+def test_no_private_phantom_names_imported_from_outside_the_package():
+    import ast
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    package = root / "duplus" / "synth" / "phantoms"
+    offenders = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "node_modules")]
+        if Path(folder) == package or package in Path(folder).parents:
+            continue
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = Path(folder) / name
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+            except SyntaxError:
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("duplus.synth.phantoms"):
+                    offenders += [f"{path.relative_to(root)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not offenders, offenders

@@ -1,0 +1,215 @@
+"""What runs inside Triton, tested without a server: request checks derived from the tensor contract, the one
+segmentation pipeline behind ``segment_volume`` (vs the in-process Predictor), the prompt tokenizer, the prompt
+cache and the prognose orchestration."""
+
+import numpy as np
+import pytest
+import torch
+
+from duplus.contract import EncodedPrompts, InvalidRequest, ServingLimits, contracts, prognosis_contracts
+from duplus.inference import Predictor
+from duplus.models.duplus import DuPLUS, DuPLUSConfig
+from duplus.vocabulary import PromptVocabulary
+from serving.pipelines import Prognoser, VolumeSegmenter
+from serving.requests import EHRTokenizer, PromptTokenizer, check_feed, short
+
+SMALL = DuPLUSConfig(channels=(4, 8, 16), patch_size=(32, 32, 16), film_hidden=32, controller_hidden=32,
+                     head_channels=4, head_levels=2)
+UNITS = contracts(SMALL, vocab_size=30522)
+PROG = prognosis_contracts(SMALL, image_dim=17, text_dim=384, vocab_size=30522)
+
+
+def _seg_feed(b=2, k=3, spatial=(32, 32, 16), modality=None):
+    return {"image": np.zeros((b, 1, *spatial), np.float32),
+            "modality": np.zeros(b, np.int64) if modality is None else np.asarray(modality, np.int64),
+            "film": np.zeros((b, SMALL.film_size), np.float32),
+            "head_params": np.zeros((k, SMALL.head_params), np.float32)}
+
+
+def _with(feed, **changes):
+    return {**feed, **changes}
+
+
+ILL_FEEDS = [  # (unit, feed, words the message must hold)
+    ("segmenter", _with(_seg_feed(), modality=np.zeros(3, np.int64)), "axis 'b' is 2 in image but 3 in modality"),
+    ("segmenter", _seg_feed(modality=[0, 3]), "allowed are 0..2"),
+    ("segmenter", _seg_feed(modality=[-1, 0]), "allowed are 0..2"),
+    ("segmenter", _seg_feed(spatial=(30, 32, 16)), "multiples of 4"),
+    ("segmenter", _with(_seg_feed(), image=np.full((2, 1, 32, 32, 16), np.nan, np.float32)), "NaN or Inf"),
+    ("segmenter", _with(_seg_feed(), image=np.zeros((2, 1, 32, 32, 16), np.float64)), "is float64, expected float32"),
+    ("segmenter", _with(_seg_feed(), image=np.zeros((2, 32, 32, 16), np.float32)), "expected 5 dimensions"),
+    ("segmenter", _with(_seg_feed(), film=np.zeros((2, SMALL.film_size + 1), np.float32)), "has shape"),
+    ("segmenter", {k: v for k, v in _seg_feed().items() if k != "film"}, "input film is missing"),
+    ("text_encoder", {"input_ids": np.zeros((2, 5), np.int64), "attention_mask": np.ones((2, 6), np.int64)},
+     "axis 'tokens' is 5 in input_ids but 6 in attention_mask"),
+    ("text_encoder", {"input_ids": np.full((1, 5), 40000, np.int64), "attention_mask": np.ones((1, 5), np.int64)},
+     "allowed are 0..30521"),
+    ("text_encoder", {"input_ids": np.zeros((1, 5), np.int64), "attention_mask": np.full((1, 5), 2, np.int64)},
+     "attention_mask has values in [2, 2]"),
+    ("text_encoder", {"input_ids": np.zeros((0, 5), np.int64), "attention_mask": np.ones((0, 5), np.int64)},
+     "empty along axis 'n'"),
+    # the prognosis head once broadcast 1 image row against 3 EHR rows into 3 risks
+    ("prognosis", {"image_features": np.zeros((1, 17), np.float32), "ehr_embedding": np.zeros((3, 384), np.float32)},
+     "axis 'n' is 1 in image_features but 3 in ehr_embedding"),
+    ("prognosis", {"image_features": np.zeros((1, 77), np.float32), "ehr_embedding": np.zeros((1, 384), np.float32)},
+     "expected ['n', 17]"),
+]
+
+
+@pytest.mark.parametrize("unit, feed, words", ILL_FEEDS, ids=[f"{u}-{i}" for i, (u, _, _) in enumerate(ILL_FEEDS)])
+def test_ill_unit_feeds_are_refused_by_the_contract(unit, feed, words):
+    contract = {**UNITS, **PROG}[unit]
+    with pytest.raises(InvalidRequest) as err:
+        check_feed(contract, feed)
+    assert words in str(err.value), str(err.value)
+    assert str(err.value).startswith(unit)
+
+
+def test_good_feeds_pass_in_contract_order():
+    out = check_feed(UNITS["segmenter"], dict(reversed(list(_seg_feed(b=3, k=1, spatial=(36, 32, 16)).items()))))
+    assert list(out) == ["image", "modality", "film", "head_params"]
+    ids = {"input_ids": np.array([[101, 2000, 102]]), "attention_mask": np.ones((1, 3), np.int64)}
+    assert check_feed(UNITS["text_encoder"], ids)["input_ids"].shape == (1, 3)
+
+
+def test_contract_round_trips_through_the_manifest():
+    from duplus.contract import UnitContract
+
+    for name, c in {**UNITS, **PROG}.items():
+        back = UnitContract.from_manifest(name, c.to_manifest())
+        assert (back.inputs, back.outputs, back.multiple_of) == (c.inputs, c.outputs, c.multiple_of)
+
+
+def test_short_never_echoes_long_text():
+    assert short("liver") == "liver"
+    s = short("x" * 10_000)
+    assert len(s) < 100 and "10000 characters" in s
+
+
+# ---- the one segmentation pipeline ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_predictor(text_encoder):
+    torch.manual_seed(3)
+    model = DuPLUS(SMALL)
+    torch.nn.init.normal_(model.conditioning.film[-1].weight, std=0.05)
+    return Predictor(model, PromptVocabulary(), text_encoder, sw_batch_size=2)
+
+
+def _volume(seed=0, shape=(40, 36, 20)):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 200, shape).astype(np.float32), np.diag([2.0, 2.0, 3.0, 1.0])
+
+
+def test_served_pipeline_equals_in_process_predictor(small_predictor):
+    """segment_volume's VolumeSegmenter with in-process callables gives the Predictor's labels exactly, encodes
+    a repeated prompt set once, and sends windows in batches of at most sw_batch_size."""
+    p = small_predictor
+    names, known = p.known_target_embeddings()
+    encodes, batches = [], []
+
+    def encode(modality, t1, targets):
+        encodes.append((modality, t1, tuple(targets)))
+        return p.encode(modality, t1, targets)
+
+    def segment(image, modality, film, head):
+        batches.append(image.shape[0])
+        assert image.dtype == np.float32 and modality.dtype == np.int64 and film.shape[0] == image.shape[0]
+        return p.segment(image, modality, film, head).numpy()
+
+    manifest = {"model_config": SMALL.to_dict(), "patch_size": list(SMALL.patch_size),
+                "vocabulary": PromptVocabulary().to_dict()}
+    served = VolumeSegmenter(manifest, {"names": np.array(names), "embeddings": known.numpy()}, encode, segment,
+                             ServingLimits(sw_batch_size=2), count_tokens=p.count_tokens)
+    vol, aff = _volume()
+    targets = ["liver", "the spleen"]
+    ref = p.predict_array(vol, aff, "CT", "CT of the abdomen", targets, return_probabilities=True)
+    out = served(vol, aff, "CT", "CT of the abdomen", targets)
+    served(vol, aff, "CT", "ct of the  abdomen", ["Liver", "the spleen"])   # the same prompt set, normalised
+    np.testing.assert_array_equal(out.labels, ref.labels)
+    assert out.labels.dtype == np.uint8 and out.labels.shape == vol.shape
+    assert out.resolved == ref.resolved == ("liver", "spleen") and out.stem == "CT"
+    assert ref.probabilities.shape == (2, *vol.shape)
+    assert len(encodes) == 1, encodes
+    assert batches and max(batches) <= 2
+
+
+@pytest.mark.parametrize("t1, targets, modality, words", [
+    ("CT of the abdomen", ["banana"], "CT", "unknown target prompt 'banana'"),
+    ("CT of the abdomen", ["kidney"], "CT", "ambiguous target prompt 'kidney'"),
+    ("CT of the abdomen", [], "CT", "TARGETS is empty"),
+    ("CT of the abdomen", ["liver"] * 17, "CT", "at most 16 per request"),
+    ("  ", ["liver"], "CT", "T1 (context) prompt is empty"),
+    ("CT of the abdomen", ["liver", "a-b-c-d " * 20], "CT", "TARGETS[1] prompt is"),
+    ("CT of the abdomen", ["liver"], "XR", "unknown modality 'XR'"),
+    ("ultrasound of the abdomen", ["liver"], "CT", None),   # names no modality: the declared stem
+])
+def test_pipeline_refuses_bad_prompts_before_any_model_work(small_predictor, t1, targets, modality, words):
+    vol, aff = _volume(1, (24, 24, 12))
+    if words is None:
+        assert small_predictor.predict_array(vol, aff, modality, t1, targets).stem == "CT"
+        return
+    with pytest.raises(InvalidRequest) as err:
+        small_predictor.predict_array(vol, aff, modality, t1, targets)
+    assert words in str(err.value)
+
+
+def test_prompt_tokenizer_applies_the_same_rules(text_encoder, tmp_path):
+    text_encoder.tokenizer.save_pretrained(str(tmp_path / "tok"))
+    tok = PromptTokenizer(tmp_path / "tok", SMALL.modalities, ServingLimits())
+    out = tok("CT", "T2-weighted MRI of the abdomen", ["liver", "left kidney"])
+    assert out["modality"].tolist() == [SMALL.modalities.index("MR")]     # the stem follows the T1
+    assert out["t2_input_ids"].shape[0] == 2 and out["t2_input_ids"].dtype == np.int64
+    assert out["t1_input_ids"].shape == out["t1_attention_mask"].shape
+    for bad, words in ((["x" * 300], "characters long"), (["a-b-c-d " * 20], "tokens long"), ([], "TARGETS is empty")):
+        with pytest.raises(InvalidRequest, match=words):
+            tok("CT", "CT of the abdomen", bad)
+    with pytest.raises(InvalidRequest, match="no stem|stems for"):
+        PromptTokenizer(tmp_path / "tok", ("CT", "MR"))("CT", "PET of the neck", ["lymph node"])
+
+
+# ---- prognose --------------------------------------------------------------------------------------------------
+
+def test_prognoser_orchestrates_units_and_refuses_bad_notes_first(text_encoder, tmp_path):
+    text_encoder.tokenizer.save_pretrained(str(tmp_path / "tok"))
+    calls = {"encode": 0, "features": 0, "ehr": 0}
+    names = ["f%d" % i for i in range(8)]
+
+    def encode(modality, t1, targets):
+        calls["encode"] += 1
+        assert targets == ["primary tumour", "lymph node"]
+        return EncodedPrompts(2, np.zeros((1, SMALL.film_size), np.float32),
+                              np.zeros((2, SMALL.head_params), np.float32), np.zeros((2, 384), np.float32))
+
+    def features(padded, modality, film, head):
+        calls["features"] += 1
+        assert all(s % SMALL.level_factor == 0 for s in padded.shape[2:]) and modality.tolist() == [2]
+        probs = np.zeros((1, 2, *padded.shape[2:]), np.float32)
+        probs[:, 0, 4:8, 4:8, 2:4] = 0.9
+        return probs, np.ones((1, len(names) - 5), np.float32)
+
+    def encode_ehr(ids, mask):
+        calls["ehr"] += 1
+        assert ids.shape == mask.shape and ids.shape[0] == 1
+        return np.ones((1, 384), np.float32) / np.sqrt(384)
+
+    def head(image_features, ehr):
+        assert image_features.shape == (1, len(names)) and ehr.shape == (1, 384)
+        return np.array([float(image_features.sum() + ehr.sum())], np.float32)
+
+    manifest = {"model_config": SMALL.to_dict(),
+                "prognosis": {"targets": ["primary tumour", "lymph node"], "feature_names": names}}
+    prog = Prognoser(manifest, EHRTokenizer(tmp_path / "tok", max_tokens=64, max_chars=500), encode, features,
+                     encode_ehr, head)
+    vol, aff = _volume(2, (32, 32, 16))
+    vol = np.abs(vol) / 100.0
+    a = prog(vol, aff, "PET", "FDG PET of the head and neck", ["T2N1 oropharyngeal carcinoma, smoker"])
+    b = prog(vol, aff, "PET", "FDG PET of the head and neck", ["T2N1 oropharyngeal carcinoma, smoker"])
+    assert a.risk == pytest.approx(float(a.image_features.sum() + np.sqrt(384)), rel=1e-5)
+    assert a.risk == b.risk and a.feature_names == names and a.image_features.shape == (len(names),)
+    assert calls == {"encode": 1, "features": 2, "ehr": 2}          # prompts encoded once (cached)
+    for notes, words in (([""], "empty"), (["note " * 200], "characters"), (["one", "two"], "exactly one"),
+                         ([b"\xff\xfe"], "UTF-8")):
+        with pytest.raises(InvalidRequest, match=words):
+            prog(vol, aff, "PET", "FDG PET of the head and neck", notes)
+    assert calls["features"] == 2                                    # refused before any image work
