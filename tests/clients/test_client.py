@@ -3,10 +3,15 @@ UNAVAILABLE only (a server restart mid-batch), the contract check, asyncio with 
 
 import asyncio
 import logging
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients.grpc_client import (
@@ -18,7 +23,7 @@ from clients.grpc_client import (
 )
 from duplus.synth.phantoms import AcquisitionSpec, generate_phantom
 from serving.serve import TritonServer, free_port
-from tests.conftest import DEMO_CHECKPOINT
+from tests.conftest import DEMO_CHECKPOINT, ROOT
 
 pytestmark = pytest.mark.server
 T1, TARGETS = "CT of the head and neck", ["primary tumour", "lymph node"]
@@ -115,15 +120,23 @@ def test_asyncio_concurrent_calls_and_cancellation(triton_server, small_ct):
     np.testing.assert_array_equal(a.labels, c.labels)
 
 
-def test_server_restart_mid_batch_is_retried(triton_repository, small_ct, caplog):
-    # segment_volume and what it calls: the restart need not wait for the prognosis models
-    ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), models=["segment_volume"])
-    server = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT, **ports).start()
+def test_server_restart_mid_batch_is_retried_and_the_command_stops_cleanly(triton_repository, small_ct, caplog):
+    """`python -m serving.serve` (segment_volume and what it calls) serves a batch; SIGTERM mid-batch -> exit 0,
+    "stopped", ports free; the server returns (TritonServer on the same ports) and the client's retries on
+    UNAVAILABLE finish the batch with the same labels. One server start fewer than testing the two apart."""
+    ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    proc = subprocess.Popen([sys.executable, "-m", "serving.serve", "--model-repository", str(triton_repository),
+                             "--checkpoint", str(DEMO_CHECKPOINT), "--grpc-port", str(ports["grpc_port"]),
+                             "--http-port", str(ports["http_port"]), "--metrics-port", str(ports["metrics_port"]),
+                             "--models", "segment_volume"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"127.0.0.1:{ports['grpc_port']}"
     results, errors = [], []
     first_done = threading.Event()
+    server = None
 
     def batch():
-        with SegmentationClient(server.grpc_url, retry_deadline_s=240, backoff_s=0.5) as client:
+        with SegmentationClient(url, retry_deadline_s=240, backoff_s=0.5) as client:
             for _ in range(3):
                 try:
                     results.append(client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS))
@@ -132,17 +145,38 @@ def test_server_restart_mid_batch_is_retried(triton_repository, small_ct, caplog
                 first_done.set()
 
     try:
+        probe = grpcclient.InferenceServerClient(url)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if probe.is_server_ready():
+                    break
+            except InferenceServerException:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        assert probe.is_model_ready("segment_volume") and probe.is_model_ready("segmenter")
+        assert not probe.is_model_ready("prognose")   # --models: only segment_volume and what it calls
         with caplog.at_level(logging.WARNING, logger="clients.grpc_client"):
             worker = threading.Thread(target=batch)
             worker.start()
             assert first_done.wait(120)
-            server.stop()                       # the server goes away mid-batch ...
-            server = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT, **ports).start()  # ... and returns
+            proc.send_signal(signal.SIGTERM)          # the server goes away mid-batch ...
+            assert proc.wait(timeout=90) == 0
+            out = proc.stdout.read()
+            assert "stopped" in out
+            with pytest.raises(InferenceServerException):
+                probe.is_server_ready()
+            server = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT, models=["segment_volume"],
+                                  **ports).start()   # ... and returns on the same ports
             worker.join(300)
     finally:
-        server.stop()
+        if proc.poll() is None:
+            proc.kill()
+        if server is not None:
+            server.stop()
     assert not errors, [(e.status(), e.message()) if hasattr(e, "status") else repr(e) for e in errors]
     assert len(results) == 3
     for r in results[1:]:
         np.testing.assert_array_equal(r.labels, results[0].labels)
-    assert "server unavailable" in caplog.text   # the client did retry
+    assert "server unavailable" in caplog.text   # the client did retry (the --models refusal: test_triton_server)

@@ -28,7 +28,7 @@ def test_threads_share_one_bounded_cache():
 
     def work(i):
         for j in range(200):
-            c.get_or_compute((i, j % 16), lambda: j)
+            c.get_or_compute((i, j % 16), lambda j=j: j)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     [t.start() for t in threads]

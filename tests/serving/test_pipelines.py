@@ -173,7 +173,7 @@ def test_prompt_tokenizer_applies_the_same_rules(text_encoder, tmp_path):
 def test_prognoser_orchestrates_units_and_refuses_bad_notes_first(text_encoder, tmp_path):
     text_encoder.tokenizer.save_pretrained(str(tmp_path / "tok"))
     calls = {"encode": 0, "features": 0, "ehr": 0}
-    names = ["f%d" % i for i in range(8)]
+    names = [f"f{i}" for i in range(8)]
 
     def encode(modality, t1, targets):
         calls["encode"] += 1

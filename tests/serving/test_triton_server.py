@@ -4,11 +4,8 @@ One server for the session (tests/conftest.py), started on free loopback ports f
 built from the shipped checkpoint; stopped at the end."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from clients.grpc_client import SegmentationClient
 from duplus.inference import dice, load_checkpoint
 from duplus.synth.phantoms import generate_phantom
-from serving.serve import RepositoryError, check_repository, free_port
+from serving.serve import RepositoryError, check_repository
 from tests.conftest import DEMO_CHECKPOINT, ROOT
 from training.evaluate import case_seed, evaluate
 
@@ -223,33 +220,3 @@ def test_a_model_subset_loads_what_it_calls_and_unknown_names_are_refused(triton
     assert proc.returncode == 2 and "cannot serve ['banana']" in proc.stderr
 
 
-def test_server_command_stops_cleanly_on_sigterm(triton_repository, triton_server):
-    """`python -m serving.serve` on its own ports: ready, then SIGTERM -> exit 0 and the ports are free."""
-    ports = [free_port() for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "serving.serve", "--model-repository", str(triton_repository),
-                             "--checkpoint", str(DEMO_CHECKPOINT), "--grpc-port", str(ports[0]),
-                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),
-                             "--models", "segment_volume"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if client.is_server_ready():
-                    break
-            except InferenceServerException:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(1)
-        assert client.is_model_ready("segment_volume") and client.is_model_ready("segmenter")
-        assert not client.is_model_ready("prognose")   # --models: only segment_volume and what it calls
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=90) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL) if hasattr(os, "killpg") else proc.kill()
-    out = proc.stdout.read()
-    assert "stopped" in out
-    with pytest.raises(InferenceServerException):
-        client.is_server_ready()
