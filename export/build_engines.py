@@ -1,12 +1,13 @@
-"""Build the deployable units of a DuPLUS checkpoint.
+"""Build the deployable units of a DuPLUS checkpoint into a Triton model repository.
 
     python export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository
 
-checkpoint -> merge LoRA/DoRA adapters (checked numerically) -> ONNX per unit (named I/O, dynamic
-axes) -> onnx.checker + shape inference + contract check -> parity against PyTorch on fresh random
-inputs (over tolerance: error, non-zero exit) -> engines -> a Triton model repository:
+checkpoint -> merge LoRA/DoRA adapters (checked numerically) -> per unit (``export/stages.py``, one helper
+for every unit): ONNX (named I/O, dynamic axes) -> onnx.checker + shape inference + contract check -> parity
+against PyTorch on fresh random inputs -> TensorRT engine + parity against ONNX Runtime (over tolerance:
+error, non-zero exit) -> the Triton repository (``export/repository.py``):
 
-    <output>/manifest.json                 checkpoint hash, options, model config, vocabulary, unit I/O
+    <output>/manifest.json                 checkpoint hash, options, model config, vocabulary, unit I/O + files
     <output>/tokenizer/1/                  model.py (python backend) + the saved tokenizer
     <output>/text_encoder|conditioning|segmenter/1/model.onnx (+ model.plan with TensorRT)
     <output>/encode_prompts, segment_patch  ensembles
@@ -16,9 +17,11 @@ inputs (over tolerance: error, non-zero exit) -> engines -> a Triton model repos
     <output>/<model>/config.pbtxt          generated from typed objects (export/triton_config.py)
 
 Engines: TensorRT where it imports and a GPU exists; else ONNX Runtime (CUDA provider when
-present); or PyTorch (CUDA on a GPU without TensorRT). ``--target embedded`` (default) serves the
-units from python-backend models on the Triton server of the nvidia-pytriton wheel;
-``--target ngc`` writes native onnxruntime_onnx / tensorrt_plan models for the NGC container.
+present); or PyTorch (CUDA on a GPU without TensorRT). The torch engine's units run from
+<output>/checkpoint.pt (and prognosis_checkpoint.pt): no ONNX file is written for them, their manifest
+entries name the checkpoint and its sha256. ``--target embedded`` (default) serves the units from
+python-backend models on the Triton server of the nvidia-pytriton wheel; ``--target ngc`` writes native
+onnxruntime_onnx / tensorrt_plan models for the NGC container.
 """
 
 from __future__ import annotations
@@ -26,19 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from duplus.contract import KNOWN_TARGETS, ServingLimits, contracts, prognosis_contracts  # noqa: E402
+import torch  # noqa: E402
+
+from duplus.contract import ServingLimits, contracts, prognosis_contracts  # noqa: E402
 from duplus.files import file_sha256  # noqa: E402
 from duplus.inference import load_checkpoint  # noqa: E402
 from duplus.models.duplus import DuPLUS, DuPLUSConfig  # noqa: E402
@@ -48,31 +51,41 @@ from duplus.models.units import (  # noqa: E402
     SegmenterUnit,
     TextEncoderUnit,
     example_inputs,
-    prognosis_example_inputs,
 )
-from duplus.ort import ort_session  # noqa: E402
 from duplus.text_encoder import TextEncoder  # noqa: E402
 from export.adapters import merge_adapters  # noqa: E402
-from export.onnx_export import ContractError, ParityError, check_onnx, export_onnx, parity  # noqa: E402
-from export.tensorrt_engine import ShapeProfile, build_engine, tensorrt_available  # noqa: E402
-from export.triton_config import RepositoryOptions, parse_pbtxt, repository_models  # noqa: E402
+from export.calibration import PhantomCalibration  # noqa: E402
+from export.onnx_export import ContractError, ParityError  # noqa: E402
+from export.repository import (  # noqa: E402
+    CHECKPOINT,
+    PROGNOSIS_CHECKPOINT,
+    SOURCE_REPOSITORY,
+    copy_checkpoint,
+    save_prognosis_tokenizer,
+    write_triton_repository,
+)
+from export.stages import (  # noqa: E402
+    INT8_UNITS,
+    export_unit,
+    fresh_inputs,
+    parity_failures,
+    profile_inputs,
+    tracing_example,
+    unit_profile,
+)
+from export.tensorrt_engine import PRECISIONS, tensorrt_available  # noqa: E402
+from export.triton_config import RepositoryOptions  # noqa: E402
 
 log = logging.getLogger("build_engines")
 
-# max abs / max relative tolerances per unit for fp32 ONNX Runtime vs PyTorch eager
-TOLERANCES = {"text_encoder": (1e-4, 1e-3), "conditioning": (1e-4, 1e-3), "segmenter": (2e-3, 1e-2),
-              "image_features": (2e-3, 1e-2), "text_encoder_ehr": (1e-4, 1e-3), "prognosis": (1e-4, 1e-3)}
 #: the shipped prognosis checkpoint; built into the repository when present
 DEFAULT_PROGNOSIS = "checkpoints/duplus_prognosis.pt"
-
-
-SOURCE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+__all__ = ["SOURCE_REPOSITORY", "build", "main", "resolve_engine"]
 
 
 def resolve_engine(engine: str, flavour: str) -> tuple[str, str]:
     """(engine, device) for ``--engine``; auto prefers TensorRT, then a GPU, then ONNX Runtime on CPU."""
     import onnxruntime as ort
-    import torch
 
     gpu = torch.cuda.is_available()
     if engine == "auto":
@@ -93,16 +106,69 @@ def resolve_engine(engine: str, flavour: str) -> tuple[str, str]:
     return engine, "gpu" if gpu else "cpu"
 
 
+def _vocab_size(module) -> int | None:
+    """Rows of a Hugging Face text model's token embedding: the token ids a text unit accepts."""
+    config = getattr(getattr(module, "model", None), "config", None)
+    return getattr(config, "vocab_size", None)
+
+
+def _conditioner(encoder: TextEncoder, model: DuPLUS):
+    """(T1, targets) -> (film [F], head_params [K, P]) as the served encode_prompts computes them."""
+    def condition(t1: str, targets: list[str]):
+        with torch.no_grad():
+            film, head = model.conditioning(encoder.encode([t1]), encoder.encode(list(targets)))
+        return film[0].numpy(), head.numpy()
+
+    return condition
+
+
+class _Units:
+    """What every unit of one build shares: the stage options, the repository and the manifest being filled."""
+
+    def __init__(self, cfg: DuPLUSConfig, output: Path, manifest: dict, *, engine: str, precision: str, patch,
+                 max_batch_size: int, max_targets: int, parity_runs: int):
+        self.cfg, self.output, self.manifest = cfg, output, manifest
+        self.engine, self.precision, self.patch = engine, precision, tuple(patch)
+        self.max_batch_size, self.max_targets, self.parity_runs = max_batch_size, max_targets, parity_runs
+
+    def build(self, name: str, module, contract, *, checkpoint: Path | None = None, image_dim: int | None = None,
+              text_dim: int | None = None, calibration: PhantomCalibration | None = None) -> list[str]:
+        """``export_unit`` with this build's options; records the entry, returns its parity failures."""
+        cfg, dims = self.cfg, {"image_dim": image_dim, "text_dim": text_dim}
+        onnx = self.engine != "torch"
+        profile = None
+        if self.engine == "tensorrt":
+            profile = unit_profile(name, cfg, self.patch, max_batch=self.max_batch_size,
+                                   max_targets=self.max_targets, image_dim=image_dim)
+        entry = export_unit(
+            name, module, contract, self.output, engine=self.engine, precision=self.precision,
+            example=tracing_example(name, cfg, self.patch, **dims) if onnx else None,
+            fresh=fresh_inputs(name, cfg, self.patch, self.parity_runs, **dims) if onnx else (),
+            profile=profile, engine_inputs=profile_inputs(name, cfg, profile, **dims) if profile else (),
+            checkpoint=checkpoint, timing_cache=self.output / ".timing.cache",
+            calibration=calibration if self.precision == "int8" and name in INT8_UNITS else None)
+        self.manifest["units"][name] = entry
+        return parity_failures(name, entry)
+
+
 def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: str = "auto",
           precision: str = "fp32", patch_size: tuple[int, int, int] | None = None, max_batch_size: int = 4,
           max_targets: int = 16, instances: int = 1, threads: int = 0, ort_optimization: str = "all",
           units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2,
           prognosis_checkpoint: Path | None = None) -> dict:
+    """Build the repository at ``output`` from ``checkpoint``; returns the manifest (also written to
+    ``output/manifest.json``). Raises ``ParityError`` when a unit is over its tolerances (after building all)."""
+    from duplus.inference import Predictor
+    from duplus.vocabulary import PromptVocabulary
+
     t0 = time.perf_counter()
+    checkpoint, output = Path(checkpoint), Path(output)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     ckpt = load_checkpoint(checkpoint)
     cfg = DuPLUSConfig.from_dict(ckpt["model_config"])
     patch = tuple(patch_size or cfg.patch_size)
-    factor = 2 ** (len(cfg.channels) - 1)
+    factor = cfg.level_factor
     if any(p % factor for p in patch):
         raise ValueError(f"--patch-size {patch} must be multiples of {factor}")
     if output.resolve() == SOURCE_REPOSITORY.resolve() and target == "ngc":
@@ -119,8 +185,10 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
     encoder = merge_adapters(encoder, run_text)
     modules = {"text_encoder": TextEncoderUnit(encoder), "conditioning": ConditioningUnit(model),
                "segmenter": SegmenterUnit(model)}
-    spec = contracts(cfg)
+    spec = contracts(cfg, vocab_size=_vocab_size(encoder))
     engine, device = resolve_engine(engine, target)
+    if precision != "fp32" and engine != "tensorrt":
+        log.info("--precision %s applies to TensorRT engines; the %s units stay fp32", precision, engine)
     limits = ServingLimits(max_targets=max_targets, sw_batch_size=max_batch_size)
     opts = RepositoryOptions(flavour=target, engine=engine, device=device, segmenter_instances=instances,
                              threads=threads, ort_optimization=ort_optimization, patch_size=patch, limits=limits)
@@ -131,61 +199,33 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
                 "engine": engine, "device": device, "precision": precision, "patch_size": list(patch),
                 "max_batch_size": max_batch_size, "max_targets": max_targets,
                 "model_config": cfg.to_dict(), "vocabulary": ckpt["vocabulary"], "units": {}}
+    stage = _Units(cfg, output, manifest, engine=engine, precision=precision, patch=patch,
+                   max_batch_size=max_batch_size, max_targets=max_targets, parity_runs=parity_runs)
+    torch_checkpoint = copy_checkpoint(checkpoint, output, CHECKPOINT) if engine == "torch" else None
+    calibration = PhantomCalibration(cfg, _conditioner(encoder, model))
     failures = []
     for name in tqdm(units, desc="export units", unit="unit", disable=None):
-        contract = spec[name]
-        for kind, tensors in (("input", contract.inputs), ("output", contract.outputs)):
-            for t in tensors:
-                log.info("  %s %s %s %s %s", name, kind, t.name, t.dtype, t.shape)
-        onnx_path = output / name / "1" / "model.onnx"
-        example = example_inputs(name, cfg, batch=2, k=3, spatial=patch, seed=0)
-        export_onnx(modules[name], contract, example, onnx_path)
-        check_onnx(onnx_path, contract)
-        session = ort_session(onnx_path)
-        # fresh inputs with other dynamic sizes than the tracing example
-        fresh = [example_inputs(name, cfg, batch=1 + (i % 2), k=1 + 2 * i, tokens=7 + 5 * i,
-                                spatial=tuple(p if i == 0 else p + factor for p in patch[:2]) + (patch[2],),
-                                seed=1000 + i) for i in range(parity_runs)]
-        atol, rtol = TOLERANCES[name]
-        results = parity(modules[name], onnx_path, contract, fresh, atol=atol, rtol=rtol, session=session)
-        failures += [str(r) for r in results if not r.ok]
-        entry = _unit_entry(output, onnx_path, contract, results)
-        if engine == "tensorrt":
-            profile = _profile(name, cfg, patch, max_batch_size, max_targets)
-            plan = build_engine(onnx_path, output / name / "1" / "model.plan", contract, profile,
-                                precision=precision, timing_cache=output / ".timing.cache")
-            entry["plan"] = str(plan.relative_to(output))
-        manifest["units"][name] = entry
-        log.info("built %s: %s", name, entry.get("plan", entry["onnx"]))
+        failures += stage.build(name, modules[name], spec[name], checkpoint=torch_checkpoint, calibration=calibration)
     if failures:
         raise ParityError("parity over tolerance: " + "; ".join(failures))
+    prognosis = None
     if prognosis_checkpoint is not None:
-        spec = dict(spec, **_build_prognosis(Path(prognosis_checkpoint), model, cfg, output, manifest, engine,
-                                             precision, parity_runs))
-    manifest["models"] = [m.name for m in repository_models(spec, opts)]
-    _write_triton_repository(output, opts, spec, encoder, model, ckpt, checkpoint)
-    if prognosis_checkpoint is not None:
-        _save_prognosis_files(Path(prognosis_checkpoint), output, engine)
+        prognosis = _build_prognosis(Path(prognosis_checkpoint), model, encoder, stage, torch_checkpoint)
+        spec = dict(spec, **prognosis["spec"])
+    predictor = Predictor(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), encoder)
+    manifest["models"] = write_triton_repository(output, opts, spec, encoder, predictor)
+    if prognosis is not None:
+        save_prognosis_tokenizer(prognosis["tokenizer"], output)
     manifest["seconds"] = round(time.perf_counter() - t0, 1)
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("built the %s repository (%s) in %.0f s", target, engine, manifest["seconds"])
     return manifest
 
 
-def _unit_entry(output: Path, onnx_path: Path, contract, results) -> dict:
-    """The manifest's record of one exported unit: file, hash, I/O and parity figures."""
-    return {"onnx": str(onnx_path.relative_to(output)), "sha256": file_sha256(onnx_path),
-            "inputs": [[t.name, t.dtype, list(t.shape)] for t in contract.inputs],
-            "outputs": [[t.name, t.dtype, list(t.shape)] for t in contract.outputs],
-            "parity": [{"output": r.output, "max_abs": r.max_abs, "max_rel": r.max_rel, "atol": r.atol,
-                        "rtol": r.rtol} for r in results]}
-
-
-def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path, manifest: dict, engine: str,
-                     precision: str, parity_runs: int) -> dict:
-    """Export image_features, text_encoder_ehr (LoRA merged, merge checked) and prognosis; fill manifest."""
-    import torch
-
+def _build_prognosis(path: Path, model: DuPLUS, encoder: TextEncoder, stage: _Units,
+                     torch_checkpoint: Path | None) -> dict:
+    """image_features, text_encoder_ehr (LoRA merged, merge checked for every engine) and prognosis; fills the
+    manifest's units and ``prognosis`` record; returns their contracts and the EHR tokenizer."""
     from duplus.models.prognosis import (
         MAX_EHR_CHARS,
         PROGNOSIS_TARGETS,
@@ -194,6 +234,7 @@ def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path,
         load_prognosis_checkpoint,
     )
 
+    cfg, manifest = stage.cfg, stage.manifest
     prog, meta = load_prognosis_checkpoint(path)
     if meta.get("segmentation_sha256") != manifest["checkpoint_sha256"]:
         raise ValueError(f"{path} was trained on the image features of another segmentation checkpoint "
@@ -208,28 +249,18 @@ def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path,
         raise ParityError(f"LoRA merge changed the EHR embedding by {diff:.2e} (> 1e-5)")
     log.info("LoRA adapters merged into text_encoder_ehr (max abs change %.1e)", diff)
     image_dim, text_dim = prog.image_dim, prog.ehr.dim
-    spec = prognosis_contracts(cfg, image_dim, text_dim)
+    spec = prognosis_contracts(cfg, image_dim, text_dim, vocab_size=_vocab_size(merged))
     modules = {"image_features": ImageFeatureUnit(model.segmenter).eval(), "text_encoder_ehr": merged,
                "prognosis": PrognosisHeadUnit(prog.head).eval()}
+    # the torch engine: image_features runs from checkpoint.pt, the EHR encoder and the head from the prognosis one
+    prog_checkpoint = copy_checkpoint(path, stage.output, PROGNOSIS_CHECKPOINT) if stage.engine == "torch" else None
+    sources = {"image_features": torch_checkpoint, "text_encoder_ehr": prog_checkpoint, "prognosis": prog_checkpoint}
+    calibration = PhantomCalibration(cfg, _conditioner(encoder, model), contexts=(("head_neck", prog.cfg.modality),),
+                                     targets=tuple(PROGNOSIS_TARGETS), t1=prog.cfg.t1)
     failures = []
     for name in tqdm(spec, desc="export prognosis units", unit="unit", disable=None):
-        contract = spec[name]
-        onnx_path = output / name / "1" / "model.onnx"
-        export_onnx(modules[name], contract, prognosis_example_inputs(name, cfg, image_dim, text_dim), onnx_path)
-        check_onnx(onnx_path, contract)
-        fresh = [prognosis_example_inputs(name, cfg, image_dim, text_dim, n=1 + i, tokens=20 + 30 * i,
-                                          spatial=(64, 48 + 16 * i, 48), seed=2000 + i) for i in range(parity_runs)]
-        atol, rtol = TOLERANCES[name]
-        results = parity(modules[name], onnx_path, contract, fresh, atol=atol, rtol=rtol)
-        failures += [str(r) for r in results if not r.ok]
-        entry = _unit_entry(output, onnx_path, contract, results)
-        if engine == "tensorrt":
-            plan = build_engine(onnx_path, output / name / "1" / "model.plan", contract,
-                                _prognosis_profile(name, cfg, image_dim), precision=precision,
-                                timing_cache=output / ".timing.cache")
-            entry["plan"] = str(plan.relative_to(output))
-        manifest["units"][name] = entry
-        log.info("built %s: %s", name, entry.get("plan", entry["onnx"]))
+        failures += stage.build(name, modules[name], spec[name], checkpoint=sources[name], image_dim=image_dim,
+                                text_dim=text_dim, calibration=calibration)
     if failures:
         raise ParityError("prognosis parity over tolerance: " + "; ".join(failures))
     manifest["prognosis"] = {
@@ -238,69 +269,7 @@ def _build_prognosis(path: Path, model: DuPLUS, cfg: DuPLUSConfig, output: Path,
         "feature_names": meta.get("feature_names") or feature_names((image_dim - 5) // 3),
         "image_dim": image_dim, "text_dim": text_dim, "max_ehr_tokens": prog.cfg.max_ehr_tokens,
         "max_ehr_chars": MAX_EHR_CHARS, "lora_merge_max_abs": diff, "val_c_index": meta.get("val_c_index")}
-    return spec
-
-
-def _save_prognosis_files(path: Path, output: Path, engine: str) -> None:
-    from duplus.models.prognosis import load_prognosis_checkpoint
-
-    prog, _ = load_prognosis_checkpoint(path)
-    prog.ehr.tokenizer.save_pretrained(str(output / "prognose" / "1" / "tokenizer"))
-    if engine == "torch":
-        shutil.copyfile(path, output / "prognosis_checkpoint.pt")
-
-
-def _prognosis_profile(name: str, cfg: DuPLUSConfig, image_dim: int) -> ShapeProfile:
-    if name == "image_features":
-        lo, opt, hi = (1, 1, 16, 16, 16), (1, 1, 128, 112, 112), (1, 1, 192, 192, 192)
-        return ShapeProfile({"image": (lo, opt, hi), "modality": ((1,),) * 3,
-                             "film": ((1, cfg.film_size),) * 3, "head_params": ((2, cfg.head_params),) * 3})
-    if name == "text_encoder_ehr":
-        return ShapeProfile({"input_ids": ((1, 1), (1, 96), (8, 256)), "attention_mask": ((1, 1), (1, 96), (8, 256))})
-    return ShapeProfile({"image_features": ((1, image_dim), (1, image_dim), (64, image_dim)),
-                         "ehr_embedding": ((1, cfg.text_dim), (1, cfg.text_dim), (64, cfg.text_dim))})
-
-
-def _write_triton_repository(output: Path, opts: RepositoryOptions, spec, encoder: TextEncoder, model: DuPLUS,
-                             ckpt: dict, checkpoint: Path) -> None:
-    """config.pbtxt for every model, python-backend sources, tokenizer files and known-target embeddings."""
-    from duplus.inference import Predictor
-    from duplus.vocabulary import PromptVocabulary
-
-    for m in repository_models(spec, opts):
-        folder = output / m.name
-        (folder / "1").mkdir(parents=True, exist_ok=True)
-        text = m.pbtxt()
-        parse_pbtxt(text)  # Triton's own schema
-        (folder / "config.pbtxt").write_text(text)
-        if m.name in opts.python_models:
-            source = SOURCE_REPOSITORY / m.name / "1" / "model.py"
-            if (folder / "1" / "model.py").resolve() != source.resolve():
-                shutil.copyfile(source, folder / "1" / "model.py")
-        elif (folder / "1" / "model.py").exists() and folder.resolve().parent != SOURCE_REPOSITORY.resolve():
-            (folder / "1" / "model.py").unlink()   # a native model of the ngc flavour
-        log.info("wrote %s/config.pbtxt (%s)", m.name, m.backend or m.platform)
-    encoder.tokenizer.save_pretrained(str(output / "tokenizer" / "1" / "tokenizer"))
-    predictor = Predictor(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), encoder)
-    names, emb = predictor.known_target_embeddings()
-    np.savez(output / "segment_volume" / "1" / KNOWN_TARGETS, names=np.array(names), embeddings=emb.numpy())
-    if opts.engine == "torch":
-        shutil.copyfile(checkpoint, output / "checkpoint.pt")
-
-
-def _profile(name: str, cfg: DuPLUSConfig, patch, max_batch: int, max_targets: int) -> ShapeProfile:
-    e = cfg.text_dim
-    if name == "text_encoder":
-        return ShapeProfile({"input_ids": ((1, 1), (8, 16), (64, 64)), "attention_mask": ((1, 1), (8, 16), (64, 64))})
-    if name == "conditioning":
-        return ShapeProfile({"t1_embedding": ((1, e), (1, e), (max_batch, e)),
-                             "t2_embedding": ((1, e), (4, e), (max_targets, e))})
-    p = tuple(patch)
-    return ShapeProfile({"image": ((1, 1) + p, (max_batch, 1) + p, (max_batch, 1) + p),
-                         "modality": ((1,), (max_batch,), (max_batch,)),
-                         "film": ((1, cfg.film_size), (max_batch, cfg.film_size), (max_batch, cfg.film_size)),
-                         "head_params": ((1, cfg.head_params), (4, cfg.head_params),
-                                         (max_targets, cfg.head_params))})
+    return {"spec": spec, "tokenizer": prog.ehr.tokenizer}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
                     help="auto: TensorRT where it imports and a GPU exists, else ONNX Runtime (CUDA provider when "
                          "present), else PyTorch CUDA on a GPU, else ONNX Runtime on CPU")
-    ap.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
-                    help="TensorRT precision (ONNX Runtime and PyTorch units stay fp32)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="TensorRT precision (ONNX Runtime and PyTorch units stay fp32); int8 quantises the image "
+                         "units (segmenter, image_features) with an entropy calibrator fed by phantom patches "
+                         "(table cached in <output>/.<unit>.int8-calibration), the text units are built in fp16")
     ap.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                     help="sliding-window patch; default: the checkpoint's training patch")
     ap.add_argument("--max-batch-size", type=int, default=4,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +39,20 @@ class ParityResult:
     max_rel: float
     atol: float
     rtol: float
+    against: str = ""    # "candidate vs reference", e.g. "TensorRT fp16 vs ONNX Runtime"
 
     @property
     def ok(self) -> bool:
         return self.max_abs <= self.atol or self.max_rel <= self.rtol
 
+    def row(self) -> dict:
+        """The manifest's record of this result."""
+        return {"output": self.output, "max_abs": self.max_abs, "max_rel": self.max_rel, "atol": self.atol,
+                "rtol": self.rtol}
+
     def __str__(self) -> str:
-        return (f"{self.unit}.{self.output}: max abs {self.max_abs:.2e} (atol {self.atol:.0e}), "
+        against = f" ({self.against})" if self.against else ""
+        return (f"{self.unit}.{self.output}{against}: max abs {self.max_abs:.2e} (atol {self.atol:.0e}), "
                 f"max rel {self.max_rel:.2e} (rtol {self.rtol:.0e}) {'ok' if self.ok else 'FAIL'}")
 
 
@@ -96,27 +104,61 @@ def check_onnx(path: Path, contract: UnitContract) -> onnx.ModelProto:
     return model
 
 
-def parity(module: nn.Module, path: Path, contract: UnitContract, inputs: list[dict[str, torch.Tensor]], *,
-           atol: float, rtol: float, session=None) -> list[ParityResult]:
-    """PyTorch vs ONNX Runtime on fresh inputs; per output the worst abs and relative error over all inputs."""
-    sess = session or ort_session(path)
+Outputs = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
+
+
+def compare_outputs(contract: UnitContract, inputs: list[dict], reference: Outputs, candidate: Outputs, *,
+                    atol: float, rtol: float, names: tuple[str, str] = ("PyTorch", "ONNX Runtime")
+                    ) -> list[ParityResult]:
+    """``candidate`` against ``reference`` on every feed of ``inputs`` (numpy arrays or torch tensors, keyed by
+    the contract's input names); per output the worst abs and relative error over all inputs.
+
+    Both callables take a dict of numpy arrays and return the outputs in contract order; ``names`` are
+    (reference, candidate) for the messages. The one parity check of the build: ONNX Runtime vs PyTorch for
+    every exported unit, TensorRT vs ONNX Runtime for every engine.
+    """
     worst: dict[str, tuple[float, float]] = {}
-    module = module.eval()
     for feed in inputs:
-        with torch.no_grad():
-            ref = module(*[feed[t.name] for t in contract.inputs])
-        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-        got = sess.run([t.name for t in contract.outputs], {k: v.numpy() for k, v in feed.items()})
+        arrays = {t.name: np.ascontiguousarray(feed[t.name].numpy() if hasattr(feed[t.name], "numpy")
+                                               else feed[t.name]) for t in contract.inputs}
+        ref, got = reference(arrays), candidate(arrays)
         for spec, r, g in zip(contract.outputs, ref, got):
-            r = r.float().numpy()
+            r, g = np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
             if r.shape != g.shape:
-                raise ContractError(f"{contract.name}.{spec.name}: ONNX Runtime shape {g.shape} != PyTorch {r.shape}")
+                raise ContractError(f"{contract.name}.{spec.name}: {names[1]} shape {g.shape} != {names[0]} {r.shape}")
             diff = np.abs(r - g)
             max_abs = float(diff.max()) if diff.size else 0.0
             max_rel = float((diff / (np.abs(r) + 1e-3)).max()) if diff.size else 0.0
             a, b = worst.get(spec.name, (0.0, 0.0))
             worst[spec.name] = (max(a, max_abs), max(b, max_rel))
-    results = [ParityResult(contract.name, name, a, r, atol, rtol) for name, (a, r) in worst.items()]
+    against = f"{names[1]} vs {names[0]}"
+    results = [ParityResult(contract.name, name, a, r, atol, rtol, against) for name, (a, r) in worst.items()]
     for res in results:
         (log.info if res.ok else log.error)("parity %s", res)
     return results
+
+
+def torch_outputs(module: nn.Module, contract: UnitContract) -> Outputs:
+    """``module`` in PyTorch eager as an :data:`Outputs` callable (no grad, float outputs as float32)."""
+    module = module.eval()
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(feed[t.name]) for t in contract.inputs])
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.float().numpy() if o.is_floating_point() else o.numpy() for o in out]
+
+    return run
+
+
+def session_outputs(session, contract: UnitContract) -> Outputs:
+    """An ONNX Runtime session as an :data:`Outputs` callable."""
+    names = [t.name for t in contract.outputs]
+    return lambda feed: session.run(names, feed)
+
+
+def parity(module: nn.Module, path: Path, contract: UnitContract, inputs: list[dict[str, torch.Tensor]], *,
+           atol: float, rtol: float, session=None) -> list[ParityResult]:
+    """PyTorch vs ONNX Runtime on fresh inputs; per output the worst abs and relative error over all inputs."""
+    return compare_outputs(contract, inputs, torch_outputs(module, contract),
+                           session_outputs(session or ort_session(path), contract), atol=atol, rtol=rtol)

@@ -1,9 +1,15 @@
-"""TensorRT engines from the ONNX units (only where the ``tensorrt`` package imports).
+"""TensorRT engines from the ONNX units (only where the ``tensorrt`` package imports and a GPU exists).
 
-Real builder code: explicit-batch network from the ONNX parser (every parser error logged,
-then a non-zero exit), one optimisation profile with min/opt/max shapes per dynamic input,
-fp16 / bf16 / int8 flags (int8 with an entropy calibrator fed by real patches), a timing
-cache reused across builds, and the engine's I/O checked against the unit's contract.
+Real builder code: explicit-batch network from the ONNX parser (every parser error logged, then an error),
+one optimisation profile with min/opt/max shapes per dynamic input, fp16 / bf16 / int8 flags, a timing cache
+reused across builds, and the engine's I/O checked against the unit's contract. ``engine_parity`` then runs
+the engine against ONNX Runtime on inputs inside the profile, with the same comparison as ONNX Runtime vs
+PyTorch (``export.onnx_export.compare_outputs``).
+
+int8 is implicit quantisation with an ``IInt8EntropyCalibrator2``: the batches come from
+``export.calibration`` (phantom patches in model space with the conditioning of real prompts, at the
+calibration profile's opt shapes) and the calibration table is cached in a file keyed by the ONNX file and
+the calibration data, so a rebuild of the same unit does not calibrate again.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from duplus.contract import UnitContract
-from export.onnx_export import ContractError
+from export.calibration import CalibrationCache, CalibrationStream
+from export.onnx_export import ContractError, ParityResult, compare_outputs, session_outputs
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def tensorrt_available() -> tuple[bool, str]:
@@ -49,54 +58,89 @@ class ShapeProfile:
             if any(not (a <= b <= c) for a, b, c in zip(lo, opt, hi)):
                 raise ValueError(f"profile {name}: need min <= opt <= max per axis, got {lo}, {opt}, {hi}")
 
+    def at(self, which: str) -> dict[str, tuple[int, ...]]:
+        """Every input's ``"min"``, ``"opt"`` or ``"max"`` shape."""
+        i = ("min", "opt", "max").index(which)
+        return {name: tuple(s[i]) for name, s in self.shapes.items()}
 
-class _Calibrator:  # built lazily so that importing this module never needs tensorrt
-    @staticmethod
-    def make(batches: list[dict[str, np.ndarray]], cache_path: Path):
-        import tensorrt as trt
-        import torch
+    def admits(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether every profiled input of ``shapes`` lies within min..max (what the engine accepts)."""
+        for name, (lo, _, hi) in self.shapes.items():
+            s = tuple(shapes.get(name, ()))
+            if len(s) != len(lo) or any(not (a <= v <= c) for a, v, c in zip(lo, s, hi)):
+                return False
+        return True
 
-        class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-            def __init__(self):
-                super().__init__()
-                self.batches = batches
-                self.index = 0
-                self.device = {}
 
-            def get_batch_size(self):
-                return 1
+@dataclass(frozen=True)
+class Calibration:
+    """What an int8 build calibrates on: the batches (made on the first request, at ``shapes``, the
+    calibration profile's opt shapes) and the cache of the calibration table."""
 
-            def get_batch(self, names):
-                if self.index >= len(self.batches):
+    stream: CalibrationStream
+    cache: CalibrationCache
+
+
+def _entropy_calibrator(calibration: Calibration):
+    """An ``IInt8EntropyCalibrator2`` over ``calibration`` (built here so that importing this module never needs
+    tensorrt). A failure inside a callback is kept in ``.error`` (TensorRT swallows Python exceptions) and
+    raised by ``build_engine`` after the build."""
+    import tensorrt as trt
+    import torch
+
+    if not hasattr(trt, "IInt8EntropyCalibrator2"):
+        raise RuntimeError(f"TensorRT {trt.__version__} has no IInt8EntropyCalibrator2 (implicit int8 quantisation "
+                           "was removed); build with --precision fp16 or bf16")
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.error: BaseException | None = None
+            self.device: list = []   # the current batch on the GPU, alive until the next get_batch
+
+        def get_batch_size(self):
+            return 1  # explicit batch: the batch axis is part of each input's shape
+
+        def get_batch(self, names):
+            try:
+                arrays = calibration.stream.next(list(names))
+                if arrays is None:
                     return None
-                feed = self.batches[self.index]
-                self.index += 1
-                ptrs = []
-                for n in names:
-                    self.device[n] = torch.from_numpy(np.ascontiguousarray(feed[n])).cuda()
-                    ptrs.append(int(self.device[n].data_ptr()))
-                return ptrs
+                self.device = [torch.from_numpy(a).cuda() for a in arrays]
+                return [int(t.data_ptr()) for t in self.device]
+            except Exception as exc:  # noqa: BLE001 - kept and raised after the build
+                self.error = exc
+                return None
 
-            def read_calibration_cache(self):
-                return cache_path.read_bytes() if cache_path.is_file() else None
+        def read_calibration_cache(self):
+            return calibration.cache.read()
 
-            def write_calibration_cache(self, cache):
-                cache_path.write_bytes(bytes(cache))
+        def write_calibration_cache(self, cache):
+            try:
+                calibration.cache.write(bytes(cache))
+            except Exception as exc:  # noqa: BLE001
+                self.error = exc
 
-        return EntropyCalibrator()
+    return EntropyCalibrator()
 
 
 def build_engine(onnx_path: Path, engine_path: Path, contract: UnitContract, profile: ShapeProfile, *,
                  precision: str = "fp16", workspace_gb: float = 4.0, timing_cache: Path | None = None,
-                 calibration: list[dict[str, np.ndarray]] | None = None) -> Path:
-    """Build and serialise a TensorRT engine for one unit; raises on any parser or contract error."""
+                 calibration: Calibration | None = None) -> Path:
+    """Build and serialise a TensorRT engine for one unit; raises on any parser, calibration or contract error."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8":
+        if calibration is None:
+            raise ValueError(f"{contract.name}: int8 needs calibration data (export.calibration)")
+        if dict(calibration.stream.shapes) != profile.at("opt"):
+            raise ValueError(f"{contract.name}: calibration shapes {calibration.stream.shapes} are not the profile's "
+                             f"opt shapes {profile.at('opt')}")
     ok, why = tensorrt_available()
     if not ok:
         raise RuntimeError(f"TensorRT engine requested but unavailable: {why}")
     import tensorrt as trt
 
-    if precision not in ("fp32", "fp16", "bf16", "int8"):
-        raise ValueError(f"precision must be fp32, fp16, bf16 or int8, got {precision!r}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -110,16 +154,16 @@ def build_engine(onnx_path: Path, engine_path: Path, contract: UnitContract, pro
         raise RuntimeError(f"TensorRT could not parse {onnx_path} ({parser.num_errors} errors)")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    calibrator = None
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
     elif precision == "int8":
-        if not calibration:
-            raise ValueError("int8 needs calibration batches (real phantom patches)")
         config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.int8_calibrator = _Calibrator.make(calibration, engine_path.with_suffix(".calib"))
+        config.set_flag(trt.BuilderFlag.FP16)  # layers without an int8 kernel fall back to fp16, not fp32
+        calibrator = _entropy_calibrator(calibration)
+        config.int8_calibrator = calibrator
     cache = None
     if timing_cache is not None:
         cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
@@ -134,7 +178,11 @@ def build_engine(onnx_path: Path, engine_path: Path, contract: UnitContract, pro
         elif any(d < 0 for d in tensor.shape):
             raise ValueError(f"dynamic input {tensor.name} {tuple(tensor.shape)} has no min/opt/max profile")
     config.add_optimization_profile(opt_profile)
+    if calibrator is not None:
+        config.set_calibration_profile(opt_profile)  # calibration batches have its opt shapes
     serialized = builder.build_serialized_network(network, config)
+    if calibrator is not None and calibrator.error is not None:
+        raise RuntimeError(f"{contract.name}: int8 calibration failed: {calibrator.error}") from calibrator.error
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {engine_path.name}")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,3 +213,55 @@ def check_engine(engine_path: Path, contract: UnitContract) -> None:
         if dtype != spec.dtype:
             raise ContractError(f"{contract.name}.{spec.name}: engine dtype {dtype} != contract {spec.dtype}")
         log.info("  engine %s %s %s %s", contract.name, spec.name, dtype, tuple(engine.get_tensor_shape(spec.name)))
+
+
+class _EngineOutputs:
+    """A built engine as an ``export.onnx_export.Outputs`` callable (parity only; serving has
+    ``serving.runtime.TensorRTRunner``)."""
+
+    def __init__(self, engine_path: Path, contract: UnitContract):
+        import tensorrt as trt
+        import torch
+
+        self.torch = torch
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if engine is None:
+            raise RuntimeError(f"could not deserialise {engine_path}")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.contract = contract
+        self.stream = torch.cuda.Stream()
+        self.dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
+                       "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        keep = []
+        for spec in self.contract.inputs:
+            x = torch.from_numpy(np.ascontiguousarray(feed[spec.name])).cuda()
+            keep.append(x)
+            if not self.context.set_input_shape(spec.name, tuple(x.shape)):
+                raise ContractError(f"{self.contract.name}: parity input {spec.name} of shape {tuple(x.shape)} is "
+                                    "outside the engine's optimisation profile")
+            self.context.set_tensor_address(spec.name, x.data_ptr())
+        outs = []
+        for spec in self.contract.outputs:
+            y = torch.empty(tuple(self.context.get_tensor_shape(spec.name)), dtype=self.dtypes[spec.dtype],
+                            device="cuda")
+            outs.append(y)
+            self.context.set_tensor_address(spec.name, y.data_ptr())
+        torch.cuda.synchronize()  # the inputs' copies (default stream) before the engine's stream reads them
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"{self.contract.name}: TensorRT execution failed")
+        self.stream.synchronize()
+        return [y.float().cpu().numpy() if y.is_floating_point() else y.cpu().numpy() for y in outs]
+
+
+def engine_parity(engine_path: Path, onnx_path: Path, contract: UnitContract, inputs: list[dict], *, atol: float,
+                  rtol: float, precision: str) -> list[ParityResult]:
+    """The engine against ONNX Runtime on the same ONNX file, on ``inputs`` (inside the engine's profile)."""
+    from duplus.ort import ort_session
+
+    return compare_outputs(contract, inputs, session_outputs(ort_session(onnx_path), contract),
+                           _EngineOutputs(engine_path, contract), atol=atol, rtol=rtol,
+                           names=("ONNX Runtime", f"TensorRT {precision}"))

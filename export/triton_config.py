@@ -1,7 +1,7 @@
 """Triton ``config.pbtxt`` generated from typed objects, never edited by hand.
 
-Frozen dataclasses describe each model (tensors, batching, instance groups, response cache,
-warm-up, ensemble steps); ``ModelConfig.to_proto`` turns one into Triton's own protobuf message
+Frozen dataclasses describe each model (tensors, instance groups, response cache, warm-up,
+ensemble steps); ``ModelConfig.to_proto`` turns one into Triton's own protobuf message
 (``tritonclient.grpc.model_config_pb2.ModelConfig``), so a field Triton does not know is an error
 at build time, and ``pbtxt`` is that message in protobuf text format.
 
@@ -52,7 +52,6 @@ class TritonTensor:
     name: str
     dtype: str                     # numpy-style name, "bytes" for TYPE_STRING
     dims: tuple[int, ...]          # -1 for a dynamic axis (no batch axis: all models use max_batch_size 0)
-    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in TRITON_DTYPES:
@@ -79,12 +78,6 @@ class InstanceGroup:
 
 
 @dataclass(frozen=True)
-class DynamicBatching:
-    preferred_batch_size: tuple[int, ...] = ()
-    max_queue_delay_microseconds: int = 0
-
-
-@dataclass(frozen=True)
 class EnsembleStep:
     model_name: str
     input_map: tuple[tuple[str, str], ...]    # (the step model's input, ensemble tensor)
@@ -93,9 +86,10 @@ class EnsembleStep:
 
 @dataclass(frozen=True)
 class Warmup:
+    """One warm-up request of zeros (the python-backend units load their runner on it)."""
+
     name: str
-    inputs: tuple[tuple[TritonTensor, str], ...]   # (tensor with concrete dims, "zero" | "random")
-    count: int = 1
+    inputs: tuple[TritonTensor, ...]   # concrete dims
 
 
 @dataclass(frozen=True)
@@ -105,9 +99,7 @@ class ModelConfig:
     outputs: tuple[TritonTensor, ...]
     backend: str | None = None            # "python", "onnxruntime", "tensorrt"
     platform: str | None = None           # "ensemble", "onnxruntime_onnx", "tensorrt_plan"
-    max_batch_size: int = 0
     instance_groups: tuple[InstanceGroup, ...] = ()
-    dynamic_batching: DynamicBatching | None = None
     response_cache: bool = False
     parameters: tuple[tuple[str, str], ...] = ()
     steps: tuple[EnsembleStep, ...] = ()
@@ -119,15 +111,14 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: give a backend or a platform")
         if self.platform == "ensemble" and not self.steps:
             raise ValueError(f"ensemble {self.name} has no steps")
-        if self.max_batch_size < 0:
-            raise ValueError(f"model {self.name}: max_batch_size must be >= 0")
         names = [t.name for t in self.inputs] + [t.name for t in self.outputs]
         if len(set(names)) != len(names):
             raise ValueError(f"model {self.name}: duplicate tensor names {names}")
 
     def to_proto(self):
         pb = _pb()
-        m = pb.ModelConfig(name=self.name, max_batch_size=self.max_batch_size)
+        # max_batch_size 0: K targets and sliding-window patches are not a batch axis Triton may split or merge
+        m = pb.ModelConfig(name=self.name, max_batch_size=0)
         if self.backend:
             m.backend = self.backend
         if self.platform:
@@ -135,15 +126,11 @@ class ModelConfig:
         if self.default_model_filename:
             m.default_model_filename = self.default_model_filename
         for t in self.inputs:
-            m.input.add(name=t.name, data_type=pb.DataType.Value(TRITON_DTYPES[t.dtype]), dims=list(t.dims),
-                        optional=t.optional)
+            m.input.add(name=t.name, data_type=pb.DataType.Value(TRITON_DTYPES[t.dtype]), dims=list(t.dims))
         for t in self.outputs:
             m.output.add(name=t.name, data_type=pb.DataType.Value(TRITON_DTYPES[t.dtype]), dims=list(t.dims))
         for g in self.instance_groups:
             m.instance_group.add(count=g.count, kind=pb.ModelInstanceGroup.Kind.Value(g.kind))
-        if self.dynamic_batching is not None:
-            m.dynamic_batching.preferred_batch_size.extend(self.dynamic_batching.preferred_batch_size)
-            m.dynamic_batching.max_queue_delay_microseconds = self.dynamic_batching.max_queue_delay_microseconds
         if self.response_cache:
             m.response_cache.enable = True
         for k, v in self.parameters:
@@ -155,15 +142,12 @@ class ModelConfig:
             for k, v in s.output_map:
                 step.output_map[k] = v
         for w in self.warmup:
-            sample = m.model_warmup.add(name=w.name, batch_size=1, count=w.count)
-            for t, data in w.inputs:
+            sample = m.model_warmup.add(name=w.name, batch_size=1, count=1)
+            for t in w.inputs:
                 inp = sample.inputs[t.name]
                 inp.data_type = pb.DataType.Value(TRITON_DTYPES[t.dtype])
                 inp.dims.extend(t.dims)
-                if data == "random":
-                    inp.random_data = True
-                else:
-                    inp.zero_data = True
+                inp.zero_data = True
         return m
 
     def pbtxt(self) -> str:
@@ -208,8 +192,8 @@ class RepositoryOptions:
 S = "bytes"
 
 
-def _t(name, dtype, *dims, optional=False) -> TritonTensor:
-    return TritonTensor(name, dtype, tuple(dims), optional)
+def _t(name, dtype, *dims) -> TritonTensor:
+    return TritonTensor(name, dtype, tuple(dims))
 
 
 def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -> list[ModelConfig]:
@@ -244,11 +228,11 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
             default_model_filename=("model.plan" if opts.engine == "tensorrt" else "model.onnx") if native else "")
 
     models.append(unit_model("text_encoder", Warmup("prompt", (
-        (_t("input_ids", "int64", 1, 8), "zero"), (_t("attention_mask", "int64", 1, 8), "zero"))), cache=True))
+        _t("input_ids", "int64", 1, 8), _t("attention_mask", "int64", 1, 8))), cache=True))
     models.append(unit_model("conditioning", None, cache=True))
     models.append(unit_model("segmenter", Warmup("patch", (
-        (_t("image", "float32", 1, 1, px, py, pz), "zero"), (_t("modality", "int64", 1), "zero"),
-        (_t("film", "float32", 1, film), "zero"), (_t("head_params", "float32", 1, head), "zero"))),
+        _t("image", "float32", 1, 1, px, py, pz), _t("modality", "int64", 1), _t("film", "float32", 1, film),
+        _t("head_params", "float32", 1, head))),
         cache=False, instances=opts.segmenter_instances))
 
     prompt_steps = (

@@ -43,7 +43,7 @@ class OnnxRuntimeRunner:
 
 
 class TensorRTRunner:
-    """A TensorRT engine with dynamic shapes; buffers are torch CUDA tensors."""
+    """A TensorRT engine with dynamic shapes; buffers are torch CUDA tensors on the runner's stream."""
 
     def __init__(self, path: Path, contract: UnitContract, *, device_id: int = 0):
         import tensorrt as trt
@@ -61,22 +61,37 @@ class TensorRTRunner:
         self._dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
                         "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 
+    def _refused(self, name: str, shape: tuple[int, ...]) -> str:
+        """Why ``context.set_input_shape(name, shape)`` failed, naming the tensor, the shape and the profile."""
+        try:
+            lo, _, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
+            allowed = f"the engine's optimisation profile allows {lo} to {hi}"
+        except Exception:  # noqa: BLE001 - the message only
+            allowed = "it is outside the engine's optimisation profile"
+        return (f"{self.contract.name}: TensorRT refused input {name} of shape {shape}: {allowed}; rebuild the "
+                "engine for this shape (export/build_engines.py --patch-size / --max-batch-size / --max-targets)")
+
     def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from duplus.contract import InvalidRequest
+
         torch = self.torch
         keep = []
-        for spec in self.contract.inputs:
-            x = torch.from_numpy(np.ascontiguousarray(feed[spec.name])).to(self.device)
-            keep.append(x)
-            self.context.set_input_shape(spec.name, tuple(x.shape))
-            self.context.set_tensor_address(spec.name, x.data_ptr())
-        outs = {}
-        for spec in self.contract.outputs:
-            shape = tuple(self.context.get_tensor_shape(spec.name))
-            y = torch.empty(shape, dtype=self._dtypes[spec.dtype], device=self.device)
-            outs[spec.name] = y
-            self.context.set_tensor_address(spec.name, y.data_ptr())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError(f"{self.contract.name}: TensorRT execution failed")
+        with torch.cuda.stream(self.stream):   # copies, outputs and the engine on one stream: no cross-stream race
+            for spec in self.contract.inputs:
+                x = torch.from_numpy(np.ascontiguousarray(feed[spec.name])).to(self.device)
+                keep.append(x)
+                shape = tuple(x.shape)
+                if not self.context.set_input_shape(spec.name, shape):
+                    raise InvalidRequest(self._refused(spec.name, shape))
+                self.context.set_tensor_address(spec.name, x.data_ptr())
+            outs = {}
+            for spec in self.contract.outputs:
+                shape = tuple(self.context.get_tensor_shape(spec.name))
+                y = torch.empty(shape, dtype=self._dtypes[spec.dtype], device=self.device)
+                outs[spec.name] = y
+                self.context.set_tensor_address(spec.name, y.data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError(f"{self.contract.name}: TensorRT execution failed")
         self.stream.synchronize()
         return {k: v.cpu().numpy() for k, v in outs.items()}
 

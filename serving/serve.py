@@ -83,15 +83,25 @@ def check_repository(repository: Path, checkpoint: Path | None = None) -> dict:
         raise RepositoryError(f"{repository} is the {manifest.get('target')} flavour, for the NGC Triton container; "
                               "this server needs --target embedded")
     missing = [m for m in manifest.get("models", MODELS) if not (repository / m / "config.pbtxt").is_file()]
-    for _unit, entry in manifest.get("units", {}).items():
-        for key in ("onnx", "plan"):
+    # a unit's files and the manifest key of each one's sha256: the ONNX file (onnxruntime, tensorrt), the engine
+    # (tensorrt), or the checkpoint a torch-engine unit runs from (checkpoint.pt / prognosis_checkpoint.pt, no ONNX)
+    hashed = {"onnx": "sha256", "checkpoint": "sha256", "plan": "plan_sha256"}
+    for unit, entry in manifest.get("units", {}).items():
+        if "onnx" not in entry and "checkpoint" not in entry:
+            missing.append(f"{unit}'s model file (the manifest names neither an onnx file nor a checkpoint)")
+        for key in hashed:
             if key in entry and not (repository / entry[key]).is_file():
                 missing.append(entry[key])
     if missing:
         raise RepositoryError(f"{repository} is incomplete (missing {', '.join(missing)}); {rebuild}")
+    sums: dict[str, str] = {}   # a checkpoint serves several units: hash it once
     for _unit, entry in manifest.get("units", {}).items():
-        if file_sha256(repository / entry["onnx"]) != entry["sha256"]:
-            raise RepositoryError(f"{repository}/{entry['onnx']} changed since the build; {rebuild}")
+        for key, sha_key in hashed.items():
+            if key in entry and sha_key in entry:
+                if entry[key] not in sums:
+                    sums[entry[key]] = file_sha256(repository / entry[key])
+                if sums[entry[key]] != entry[sha_key]:
+                    raise RepositoryError(f"{repository}/{entry[key]} changed since the build; {rebuild}")
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():

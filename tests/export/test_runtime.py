@@ -18,7 +18,7 @@ from tests.export.test_triton_config import SMALL
 
 
 @pytest.fixture(scope="module")
-def small_repo(tmp_path_factory):
+def small_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
     torch.manual_seed(1)
     ckpt = root / "small.pt"
@@ -26,17 +26,33 @@ def small_repo(tmp_path_factory):
     torch.nn.init.normal_(model.conditioning.film[-1].weight, std=0.05)
     torch.save({"model_config": SMALL.to_dict(), "state_dict": model.state_dict(),
                 "vocabulary": PromptVocabulary().to_dict()}, ckpt)
-    manifest = build(ckpt, root / "repo", engine="torch", units=("conditioning", "segmenter"))
-    return root / "repo", manifest, ckpt
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def small_repo(small_checkpoint):
+    """ONNX Runtime units (model.onnx files)."""
+    repo = small_checkpoint.parent / "repo"
+    manifest = build(small_checkpoint, repo, engine="onnxruntime", units=("conditioning", "segmenter"))
+    return repo, manifest, small_checkpoint
+
+
+@pytest.fixture(scope="module")
+def torch_repo(small_checkpoint):
+    """PyTorch units: they run from the repository's checkpoint.pt, no ONNX is exported."""
+    repo = small_checkpoint.parent / "torch_repo"
+    manifest = build(small_checkpoint, repo, engine="torch", units=("conditioning", "segmenter"))
+    return repo, manifest, small_checkpoint
 
 
 @pytest.mark.parametrize("unit", ["conditioning", "segmenter"])
-def test_onnxruntime_and_torch_runners_agree(small_repo, unit):
+def test_onnxruntime_and_torch_runners_agree(small_repo, torch_repo, unit):
     repo, manifest, _ = small_repo
     contract = UnitContract.from_manifest(unit, manifest["units"][unit])
     feed = {k: v.numpy() for k, v in example_inputs(unit, SMALL, batch=2, k=3, seed=11).items()}
     ort = make_runner(unit, repo / unit / "1", contract, "onnxruntime", threads=1)(feed)
-    eager = make_runner(unit, repo / unit / "1", contract, "torch", checkpoint=repo / "checkpoint.pt")(feed)
+    trepo = torch_repo[0]
+    eager = make_runner(unit, trepo / unit / "1", contract, "torch", checkpoint=trepo / "checkpoint.pt")(feed)
     assert set(ort) == {t.name for t in contract.outputs}
     for name in ort:
         assert ort[name].shape == eager[name].shape
@@ -57,7 +73,7 @@ from pathlib import Path
 import serving.triton_models
 from duplus.contract import UnitContract
 from serving.runtime import make_runner
-from serving.pipelines import read_manifest
+from serving.requests import read_manifest
 repo = Path({str(repo)!r})
 manifest = read_manifest(repo)
 contract = UnitContract.from_manifest("segmenter", manifest["units"]["segmenter"])
@@ -102,3 +118,84 @@ def test_tensorrt_runner_matches_onnxruntime(small_repo, tmp_path):
     trt = make_runner("segmenter", tmp_path / "trt" / "segmenter" / "1", contract, "tensorrt")(feed)
     ort = make_runner("segmenter", tmp_path / "trt" / "segmenter" / "1", contract, "onnxruntime")(feed)
     assert np.abs(trt["logits"] - ort["logits"]).max() < 1e-2
+
+
+def test_torch_engine_exports_no_onnx_and_its_repository_checks(torch_repo, tmp_path):
+    """--engine torch: no model.onnx (the units run from checkpoint.pt); each manifest entry names the checkpoint
+    and its sha256, check_repository accepts the repository and still catches an edited or missing checkpoint."""
+    from serving.serve import RepositoryError
+
+    repo, manifest, ckpt = torch_repo
+    assert not list(repo.glob("*/1/model.onnx")) and not list(repo.glob("*/1/model.plan"))
+    for name, entry in manifest["units"].items():
+        assert "onnx" not in entry and "parity" not in entry, name
+        assert entry["checkpoint"] == "checkpoint.pt" and entry["sha256"] == manifest["checkpoint_sha256"], name
+        assert UnitContract.from_manifest(name, entry).inputs  # the serving side reads its contract from here
+    assert check_repository(repo, ckpt)["engine"] == "torch"
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    with open(copy / "checkpoint.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(RepositoryError, match="checkpoint.pt changed since the build"):
+        check_repository(copy)
+    (copy / "checkpoint.pt").unlink()
+    with pytest.raises(RepositoryError, match="incomplete.*checkpoint.pt"):
+        check_repository(copy)
+
+
+def test_a_rebuild_with_another_engine_leaves_no_stale_unit_files(small_checkpoint, tmp_path):
+    out = tmp_path / "repo"
+    build(small_checkpoint, out, engine="onnxruntime", units=("conditioning",))
+    assert (out / "conditioning" / "1" / "model.onnx").is_file()
+    manifest = build(small_checkpoint, out, engine="torch", units=("conditioning",))
+    assert not (out / "conditioning" / "1" / "model.onnx").exists()
+    assert check_repository(out, small_checkpoint)["units"] == manifest["units"]
+
+
+def test_torch_engine_with_prognosis_runs_from_both_checkpoints(tmp_path):
+    """The shipped checkpoints with --engine torch: image_features runs from checkpoint.pt, the EHR encoder and
+    the head from prognosis_checkpoint.pt; the LoRA merge is still checked; editing either copy is caught."""
+    from serving.serve import RepositoryError
+    from tests.conftest import DEMO_CHECKPOINT, PROGNOSIS_CHECKPOINT
+
+    out = tmp_path / "repo"
+    manifest = build(DEMO_CHECKPOINT, out, engine="torch", units=("conditioning",),
+                     prognosis_checkpoint=PROGNOSIS_CHECKPOINT)
+    assert not list(out.glob("*/1/model.onnx"))
+    units = manifest["units"]
+    assert units["image_features"]["checkpoint"] == "checkpoint.pt"
+    assert units["text_encoder_ehr"]["checkpoint"] == units["prognosis"]["checkpoint"] == "prognosis_checkpoint.pt"
+    assert units["prognosis"]["sha256"] == manifest["prognosis"]["checkpoint_sha256"]
+    assert manifest["prognosis"]["lora_merge_max_abs"] <= 1e-5
+    check_repository(out, DEMO_CHECKPOINT)
+    with open(out / "prognosis_checkpoint.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(RepositoryError, match="prognosis_checkpoint.pt changed since the build"):
+        check_repository(out, DEMO_CHECKPOINT)
+
+
+def test_tensorrt_runner_names_a_shape_outside_the_profile():
+    """set_input_shape's refusal becomes an InvalidRequest naming the unit, the tensor, the shape and the
+    profile (a stand-in engine and context: the runner's own code, without TensorRT or a GPU)."""
+    from duplus.contract import InvalidRequest, contracts
+    from serving.runtime import TensorRTRunner
+
+    class Engine:
+        def get_tensor_profile_shape(self, name, profile):
+            return [(1, 1, 32, 32, 16), (4, 1, 32, 32, 16), (4, 1, 32, 32, 16)]
+
+    class Context:
+        def set_input_shape(self, name, shape):
+            return shape[0] <= 4
+
+        def set_tensor_address(self, name, ptr):
+            pass
+
+    runner = TensorRTRunner.__new__(TensorRTRunner)
+    runner.torch, runner.device, runner.engine, runner.context = torch, torch.device("cpu"), Engine(), Context()
+    runner.contract = contracts(SMALL)["segmenter"]
+    runner.stream = None
+    feed = {k: v.numpy() for k, v in example_inputs("segmenter", SMALL, batch=6, k=2, seed=1).items()}
+    with pytest.raises(InvalidRequest, match=r"segmenter: TensorRT refused input image of shape \(6, 1, 32, 32, 16\)"
+                                             r".*allows \(1, 1, 32, 32, 16\) to \(4, 1, 32, 32, 16\)"):
+        runner(feed)
