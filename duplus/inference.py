@@ -203,6 +203,14 @@ class Predictor:
         return cls(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), device=device, **kwargs)
 
     @property
+    def overlap(self) -> float:
+        return self.limits.overlap
+
+    @property
+    def sw_batch_size(self) -> int:
+        return self.limits.sw_batch_size
+
+    @property
     def pipeline(self) -> SegmentationPipeline:
         """The whole-volume pipeline over this model (built on first use: it encodes the known targets)."""
         if self._pipeline is None:

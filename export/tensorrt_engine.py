@@ -215,53 +215,19 @@ def check_engine(engine_path: Path, contract: UnitContract) -> None:
         log.info("  engine %s %s %s %s", contract.name, spec.name, dtype, tuple(engine.get_tensor_shape(spec.name)))
 
 
-class _EngineOutputs:
-    """A built engine as an ``export.onnx_export.Outputs`` callable (parity only; serving has
-    ``serving.runtime.TensorRTRunner``)."""
-
-    def __init__(self, engine_path: Path, contract: UnitContract):
-        import tensorrt as trt
-        import torch
-
-        self.torch = torch
-        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if engine is None:
-            raise RuntimeError(f"could not deserialise {engine_path}")
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        self.contract = contract
-        self.stream = torch.cuda.Stream()
-        self.dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
-                       "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
-
-    def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        torch = self.torch
-        keep = []
-        for spec in self.contract.inputs:
-            x = torch.from_numpy(np.ascontiguousarray(feed[spec.name])).cuda()
-            keep.append(x)
-            if not self.context.set_input_shape(spec.name, tuple(x.shape)):
-                raise ContractError(f"{self.contract.name}: parity input {spec.name} of shape {tuple(x.shape)} is "
-                                    "outside the engine's optimisation profile")
-            self.context.set_tensor_address(spec.name, x.data_ptr())
-        outs = []
-        for spec in self.contract.outputs:
-            y = torch.empty(tuple(self.context.get_tensor_shape(spec.name)), dtype=self.dtypes[spec.dtype],
-                            device="cuda")
-            outs.append(y)
-            self.context.set_tensor_address(spec.name, y.data_ptr())
-        torch.cuda.synchronize()  # the inputs' copies (default stream) before the engine's stream reads them
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError(f"{self.contract.name}: TensorRT execution failed")
-        self.stream.synchronize()
-        return [y.float().cpu().numpy() if y.is_floating_point() else y.cpu().numpy() for y in outs]
-
-
 def engine_parity(engine_path: Path, onnx_path: Path, contract: UnitContract, inputs: list[dict], *, atol: float,
                   rtol: float, precision: str) -> list[ParityResult]:
     """The engine against ONNX Runtime on the same ONNX file, on ``inputs`` (inside the engine's profile)."""
     from duplus.ort import ort_session
+    from duplus.trt import TensorRTEngine
 
-    return compare_outputs(contract, inputs, session_outputs(ort_session(onnx_path), contract),
-                           _EngineOutputs(engine_path, contract), atol=atol, rtol=rtol,
+    engine = TensorRTEngine(engine_path, contract)
+
+    def engine_outputs(feed: dict) -> list[np.ndarray]:
+        out = engine(feed)
+        return [out[t.name].astype(np.float32) if out[t.name].dtype == np.float16 else out[t.name]
+                for t in contract.outputs]
+
+    return compare_outputs(contract, inputs, session_outputs(ort_session(onnx_path), contract), engine_outputs,
+                           atol=atol, rtol=rtol,
                            names=("ONNX Runtime", f"TensorRT {precision}"))

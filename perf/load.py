@@ -2,7 +2,7 @@
 
     python -m perf.load --users 2 --spawn-rate 1 --duration 60 --volumes ct_head_neck
 
-Prepares the phantom volumes and realistic prompt phrasings (``cases.npz``), starts the Triton
+Prepares the phantom volumes and realistic prompt phrasings (``locust_cases.npz``), starts the Triton
 server on the built repository unless ``--url`` names a running one on 127.0.0.1, runs locust
 headless with a bounded number of users, spawn rate and duration, and writes
 ``perf/results/<label>/locust_stats.csv`` (locust's own CSVs) plus ``locust_summary.csv``: per
@@ -21,33 +21,27 @@ from pathlib import Path
 
 import numpy as np
 
-from perf.bench import TARGETS
+from perf.volumes import VOLUMES, make_volume
 
 log = logging.getLogger("load")
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-# name -> (region, modality, seed, acquisition spacing or None for the seed's own)
-VOLUMES = {"ct_abdomen": ("abdomen", "CT", 424242, None), "ct_head_neck": ("head_neck", "CT", 444444, None),
-           "pet_head_neck": ("head_neck", "PET", 444444, None),
-           "small_ct_head_neck": ("head_neck", "CT", 454545, (3.0, 3.0, 3.0))}
 
 
 def write_cases(names: list[str], path: Path) -> Path:
-    from duplus.synth.phantoms import AcquisitionSpec, generate_phantom
+    """The locust cases (read by perf/locustfile.py): each benchmark volume with every T1 paraphrase of its
+    modality and region and every synonym of its targets."""
     from duplus.vocabulary import t1_paraphrases, t2_paraphrases
 
     arrays: dict[str, np.ndarray] = {"count": np.array(len(names))}
     for i, name in enumerate(names):
-        region, modality, seed, spacing = VOLUMES[name]
-        acq = AcquisitionSpec(spacing=spacing, axis_order=(0, 1, 2), flips=(True, True, False), noise=1.0) \
-            if spacing else None
-        ph = generate_phantom(region, modality, seed, acquisition=acq)
+        ph, targets = make_volume(name), VOLUMES[name].targets
         arrays.update({f"name_{i}": np.array(name), f"volume_{i}": ph.image.astype(np.float32),
-                       f"affine_{i}": ph.affine.astype(np.float64), f"modality_{i}": np.array(modality),
-                       f"t1_{i}": np.array(t1_paraphrases(modality, region, ph.sequence)),
-                       f"targets_{i}": np.array(TARGETS[region])})
-        for j, target in enumerate(TARGETS[region]):
+                       f"affine_{i}": ph.affine.astype(np.float64), f"modality_{i}": np.array(ph.modality),
+                       f"t1_{i}": np.array(t1_paraphrases(ph.modality, ph.region, ph.sequence)),
+                       f"targets_{i}": np.array(targets)})
+        for j, target in enumerate(targets):
             arrays[f"syn_{i}_{j}"] = np.array(t2_paraphrases(target, descriptions=False))
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
@@ -105,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spawn-rate", type=float, default=1.0, help="users started per second")
     ap.add_argument("--duration", type=int, default=60, help="run time in seconds")
     ap.add_argument("--volumes", nargs="+", default=["ct_head_neck"], choices=sorted(VOLUMES),
-                    help="phantom volumes the users pick from")
+                    help="phantom volumes the users pick from (perf/volumes.py)")
     ap.add_argument("--url", default=None, help="gRPC url of a running server on loopback (default: start one)")
     ap.add_argument("--repository", default=str(ROOT / "model_repository"), help="repository to serve when no --url")
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "duplus_demo.pt"),

@@ -8,11 +8,12 @@ into its own tool environment ``.venv-perf`` (that wheel pins numpy<2 and protob
 conflict with the project's); it needs Debian's ``libb64-0d`` and ``libcudart.so.12`` (from
 ``nvidia-cuda-runtime-cu12`` in the same tool environment, put on LD_LIBRARY_PATH here).
 
-Input data is a perf_analyzer JSON file made from a phantom, never random bytes: a 96x96x64
-patch of a held-out CT phantom in model space (around the liver) with the prompts "CT",
-"CT of the abdomen", ["liver", "spleen"]; for ``segmenter`` the conditioning those prompts give;
-for ``segment_volume`` a whole head-and-neck CT phantom with its affine. Results go to CSV
-(perf_analyzer's own ``-f`` format, one file per model and shared-memory mode).
+Input data is a perf_analyzer JSON file made from the benchmark volumes (perf/volumes.py), never
+random bytes: a 96x96x64 patch of the held-out CT phantom ``ct_abdomen`` in model space (around the
+liver) with the prompts "CT", "CT of the abdomen", ["liver", "spleen"]; for ``segmenter`` the
+conditioning those prompts give; for ``segment_volume`` the whole head-and-neck CT ``ct_head_neck``
+with its affine and prompts. Results go to CSV (perf_analyzer's own ``-f`` format, one file per
+model and shared-memory mode).
 """
 
 from __future__ import annotations
@@ -29,11 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
+from perf import volumes
+
 log = logging.getLogger("perf_analyzer")
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL_ENV = ROOT / ".venv-perf"
 MODELS = ("segment_patch", "segmenter", "encode_prompts", "segment_volume")
+# benchmark volumes (perf/volumes.py): the patch models get a patch of PATCH_VOLUME with PROMPTS,
+# segment_volume the whole WHOLE_VOLUME with its own prompts
+PATCH_VOLUME, WHOLE_VOLUME = "ct_abdomen", "ct_head_neck"
 PROMPTS = {"MODALITY": ["CT"], "T1": ["CT of the abdomen"], "TARGETS": ["liver", "spleen"]}
 
 
@@ -66,37 +72,24 @@ def _strings(values: list[str]) -> dict:
 
 
 def phantom_patch(checkpoint: Path | None = None) -> tuple[np.ndarray, dict]:
-    """A real 96x96x64 model-space patch around the liver of a held-out CT phantom (+ its conditioning)."""
-    from duplus.preprocessing import to_model_space
-    from duplus.synth.phantoms import generate_phantom
-
-    ph = generate_phantom("abdomen", "CT", 424242)
-    x, y = to_model_space(ph.image, ph.affine, "CT", label=ph.label)
-    x, y = np.asarray(x[0]), np.asarray(y[0])
-    liver = np.argwhere(y == ph.label_names.index("liver") + 1).mean(0).astype(int)
-    size = np.array([96, 96, 64])
-    start = np.clip(liver - size // 2, 0, np.maximum(np.array(x.shape) - size, 0))
-    patch = np.zeros(size, dtype=np.float32) + x.min()
-    crop = x[start[0]:start[0] + 96, start[1]:start[1] + 96, start[2]:start[2] + 64]
-    patch[:crop.shape[0], :crop.shape[1], :crop.shape[2]] = crop
+    """A real 96x96x64 model-space patch around the liver of PATCH_VOLUME (+ the conditioning of PROMPTS)."""
+    patch = volumes.phantom_patch(PATCH_VOLUME, (96, 96, 64), around="liver")
     cond = {}
     if checkpoint is not None:
         from duplus.inference import Predictor
 
         c = Predictor.from_checkpoint(checkpoint).condition(PROMPTS["T1"][0], PROMPTS["TARGETS"])
         cond = {"film": c.film.numpy().astype(np.float32), "head_params": c.head_params.numpy().astype(np.float32)}
-    return patch[None, None], cond
+    return patch, cond
 
 
 def input_data(model: str, checkpoint: Path) -> dict:
     """perf_analyzer's --input-data JSON for one model."""
     if model == "segment_volume":
-        from duplus.synth.phantoms import generate_phantom
-
-        ph = generate_phantom("head_neck", "CT", 444444)
+        ph = volumes.make_volume(WHOLE_VOLUME)
         entry = {"VOLUME": _tensor(ph.image.astype(np.float32)), "AFFINE": _tensor(ph.affine.astype(np.float64)),
-                 "MODALITY": _strings(["CT"]), "T1": _strings(["CT of the head and neck"]),
-                 "TARGETS": _strings(["primary tumour", "lymph node"])}
+                 "MODALITY": _strings([ph.modality]), "T1": _strings([volumes.t1_prompt(WHOLE_VOLUME, ph.sequence)]),
+                 "TARGETS": _strings(volumes.VOLUMES[WHOLE_VOLUME].targets)}
     elif model == "encode_prompts":
         entry = {k: _strings(v) for k, v in PROMPTS.items()}
     elif model == "segment_patch":

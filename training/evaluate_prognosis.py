@@ -63,8 +63,12 @@ class OnnxFeatureExtractor:
         if manifest["checkpoint_sha256"] != file_sha256(segmentation_checkpoint):
             raise ValueError(f"{repository} was built from another segmentation checkpoint than "
                              f"{segmentation_checkpoint}")
+        entry = manifest["units"].get("image_features", {})
+        if "onnx" not in entry:
+            raise ValueError(f"{repository} has no ONNX image_features unit (built with --engine "
+                             f"{manifest.get('engine')} or without prognosis); build it with --engine onnxruntime")
         self.base = ImageFeatureExtractor(segmentation_checkpoint, modality, t1)  # prompts + preprocessing
-        self.session = ort_session(repository / manifest["units"]["image_features"]["onnx"])
+        self.session = ort_session(repository / entry["onnx"])
         self.targets = PROGNOSIS_TARGETS
 
     def unit_fn(self, padded: np.ndarray):

@@ -1,12 +1,15 @@
-"""The benchmark's parts that need no server: the GPU monitor without NVML, summary ratios, config checks."""
+"""The benchmark's parts that need no server: the GPU monitor without NVML, summary ratios, the report from raw
+results, the shared volume table, config checks."""
 
 import json
 
 import numpy as np
 import pytest
 
-from perf.bench import BenchConfig, Results, summarise, write_report
 from perf.gpu_monitor import GpuMonitor
+from perf.measure import BenchConfig
+from perf.raw import Results
+from perf.report import summarise, write_report
 
 
 def test_gpu_monitor_without_nvml_says_so_and_records_nothing(caplog):
@@ -46,10 +49,9 @@ def test_summary_ratios_are_the_documented_quotients():
 
 
 def test_report_files(tmp_path):
-    cfg = BenchConfig(label="unit", volumes=("ct_head_neck",), concurrency=(1, 2))
     res = _results()
     res.volume_latency_s = {p: {"ct_head_neck": v["v"]} for p, v in res.volume_latency_s.items()}
-    report = write_report(cfg, res, tmp_path)
+    report = write_report(res, tmp_path, label="unit")
     text = report.read_text()
     assert "speedup_vs_pytorch_eager | 1.38" in text and "python -m perf.bench" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -59,9 +61,10 @@ def test_report_files(tmp_path):
 
 
 def test_ct_256_is_an_air_padded_whole_ct_at_1p5_mm():
-    from perf.bench import make_volume
+    from perf.volumes import make_volume
 
-    image, affine, label, names, _ = make_volume("ct_256")
+    ph = make_volume("ct_256")
+    image, affine, label, names = ph.image, ph.affine, ph.label, ph.label_names
     assert image.shape == (256, 256, 160) and label.shape == image.shape
     np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), 1.5)
     assert image[0, 0, 0] == -1000.0 and (label == names.index("liver") + 1).sum() > 10000
@@ -81,10 +84,9 @@ def test_report_picks_up_perf_analyzer_and_locust_csvs(tmp_path):
     (tmp_path / "locust_summary.csv").write_text(
         "name,requests,failures,p50_ms,p95_ms,p99_ms,requests_per_s,users,spawn_rate,duration_s\n"
         "Aggregated,12,0,5000,8000,9000,0.13,2,1.0,90\n")
-    cfg = BenchConfig(label="unit", volumes=("ct_head_neck",), concurrency=(1, 2))
     res = _results()
     res.volume_latency_s = {p: {"ct_head_neck": v["v"]} for p, v in res.volume_latency_s.items()}
-    text = write_report(cfg, res, tmp_path).read_text()
+    text = write_report(res, tmp_path, label="unit").read_text()
     assert "| segment_patch_concurrency_system | 1 | 2.50 | 400 | 420 | 450 |" in text
     assert "| Aggregated | 12 | 0 | 5000 | 8000 | 9000 | 0.130 |" in text
     assert "no GPU" in text
@@ -107,3 +109,19 @@ def test_gpu_monitor_csv_and_plot_from_samples(tmp_path):
     assert [float(r["t_s"]) for r in rows] == sorted(float(r["t_s"]) for r in rows)
     assert all(0 <= float(r["util_pct"]) <= 100 for r in rows)
     assert mon.plot(tmp_path / "gpu.png", marks=[(0.5, "eager")]).stat().st_size > 1000
+
+
+def test_gpu_monitor_samples_a_gpu():
+    """The sampling thread on a real device (the counterpart of the no-NVML test above)."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU: NVML sampling of a real device (this machine has none)")
+    pytest.importorskip("pynvml", reason="needs nvidia-ml-py (the perf extra) to sample a GPU")
+    with GpuMonitor(interval_s=0.05) as mon:
+        time.sleep(0.5)
+    assert mon.available, mon.reason
+    assert mon.devices and len(mon.samples) >= 2
+    assert all(0 <= s.util_pct <= 100 and s.mem_used_mib > 0 for s in mon.samples)
