@@ -12,7 +12,6 @@ conditions the model in the same way as a bare class name.
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass, field
 
@@ -231,11 +230,3 @@ class PromptVocabulary:
                    target_descriptions={k: tuple(v) for k, v in d["target_descriptions"].items()},
                    modality_phrases={k: tuple(v) for k, v in d["modality_phrases"].items()},
                    region_phrases={k: tuple(v) for k, v in d["region_phrases"].items()})
-
-
-def sample_t1(rng: random.Random, modality: str, region: str, sequence: str | None = None) -> str:
-    return rng.choice(t1_paraphrases(modality, region, sequence))
-
-
-def sample_t2(rng: random.Random, target: str) -> str:
-    return rng.choice(t2_paraphrases(target))

@@ -136,7 +136,7 @@ def write_decathlon_dataset(
         )
         logger.debug("wrote %s", name)
 
-    description = f"Procedural {modality} phantoms of the {region.replace('_', ' and ')} (duplus/synth/phantoms.py)"
+    description = f"Procedural {modality} phantoms of the {region.replace('_', ' and ')} (duplus.synth.phantoms)"
     dataset = {
         "name": task_name,
         "description": description,
