@@ -42,6 +42,16 @@ def triton_repository(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def torch_repository(tmp_path_factory):
+    """The same checkpoints built with ``--engine torch`` (no ONNX: units run from the copied checkpoints), once."""
+    from export.build_engines import build
+
+    out = tmp_path_factory.mktemp("triton_torch") / "model_repository"
+    build(DEMO_CHECKPOINT, out, engine="torch", prognosis_checkpoint=PROGNOSIS_CHECKPOINT)
+    return out
+
+
+@pytest.fixture(scope="session")
 def triton_server(triton_repository):
     """The real Triton server (nvidia-pytriton's tritonserver) on free loopback ports, for the session."""
     from serving.serve import TritonServer

@@ -44,16 +44,13 @@ def patients():
 
 
 @pytest.fixture(scope="module")
-def torch_server(tmp_path_factory):
+def torch_server(torch_repository):
     """A second server whose units run PyTorch (``--engine torch``): the served path with in-process numerics."""
-    from export.build_engines import build
     from serving.serve import TritonServer
     from tests.conftest import DEMO_CHECKPOINT
 
-    out = tmp_path_factory.mktemp("triton_torch") / "model_repository"
-    build(DEMO_CHECKPOINT, out, engine="torch", prognosis_checkpoint=PROGNOSIS_CHECKPOINT)
     # prognose and what it calls (not the segmentation-only models): a shorter start
-    with TritonServer(out, checkpoint=DEMO_CHECKPOINT, log_file=out.parent / "triton.log",
+    with TritonServer(torch_repository, checkpoint=DEMO_CHECKPOINT, log_file=torch_repository.parent / "triton.log",
                       models=["prognose"]) as srv:
         yield srv
 

@@ -152,15 +152,16 @@ def test_a_rebuild_with_another_engine_leaves_no_stale_unit_files(small_checkpoi
     assert check_repository(out, small_checkpoint)["units"] == manifest["units"]
 
 
-def test_torch_engine_with_prognosis_runs_from_both_checkpoints(tmp_path):
+def test_torch_engine_with_prognosis_runs_from_both_checkpoints(torch_repository, tmp_path):
     """The shipped checkpoints with --engine torch: image_features runs from checkpoint.pt, the EHR encoder and
     the head from prognosis_checkpoint.pt; the LoRA merge is still checked; editing either copy is caught."""
+    from serving.requests import read_manifest
     from serving.serve import RepositoryError
-    from tests.conftest import DEMO_CHECKPOINT, PROGNOSIS_CHECKPOINT
+    from tests.conftest import DEMO_CHECKPOINT
 
     out = tmp_path / "repo"
-    manifest = build(DEMO_CHECKPOINT, out, engine="torch", units=("conditioning",),
-                     prognosis_checkpoint=PROGNOSIS_CHECKPOINT)
+    shutil.copytree(torch_repository, out)   # the session's torch build, copied: this test edits a checkpoint
+    manifest = read_manifest(out)
     assert not list(out.glob("*/1/model.onnx"))
     units = manifest["units"]
     assert units["image_features"]["checkpoint"] == "checkpoint.pt"
