@@ -176,7 +176,12 @@ def trained_contexts(ckpt: dict) -> dict[tuple[str, str], list[str]]:
 
 
 class Predictor:
-    """A trained DuPLUS model with its frozen text encoder: the in-process ``SegmentationPipeline``."""
+    """A trained DuPLUS model with its frozen text encoder: the in-process ``SegmentationPipeline``.
+
+    ``predict_array`` caches the FiLM and head parameters per prompt set, so it is for fixed weights; training's
+    validation conditions afresh through ``condition`` + ``predict_preprocessed``, which cache nothing but the
+    (frozen) text embeddings.
+    """
 
     def __init__(self, model: DuPLUS, vocabulary: PromptVocabulary, text_encoder: TextEncoder | None = None, *,
                  device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int = 2,
