@@ -129,17 +129,27 @@ class ServingLimits:
         return cls(**kw)
 
 
+def _token_inputs(vocab_size: int | None) -> tuple[TensorSpec, ...]:
+    """The inputs of a text encoder unit: token ids (bounded by the vocabulary where known) and their mask."""
+    return (TensorSpec("input_ids", "int64", ("n", "tokens"), (0, vocab_size) if vocab_size else None),
+            TensorSpec("attention_mask", "int64", ("n", "tokens"), (0, 2)))
+
+
+def _image_inputs(cfg: DuPLUSConfig) -> tuple[TensorSpec, ...]:
+    """The inputs of a unit that runs the segmenter on model-space images (segmenter, image_features)."""
+    return (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")),
+            TensorSpec("modality", "int64", ("b",), (0, len(cfg.modalities))),
+            TensorSpec("film", "float32", ("b", cfg.film_size)),
+            TensorSpec("head_params", "float32", ("k", cfg.head_params)))
+
+
 def contracts(cfg: DuPLUSConfig, vocab_size: int | None = None) -> dict[str, UnitContract]:
     """The DuPLUS units; ``vocab_size`` (the tokenizer's) bounds the token ids where known."""
     e = cfg.text_dim
-    ids = (0, vocab_size) if vocab_size else None
-    stems = (0, len(cfg.modalities))
     spatial = tuple((a, level_factor(cfg.channels)) for a in ("x", "y", "z"))
     return {
         "text_encoder": UnitContract(
-            "text_encoder",
-            (TensorSpec("input_ids", "int64", ("n", "tokens"), ids),
-             TensorSpec("attention_mask", "int64", ("n", "tokens"), (0, 2))),
+            "text_encoder", _token_inputs(vocab_size),
             (TensorSpec("embedding", "float32", ("n", e)),),
             "frozen sentence encoder, mean-pooled and L2-normalised"),
         "conditioning": UnitContract(
@@ -150,9 +160,7 @@ def contracts(cfg: DuPLUSConfig, vocab_size: int | None = None) -> dict[str, Uni
             "T1 -> FiLM gamma/beta of every stage; T2 -> dynamic-head parameters (controller)"),
         "segmenter": UnitContract(
             "segmenter",
-            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")), TensorSpec("modality", "int64", ("b",), stems),
-             TensorSpec("film", "float32", ("b", cfg.film_size)),
-             TensorSpec("head_params", "float32", ("k", cfg.head_params))),
+            _image_inputs(cfg),
             (TensorSpec("logits", "float32", ("b", "k", "x", "y", "z")),
              TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z"))),
             "modality stems + FiLM U-Net + K dynamic heads, one backbone pass for K targets; logits for "
@@ -164,23 +172,17 @@ def prognosis_contracts(cfg: DuPLUSConfig, image_dim: int, text_dim: int, vocab_
                         ) -> dict[str, UnitContract]:
     """The three prognosis units; ``image_dim`` = radiomics + 3 x the decoder's head-input channels."""
     c3 = image_dim
-    ids = (0, vocab_size) if vocab_size else None
     spatial = tuple((a, level_factor(cfg.channels)) for a in ("x", "y", "z"))
     return {
         "image_features": UnitContract(
             "image_features",
-            (TensorSpec("image", "float32", ("b", 1, "x", "y", "z")),
-             TensorSpec("modality", "int64", ("b",), (0, len(cfg.modalities))),
-             TensorSpec("film", "float32", ("b", cfg.film_size)),
-             TensorSpec("head_params", "float32", ("k", cfg.head_params))),
+            _image_inputs(cfg),
             (TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z")),
              TensorSpec("pooled", "float32", ("b", "pooled"))),
             "frozen segmenter: per-target probabilities and the decoder features pooled over each target "
             f"(probability-weighted) and globally; with K=2 (tumour, node) pooled has {c3 - 5} values", spatial),
         "text_encoder_ehr": UnitContract(
-            "text_encoder_ehr",
-            (TensorSpec("input_ids", "int64", ("n", "tokens"), ids),
-             TensorSpec("attention_mask", "int64", ("n", "tokens"), (0, 2))),
+            "text_encoder_ehr", _token_inputs(vocab_size),
             (TensorSpec("embedding", "float32", ("n", text_dim)),),
             "the sentence encoder with the prognosis LoRA adapters merged in (EHR notes)"),
         "prognosis": UnitContract(

@@ -59,6 +59,19 @@ def _input(pb, request, name: str) -> np.ndarray:
     return t.as_numpy()
 
 
+def _volume_request(pb, request) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """VOLUME, AFFINE, MODALITY and T1 of a segment_volume / prognose request."""
+    return (_input(pb, request, "VOLUME"), _input(pb, request, "AFFINE"),
+            decode_strings(_input(pb, request, "MODALITY"), "MODALITY")[0],
+            decode_strings(_input(pb, request, "T1"), "T1")[0])
+
+
+def _image_feed(pb, image, modality, film, head_params) -> list:
+    """The inputs of the segmenter and image_features units (one contract) as BLS tensors."""
+    return [pb.Tensor("image", np.ascontiguousarray(image, dtype=np.float32)), pb.Tensor("modality", modality),
+            pb.Tensor("film", np.ascontiguousarray(film)), pb.Tensor("head_params", np.ascontiguousarray(head_params))]
+
+
 def tokenizer_model(pb):
     class TritonPythonModel:
         def initialize(self, args):
@@ -157,20 +170,13 @@ def segment_volume_model(pb):
 
         @staticmethod
         def _segment(image, modality, film, head_params) -> np.ndarray:
-            out = _bls(pb, "segmenter",
-                       [pb.Tensor("image", np.ascontiguousarray(image, dtype=np.float32)),
-                        pb.Tensor("modality", modality), pb.Tensor("film", np.ascontiguousarray(film)),
-                        pb.Tensor("head_params", np.ascontiguousarray(head_params))], ["logits"])
-            return out["logits"]
+            return _bls(pb, "segmenter", _image_feed(pb, image, modality, film, head_params), ["logits"])["logits"]
 
         def execute(self, requests):
             responses = []
             for request in requests:
                 try:
-                    volume = _input(pb, request, "VOLUME")
-                    affine = _input(pb, request, "AFFINE")
-                    modality = decode_strings(_input(pb, request, "MODALITY"), "MODALITY")[0]
-                    t1 = decode_strings(_input(pb, request, "T1"), "T1")[0]
+                    volume, affine, modality, t1 = _volume_request(pb, request)
                     targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
                     pred = self.segmenter(volume, affine, modality, t1, targets)
                     responses.append(pb.InferenceResponse([
@@ -204,10 +210,8 @@ def prognose_model(pb):
 
         @staticmethod
         def _features(image, modality, film, head_params):
-            out = _bls(pb, "image_features",
-                       [pb.Tensor("image", np.ascontiguousarray(image, dtype=np.float32)),
-                        pb.Tensor("modality", modality), pb.Tensor("film", np.ascontiguousarray(film)),
-                        pb.Tensor("head_params", np.ascontiguousarray(head_params))], ["probabilities", "pooled"])
+            out = _bls(pb, "image_features", _image_feed(pb, image, modality, film, head_params),
+                       ["probabilities", "pooled"])
             return out["probabilities"], out["pooled"]
 
         @staticmethod
@@ -225,10 +229,7 @@ def prognose_model(pb):
             responses = []
             for request in requests:
                 try:
-                    volume = _input(pb, request, "VOLUME")
-                    affine = _input(pb, request, "AFFINE")
-                    modality = decode_strings(_input(pb, request, "MODALITY"), "MODALITY")[0]
-                    t1 = decode_strings(_input(pb, request, "T1"), "T1")[0]
+                    volume, affine, modality, t1 = _volume_request(pb, request)
                     ehr = list(np.asarray(_input(pb, request, "EHR"), dtype=object).reshape(-1))
                     self.prompt_check(modality, t1, ["primary tumour"])
                     out = self.prognoser(volume, affine, modality, t1, ehr)

@@ -31,7 +31,10 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def evaluate(predictor: Predictor, ckpt: dict, modality: str, cases: int, seed: int, *, region: str | None = None,
-             t1: str | None = None, targets: list[str] | None = None, progress: bool = True) -> dict:
+             t1: str | None = None, targets: list[str] | None = None, progress: bool = True,
+             predictions: list | None = None) -> dict:
+    """Mean Dice per target over ``cases`` fresh phantoms; ``predictions``, when given, receives each case's
+    ``Prediction`` (labels on the input grid) in order."""
     from duplus.synth.phantoms import generate_phantom
 
     contexts = trained_contexts(ckpt)
@@ -52,6 +55,8 @@ def evaluate(predictor: Predictor, ckpt: dict, modality: str, cases: int, seed: 
         names = targets or contexts.get((modality, reg)) or list(ph.label_names)
         prompt = t1 or canonical_t1(modality, reg, ph.sequence)
         pred = predictor.predict_array(ph.image, ph.affine, modality, prompt, names)
+        if predictions is not None:
+            predictions.append(pred)
         case = {"case": i, "seed": s, "region": reg, "t1": prompt, "stem": pred.stem, "shape": list(ph.image.shape),
                 "spacing_mm": np.round(np.linalg.norm(ph.affine[:3, :3], axis=0), 3).tolist(),
                 "seconds": round(pred.seconds, 2), "dice": {}}

@@ -71,13 +71,17 @@ def test_segment_volume_equals_in_process_and_evaluation(client, demo_predictor,
     assert served.resolved == tuple(TARGETS)
     assert served.stem == "CT"
 
-    local = demo_predictor.predict_array(phantom.image, affine, "CT", T1, TARGETS)
+    # in process: the evaluation command's function on the same case (its phantom is this fixture's), keeping
+    # its prediction, so one in-process pass serves both comparisons
+    kept = []
+    report = evaluate(demo_predictor, load_checkpoint(DEMO_CHECKPOINT), "CT", 1, EVAL_SEED, region="head_neck",
+                      targets=TARGETS, t1=T1, progress=False, predictions=kept)
+    local = kept[0]
+    np.testing.assert_array_equal(local.affine, affine)
     for k in range(1, len(TARGETS) + 1):
         both_empty = not (served.labels == k).any() and not (local.labels == k).any()
         assert both_empty or dice(served.labels == k, local.labels == k) >= 0.99, TARGETS[k - 1]
 
-    report = evaluate(demo_predictor, load_checkpoint(DEMO_CHECKPOINT), "CT", 1, EVAL_SEED, region="head_neck",
-                      targets=TARGETS, t1=T1, progress=False)
     for k, name in enumerate(TARGETS, start=1):
         truth = phantom.label == phantom.label_names.index(name) + 1
         assert abs(dice(served.labels == k, truth) - report["per_case"][0]["dice"][name]) <= 0.01, name
