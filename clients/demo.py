@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from duplus.inference import Predictor, dice, load_checkpoint, trained_contexts
+from duplus.checkpoint import load_checkpoint, trained_contexts
+from duplus.inference import Predictor
+from duplus.metrics import dice
 from duplus.visualize import overlay_png
 from duplus.vocabulary import canonical_t1
 

@@ -26,6 +26,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from duplus.cache import LRUCache
+from duplus.checkpoint import load_checkpoint
 from duplus.checks import CountTokensFn, check_prompts, check_request_volume, request_stem
 from duplus.contract import EncodedPrompts, InvalidRequest, ServingLimits
 from duplus.models.duplus import DuPLUS, DuPLUSConfig
@@ -153,26 +154,6 @@ class SegmentationPipeline:
 
         return sliding_window_probabilities(torch.as_tensor(x), self.patch_size, self.limits.sw_batch_size,
                                             self.limits.overlap, logits_fn)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    for key in ("model_config", "state_dict", "vocabulary"):
-        if key not in ckpt:
-            raise ValueError(f"{path} is not a DuPLUS checkpoint (missing {key!r})")
-    return ckpt
-
-
-def trained_contexts(ckpt: dict) -> dict[tuple[str, str], list[str]]:
-    """(modality, region) -> targets the checkpoint was trained on, from its stored training config."""
-    out: dict[tuple[str, str], list[str]] = {}
-    for key, targets in ckpt.get("trained_contexts", {}).items():
-        modality, region = key.split("|")
-        out[(modality, region)] = list(targets)
-    return out
 
 
 class Predictor:
@@ -322,13 +303,6 @@ def sliding_window_probabilities(image: torch.Tensor, patch_size, sw_batch_size:
     logits = sliding_window_inference(x, tuple(patch_size), sw_batch_size, logits_fn, overlap=overlap,
                                       mode="gaussian", padding_mode="replicate")
     return torch.sigmoid(torch.as_tensor(logits)[0].float()).cpu()
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two binary masks; 1.0 when both are empty."""
-    pred, truth = pred.astype(bool), truth.astype(bool)
-    denom = pred.sum() + truth.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)
 
 
 def match_targets(targets, embeddings: np.ndarray, known_names: list[str], known_embeddings: np.ndarray,

@@ -41,9 +41,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
+from duplus.checkpoint import load_checkpoint  # noqa: E402
 from duplus.contract import ServingLimits, contracts, prognosis_contracts  # noqa: E402
 from duplus.files import file_sha256  # noqa: E402
-from duplus.inference import load_checkpoint  # noqa: E402
 from duplus.models.duplus import DuPLUS, DuPLUSConfig  # noqa: E402
 from duplus.models.units import (  # noqa: E402
     ConditioningUnit,

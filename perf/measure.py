@@ -152,7 +152,8 @@ def run(cfg: BenchConfig) -> Results:
     import torch
 
     from clients.grpc_client import SegmentationClient
-    from duplus.inference import Predictor, dice
+    from duplus.inference import Predictor
+    from duplus.metrics import dice
     from perf.gpu_monitor import GpuMonitor
     from serving.serve import RepositoryError, TritonServer, check_repository
 

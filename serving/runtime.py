@@ -54,7 +54,7 @@ class TorchRunner:
     def __init__(self, unit: str, checkpoint: Path, contract: UnitContract, *, gpu: bool = False, device_id: int = 0):
         import torch
 
-        from duplus.inference import load_checkpoint
+        from duplus.checkpoint import load_checkpoint
         from duplus.models.duplus import DuPLUS, DuPLUSConfig
         from duplus.models.units import ConditioningUnit, SegmenterUnit, TextEncoderUnit
         from duplus.text_encoder import TextEncoder

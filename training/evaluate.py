@@ -16,18 +16,32 @@ import json
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
-from duplus.inference import Predictor, dice, load_checkpoint, trained_contexts
+from duplus.checkpoint import load_checkpoint, trained_contexts
+from duplus.metrics import dice
 from duplus.vocabulary import MODALITIES, canonical_t1
+
+if TYPE_CHECKING:  # the model and MONAI load only when a predictor is built (main), not to refuse a request
+    from duplus.inference import Predictor
 
 log = logging.getLogger("evaluate")
 
 
 def case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def check_held_out(ckpt: dict, cases: int, seed: int) -> None:
+    """Refuse a ``seed`` whose case seeds were used to train the checkpoint (before any model is built)."""
+    used = set(ckpt.get("training_seeds", []))
+    for i in range(cases):
+        s = case_seed(seed, i)
+        if s in used:
+            raise ValueError(f"seed {seed} gives case seed {s}, which was used for training; choose another --seed")
 
 
 def evaluate(predictor: Predictor, ckpt: dict, modality: str, cases: int, seed: int, *, region: str | None = None,
@@ -44,13 +58,11 @@ def evaluate(predictor: Predictor, ckpt: dict, modality: str, cases: int, seed: 
     if not regions:
         raise ValueError(f"the checkpoint was not trained on modality {modality!r}; "
                          f"trained contexts: {sorted(contexts)}")
-    used = set(ckpt.get("training_seeds", []))
+    check_held_out(ckpt, cases, seed)
     per_case, scores, t0 = [], {}, time.perf_counter()
     for i in tqdm(range(cases), desc=f"evaluate {modality}", disable=not progress):
         reg = regions[i % len(regions)]
         s = case_seed(seed, i)
-        if s in used:
-            raise ValueError(f"seed {seed} gives case seed {s}, which was used for training; choose another --seed")
         ph = generate_phantom(reg, modality, s)
         names = targets or contexts.get((modality, reg)) or list(ph.label_names)
         prompt = t1 or canonical_t1(modality, reg, ph.sequence)
@@ -100,9 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases < 1:
         ap.error("--cases must be >= 1")
     ckpt = load_checkpoint(args.checkpoint)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, overlap=args.overlap,
-                                          largest_component=not args.no_largest_component)
     try:
+        check_held_out(ckpt, args.cases, args.seed)   # before the model, MONAI and the text encoder load
+        from duplus.inference import Predictor
+
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, overlap=args.overlap,
+                                              largest_component=not args.no_largest_component)
         result = evaluate(predictor, ckpt, args.modality, args.cases, args.seed, region=args.region, t1=args.t1,
                           targets=args.targets, progress=not args.json)
     except ValueError as exc:

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from duplus.inference import Predictor, dice
+from duplus.inference import Predictor
+from duplus.metrics import dice
 from duplus.models.duplus import DuPLUS, count_parameters
 from duplus.preprocessing import fuse_labels, to_model_space
 from duplus.text_encoder import EmbeddingCache, TextEncoder

@@ -13,7 +13,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients.grpc_client import SegmentationClient
-from duplus.inference import dice, load_checkpoint
+from duplus.checkpoint import load_checkpoint
+from duplus.metrics import dice
 from duplus.synth.phantoms import generate_phantom
 from serving.serve import RepositoryError, check_repository
 from tests.conftest import DEMO_CHECKPOINT, ROOT

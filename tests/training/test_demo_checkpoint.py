@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from duplus.inference import UnknownPromptError, dice, load_checkpoint
+from duplus.checkpoint import load_checkpoint
+from duplus.inference import UnknownPromptError
+from duplus.metrics import dice
 from duplus.preprocessing import fuse_labels, to_model_space
 from duplus.synth.phantoms import generate_phantom
 from tests.conftest import DEMO_CHECKPOINT, ROOT
