@@ -82,10 +82,17 @@ class TorchRunner:
             model = DuPLUS(cfg)
             model.load_state_dict(ckpt["state_dict"])
             module = ImageFeatureUnit(model.segmenter)
+        elif unit == "conditioning":   # the conditioning weights alone: this process never builds the segmenter
+            from duplus.models.duplus import Conditioning
+
+            cond = Conditioning(cfg)
+            cond.load_state_dict({k.removeprefix("conditioning."): v for k, v in ckpt["state_dict"].items()
+                                  if k.startswith("conditioning.")})
+            module = ConditioningUnit(cond)
         else:
             model = DuPLUS(cfg)
             model.load_state_dict(ckpt["state_dict"])
-            module = {"conditioning": ConditioningUnit, "segmenter": SegmenterUnit}[unit](model)
+            module = SegmenterUnit(model)
         self.module = module.to(self.device).eval()
         self.contract = contract
         log.info("%s: PyTorch %s on %s", unit, torch.__version__, self.device)

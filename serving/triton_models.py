@@ -196,6 +196,7 @@ def prognose_model(pb):
     class TritonPythonModel:
         def initialize(self, args):
             import duplus.models.prognosis  # noqa: F401 - torch, MONAI and scipy load now, not on the first request
+            import duplus.preprocessing  # noqa: F401
             from serving.pipelines import Prognoser
 
             config, model_dir, version_dir = _context(args)

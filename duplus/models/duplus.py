@@ -21,8 +21,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from monai.networks.blocks import Convolution
-from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetUpBlock
 from torch import nn
 
 from duplus.contract import level_factor
@@ -147,6 +145,10 @@ class ModalityStems(nn.Module):
     """
 
     def __init__(self, n_modalities: int, out_channels: int, norm: str):
+        # MONAI loads with the image side only: a process serving the text encoder or the conditioning unit
+        # (PyTorch engine) never imports it (about 12 s of CPU on 2 cores)
+        from monai.networks.blocks import Convolution
+
         super().__init__()
         self.stems = nn.ModuleList([
             Convolution(3, 1, out_channels, kernel_size=3, norm=norm, act=("leakyrelu", {"negative_slope": 0.01}))
@@ -207,6 +209,8 @@ class Segmenter(nn.Module):
     """Stems + FiLM U-Net + dynamic head: the image-side unit."""
 
     def __init__(self, cfg: DuPLUSConfig):
+        from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetUpBlock
+
         super().__init__()
         self.cfg = cfg
         ch = cfg.channels

@@ -34,7 +34,6 @@ from scipy import ndimage
 from torch import nn
 
 from duplus.models.duplus import Segmenter
-from duplus.preprocessing import INTENSITY_POLICIES, to_model_space
 from duplus.text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder, pooled_embedding
 
 log = logging.getLogger("duplus.models.prognosis")
@@ -141,6 +140,8 @@ def radiomics(probabilities: np.ndarray, image_norm: np.ndarray, modality: str,
     if n:
         sizes = ndimage.sum(np.ones_like(comps), comps, index=range(1, n + 1))
         region = ndimage.binary_dilation(comps == (int(np.argmax(sizes)) + 1), iterations=2)
+    from duplus.preprocessing import INTENSITY_POLICIES  # MONAI: only where images are handled
+
     policy = INTENSITY_POLICIES[modality]
     if policy.kind == "window":  # back to the modality's own units (SUV for PET)
         value = (image_norm - policy.out_low) / (policy.out_high - policy.out_low) * (policy.high - policy.low) + policy.low
@@ -221,6 +222,8 @@ class ImageFeatureExtractor:
         return probs.numpy(), pooled.numpy()
 
     def __call__(self, volume: np.ndarray, affine: np.ndarray) -> ImageFeatures:
+        from duplus.preprocessing import to_model_space
+
         x, _ = to_model_space(volume, affine, self.modality, self.cfg.spacing)
         return image_features_from_model_space(x.as_tensor()[0].numpy(), self.modality, self.cfg.spacing,
                                                self.unit_fn, self.level_factor)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from duplus.models.duplus import DuPLUS, DuPLUSConfig
+from duplus.models.duplus import Conditioning, DuPLUS, DuPLUSConfig
 from duplus.text_encoder import TextEncoder
 
 
@@ -26,9 +26,10 @@ class SegmenterUnit(nn.Module):
 
 
 class ConditioningUnit(nn.Module):
-    def __init__(self, model: DuPLUS):
+    def __init__(self, model: DuPLUS | Conditioning):
+        """From the whole model, or from its ``Conditioning`` alone (no segmenter built, so no MONAI import)."""
         super().__init__()
-        self.conditioning = model.conditioning
+        self.conditioning = model if isinstance(model, Conditioning) else model.conditioning
 
     def forward(self, t1_embedding, t2_embedding):
         return self.conditioning(t1_embedding, t2_embedding)
