@@ -150,6 +150,24 @@ class JobQueue:
             return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
+# the transfer syntaxes the node accepts at association: native ones first (preferred), then compressed
+ACCEPTED_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",      # Explicit VR Little Endian
+    "1.2.840.10008.1.2",        # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",      # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.1.99",   # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",   # JPEG Baseline (Process 1), lossy 8-bit
+    "1.2.840.10008.1.2.4.51",   # JPEG Extended (Process 2 & 4), lossy 12-bit
+    "1.2.840.10008.1.2.4.57",   # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",   # JPEG Lossless, First-Order Prediction (Process 14, SV1)
+    "1.2.840.10008.1.2.4.80",   # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",   # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",   # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.91",   # JPEG 2000
+    "1.2.840.10008.1.2.5",      # RLE Lossless
+]
+
+
 def _truncated_pixel_data(ds) -> str | None:
     """A reason when native (uncompressed) PixelData is shorter than Rows x Columns x frames x samples x bits."""
     try:
@@ -235,7 +253,10 @@ class DicomNode:
         if recovered:
             log.info("recovered %d series left in processing by a previous run", recovered)
         ae = AE(ae_title=self.cfg.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        # every storage class in the uncompressed syntaxes and in the compressed ones PACS send (JPEG baseline,
+        # JPEG lossless, JPEG-LS, JPEG 2000, RLE): pydicom decodes them with the pylibjpeg plugins
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(self.cfg.allowed_calling_aes) or ["\x00NOBODY"]
         self._server = ae.start_server((self.cfg.host, self.cfg.port), block=False,

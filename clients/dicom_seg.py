@@ -75,6 +75,18 @@ def derive_t1(ds) -> tuple[str, str, str | None]:
     return t1, modality, sequence
 
 
+def seg_uids(source_series_uid: str, model_name: str = "DuPLUS", model_version: str = "0.1.0") -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the SEG of a source series by a model version.
+
+    Deterministic: the same series segmented again by the same model gives the same UIDs (a SEG re-sent
+    after a crash is the same object at the PACS); a new model version gives new ones (a new object).
+    """
+    from pydicom.uid import generate_uid
+
+    key = [source_series_uid, model_name, model_version]
+    return generate_uid(entropy_srcs=["duplus-seg-series", *key]), generate_uid(entropy_srcs=["duplus-seg", *key])
+
+
 def write_seg(series, labels: np.ndarray, targets: list[str], resolved: list[str], path, *,
               model_name: str = "DuPLUS", model_version: str = "0.1.0", series_number: int = 900,
               sop_instance_uid: str | None = None):

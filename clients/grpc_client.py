@@ -91,6 +91,22 @@ def _check_metadata(meta: dict, model: str = "segment_volume", inputs=VOLUME_INP
         raise ServerMismatchError(f"{model} on the server does not match this client: " + "; ".join(problems))
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for a failure that may pass if the same request is sent again later.
+
+    The server is restarting or unreachable (UNAVAILABLE, connection refused), a model is unloading or
+    not loaded yet ("has no available versions"), or a python-backend stub crashed and is being
+    reloaded by the server's watchdog ("Stub process ... is not healthy"). Everything else (bad input,
+    a contract mismatch, a timeout) is not.
+    """
+    if isinstance(exc, (ConnectionError,)):
+        return True
+    status, text = _status(exc), str(exc)
+    return ("UNAVAILABLE" in status or "failed to connect" in text.lower()
+            or ("NOT_FOUND" in status and "has no available versions" in text)
+            or ("is not healthy" in text and "Stub process" in text))
+
+
 class _Common:
     def __init__(self, url: str, *, timeout_s: float, retry_deadline_s: float, backoff_s: float,
                  shared_memory: str, max_message_mb: int):
@@ -141,11 +157,7 @@ class _Common:
 
     def _retryable(self, exc, started: float, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or None to raise."""
-        status, text = _status(exc), str(exc)
-        transient = ("UNAVAILABLE" in status or "failed to connect" in text.lower()
-                     # models unloading while the server shuts down, or not loaded yet while it starts
-                     or ("NOT_FOUND" in status and "has no available versions" in text))
-        if not transient:
+        if not is_transient(exc):
             return None
         if time.monotonic() - started > self.retry_deadline_s:
             return None
