@@ -10,7 +10,13 @@
 (DICOM SEG referencing the source instances), ``overlay.png`` with ``--png``, and
 ``result.json`` (prompts as sent, resolved targets, similarity, geometry, seconds). Without
 ``--t1`` the context prompt is derived from the DICOM header (Modality, BodyPartExamined,
-SeriesDescription) and logged; a NIfTI input needs ``--t1`` and ``--modality``.
+SeriesDescription) and logged; a NIfTI input needs ``--t1`` and ``--modality``. A PET series is
+converted to body-weight SUV from its header (``--pet-units SUV`` when its values already are SUV).
+
+Errors a user can cause or meet (a bad series, a missing header field, an unreachable server, an
+error answered by the server, a timeout) end the command with one line naming the problem on
+stderr and exit code 2, never a traceback; an unexpected error (a bug) exits 1 with one line, and
+``--log-level DEBUG`` shows its traceback.
 """
 
 from __future__ import annotations
@@ -28,17 +34,24 @@ import numpy as np
 log = logging.getLogger("clients")
 
 
-def _load(path: Path, series_uid: str | None):
+class UsageError(Exception):
+    """A problem with what the user asked for; the message is the one line the command prints."""
+
+
+def _load(path: Path, series_uid: str | None, pet_units: str | None = None):
     """(volume, affine, DicomSeries or None)."""
     if path.is_dir():
         from clients.dicom_io import read_series
 
-        s = read_series(path, series_uid)
+        s = read_series(path, series_uid, pet_units=pet_units)
         return s.volume, s.affine, s
     import nibabel as nib
 
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises several types for a file that is not an image
+        raise UsageError(f"{path} is neither a DICOM folder nor a readable NIfTI file ({_one_line(exc)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     return data, img.affine, None
@@ -53,16 +66,12 @@ def segment(args) -> int:
     if not src.exists():
         log.error("input not found: %s", src)
         return 2
-    volume, affine, series = _load(src, args.series_uid)
+    volume, affine, series = _load(src, args.series_uid, args.pet_units)
     t1, modality = args.t1, args.modality
     if series is not None and (t1 is None or modality is None):
         from clients.dicom_seg import derive_t1
 
-        try:
-            d_t1, d_mod, _ = derive_t1(series.datasets[0])
-        except ValueError as exc:
-            log.error("%s", exc)
-            return 2
+        d_t1, d_mod, _ = derive_t1(series.datasets[0])
         t1, modality = t1 or d_t1, modality or d_mod
     if t1 is None or modality is None:
         log.error("a NIfTI input needs --t1 and --modality (there is no header to derive them from)")
@@ -93,7 +102,8 @@ def segment(args) -> int:
         from duplus.visualize import overlay_png
 
         overlay_png(volume, res.labels, affine, out / "overlay.png", list(args.targets),
-                    window=(-200.0, 300.0) if modality == "CT" else None, title=f"T1 = '{t1}'")
+                    window=(-200.0, 300.0) if modality == "CT" else None, title=f"T1 = '{t1}'",
+                    convention=args.convention)
         files.append("overlay.png")
     summary = {"input": str(src), "modality": modality, "t1": t1, "stem": res.stem, "targets": list(args.targets),
                "resolved": list(res.resolved), "similarity": [round(s, 4) for s in res.similarity],
@@ -115,8 +125,11 @@ def prognose(args) -> int:
     if (args.ehr is None) == (args.ehr_file is None):
         log.error("give the EHR note with exactly one of --ehr TEXT or --ehr-file FILE")
         return 2
-    ehr = args.ehr if args.ehr is not None else Path(args.ehr_file).read_bytes()
-    volume, affine, series = _load(src, args.series_uid)
+    try:
+        ehr = args.ehr if args.ehr is not None else Path(args.ehr_file).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the EHR note: {_one_line(exc)}") from None
+    volume, affine, series = _load(src, args.series_uid, args.pet_units)
     t1, modality = args.t1, args.modality
     if series is not None and (t1 is None or modality is None):
         from clients.dicom_seg import derive_t1
@@ -162,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--series-uid", default=None, help="which series, when the folder holds several")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--png", action="store_true", help="also write an overlay PNG")
+    s.add_argument("--convention", choices=("radiological", "neurological"), default="radiological",
+                   help="overlay orientation: radiological (patient's right on the image's left, as radiologists "
+                        "read) or neurological (patient's right on the right)")
+    s.add_argument("--pet-units", choices=("SUV",), default=None,
+                   help="a PET series' values are already SUV (default: convert Bq/ml to body-weight SUV from the "
+                        "header, refusing when an attribute it needs is missing)")
     s.add_argument("--url", default=None, help="gRPC url of a running Triton server (default: start one)")
     s.add_argument("--repository", default="model_repository", help="repository to serve when no --url")
     s.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt",
@@ -178,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--targets", nargs="+", default=None, help="target prompts (default: per modality and region)")
     w.add_argument("--t1", default=None, help="context prompt (default: from the header)")
     w.add_argument("--triton-url", default="127.0.0.1:8001", help="gRPC url of the Triton server")
+    w.add_argument("--pet-units", choices=("SUV",), default=None,
+                   help="PET series' values are already SUV (default: body-weight SUV from the header)")
     p = sub.add_parser("prognose", help="risk score from a PET volume and the patient's EHR note (Triton prognose)",
                        description="Send a PET (NIfTI or DICOM series) and the EHR note to Triton's prognose model; "
                                    "prints the risk (log hazard ratio, higher = worse) and the lesion radiomics used.")
@@ -190,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="what the volume is (intensity normalisation; stem when the T1 names no modality; "
                         "default: header, else PET)")
     p.add_argument("--series-uid", default=None, help="which series, when the folder holds several")
+    p.add_argument("--pet-units", choices=("SUV",), default=None,
+                   help="the PET series' values are already SUV (default: body-weight SUV from the header)")
     p.add_argument("--out", default=None, help="also write the result with every image feature to this JSON file")
     p.add_argument("--url", default=None, help="gRPC url of a running Triton server (default: start one)")
     p.add_argument("--repository", default="model_repository", help="repository to serve when no --url")
@@ -198,20 +221,62 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "dicomweb":
-        from clients.dicomweb import segment_study
+    try:
+        return COMMANDS[args.command](args)
+    except Exception as exc:  # noqa: BLE001 - every failure ends in one line; only a bug keeps its traceback (DEBUG)
+        message, code = explain(exc, args)
+        log.error("%s", message)
+        if code != 2:
+            log.debug("traceback of the unexpected error", exc_info=True)
+        return code
 
-        uids = segment_study(args.url, args.study, triton_url=args.triton_url, series_uid=args.series,
-                             targets=args.targets, t1=args.t1)
-        print("\n".join(uids))
-        return 0
-    if args.command == "segment":
-        return segment(args)
-    if args.command == "dicom-node":
-        return dicom_node(args)
-    if args.command == "prognose":
-        return prognose(args)
-    return 2
+
+def dicomweb(args) -> int:
+    from clients.dicomweb import segment_study
+
+    uids = segment_study(args.url, args.study, triton_url=args.triton_url, series_uid=args.series,
+                         targets=args.targets, t1=args.t1, pet_units=args.pet_units)
+    print("\n".join(uids))
+    return 0
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def explain(exc: BaseException, args) -> tuple[str, int]:
+    """(the one line the command prints, exit code): 2 for what a user can cause or fix, 1 for a bug."""
+    from clients.dicom_io import DicomSeriesError
+    from clients.grpc_client import RequestTimeout, ServerMismatchError
+
+    url = getattr(args, "url", None) if args.command != "dicomweb" else args.triton_url
+    if isinstance(exc, UsageError):
+        return str(exc), 2
+    if isinstance(exc, DicomSeriesError):
+        return f"cannot use the DICOM series: {_one_line(exc)}", 2
+    if isinstance(exc, RequestTimeout):
+        return f"{_one_line(exc)}; raise --timeout or check the server's load", 2
+    if isinstance(exc, ServerMismatchError):
+        return f"the server does not serve what this client expects: {_one_line(exc)}", 2
+    if isinstance(exc, ConnectionError):
+        return f"cannot reach the Triton server{f' at {url}' if url else ''}: {_one_line(exc)} " \
+               "(is it running? `make serve` starts one)", 2
+    if type(exc).__name__ == "InferenceServerException":
+        from clients.grpc_client import is_transient
+
+        status = str(exc.status() or "") if hasattr(exc, "status") else ""
+        text = _one_line(exc.message() if hasattr(exc, "message") and exc.message() else exc)
+        if is_transient(exc):
+            return f"the Triton server{f' at {url}' if url else ''} is unavailable ({status}): {text}", 2
+        return f"the server refused the request ({status or 'error'}): {text}", 2
+    if type(exc).__name__ in ("RepositoryError", "ServerError"):
+        return f"cannot start a local Triton server: {_one_line(exc)}", 2
+    if isinstance(exc, (ValueError, KeyError, OSError)):
+        # a missing header field (derive_t1, SUV), a SEG that cannot be written, an unreadable file, a PACS error
+        return _one_line(exc), 2
+    return (f"unexpected error ({type(exc).__name__}: {_one_line(exc)}); this is a bug, please report it with "
+            "the output of --log-level DEBUG"), 1
 
 
 def dicom_node(args) -> int:
@@ -228,6 +293,8 @@ def dicom_node(args) -> int:
     node.stop()
     return 0
 
+
+COMMANDS = {"segment": segment, "prognose": prognose, "dicom-node": dicom_node, "dicomweb": dicomweb}
 
 if __name__ == "__main__":
     sys.exit(main())

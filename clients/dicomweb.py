@@ -19,14 +19,20 @@ IMAGE_MODALITIES = ("CT", "MR", "PT")
 
 def segment_study(dicomweb_url: str, study_uid: str, *, triton_url: str, series_uid: str | None = None,
                   targets: list[str] | None = None, t1: str | None = None,
-                  default_targets: dict[str, tuple[str, ...]] | None = None) -> list[str]:
-    """SOP Instance UIDs of the SEGs stored back, one per segmented image series."""
+                  default_targets: dict[str, tuple[str, ...]] | None = None, pet_units: str | None = None,
+                  model_name: str = "DuPLUS", model_version: str = "0.1.0") -> list[str]:
+    """SOP Instance UIDs of the SEGs stored back, one per segmented image series.
+
+    Compressed instances (JPEG, JPEG-LS, JPEG 2000, RLE) are decoded by pydicom's pylibjpeg plugins; a PET
+    series goes in as body-weight SUV (``pet_units="SUV"``: its values already are). The series' folders are
+    named by their position, never by a UID the PACS sent.
+    """
     import pydicom
     from dicomweb_client.api import DICOMwebClient
 
     from clients.dicom_io import read_series
-    from clients.dicom_node import NodeConfig, seg_uid_for
-    from clients.dicom_seg import derive_region, derive_t1, write_seg
+    from clients.dicom_node import NodeConfig
+    from clients.dicom_seg import derive_region, derive_t1, seg_uids, write_seg
     from clients.grpc_client import SegmentationClient
 
     web = DICOMwebClient(url=dicomweb_url)
@@ -40,21 +46,21 @@ def segment_study(dicomweb_url: str, study_uid: str, *, triton_url: str, series_
     defaults = default_targets or NodeConfig().targets
     stored = []
     with SegmentationClient(triton_url) as client, tempfile.TemporaryDirectory() as tmp:
-        for s in tqdm(series, desc="dicomweb series", unit="series", disable=None):
+        for n, s in enumerate(tqdm(series, desc="dicomweb series", unit="series", disable=None)):
             uid = s.SeriesInstanceUID
             instances = web.retrieve_series(study_instance_uid=study_uid, series_instance_uid=uid)   # WADO-RS
-            folder = Path(tmp) / uid
+            folder = Path(tmp) / f"series_{n:03d}"
             folder.mkdir()
             for i, ds in enumerate(instances):
                 ds.save_as(str(folder / f"{i:05d}.dcm"), enforce_file_format=True)
-            src = read_series(folder, uid)
+            src = read_series(folder, uid, pet_units=pet_units)
             d_t1, modality, _ = derive_t1(src.datasets[0])
             names = targets or list(defaults.get(f"{modality}|{derive_region(src.datasets[0])}", ()))
             if not names:
                 raise ValueError(f"series {uid}: no targets given and none configured for its modality and region")
             res = client.segment_volume(src.volume, src.affine, modality, t1 or d_t1, names)
             seg = write_seg(src, res.labels, names, list(res.resolved), folder / "seg.dcm",
-                            sop_instance_uid=seg_uid_for(uid))
+                            sop_instance_uid=seg_uids(uid, model_name, model_version)[1])
             web.store_instances(datasets=[seg])                                              # STOW-RS
             stored.append(seg.SOPInstanceUID)
             log.info("series %s: SEG %s stored at %s", uid, seg.SOPInstanceUID, dicomweb_url)

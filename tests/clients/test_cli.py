@@ -1,0 +1,106 @@
+"""`python -m clients` never prints a traceback for what a user can meet: a bad series, a file that is not
+an image, a missing header field, an unreachable server, an error answered by the server. Each ends in one
+line naming the problem and exit code 2; an unexpected error (a bug) in one line and exit code 1."""
+
+import logging
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from clients.__main__ import COMMANDS
+from clients.__main__ import main as clients_main
+from clients.dicom_io import write_series
+from serving.serve import free_port
+
+AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def small_ct(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    volume = np.random.default_rng(0).normal(0, 100, (32, 32, 16)).astype(np.float32)
+    nifti = folder / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(volume, AFFINE), str(nifti))
+    return folder, volume, nifti
+
+
+def _one_error(caplog) -> str:
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    message = errors[0].getMessage()
+    assert "\n" not in message and errors[0].exc_info is None and "Traceback" not in message
+    return message
+
+
+def _run(caplog, argv) -> tuple[int, str]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code = clients_main(argv)
+    return code, _one_error(caplog)
+
+
+def test_bad_series_and_bad_files(small_ct, caplog, tmp_path):
+    folder, volume, nifti = small_ct
+    series = tmp_path / "series"
+    write_series(volume, AFFINE, series, body_part="ABDOMEN")
+    sorted(series.glob("*.dcm"))[7].unlink()                                     # a slice lost in transfer
+    code, message = _run(caplog, ["segment", str(series), "--targets", "liver", "--out", str(tmp_path / "o"),
+                                  "--url", "127.0.0.1:1"])
+    assert code == 2 and "cannot use the DICOM series" in message and "missing slice" in message
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b not really gzip")
+    code, message = _run(caplog, ["segment", str(broken), "--t1", "CT of the abdomen", "--modality", "CT",
+                                  "--targets", "liver", "--out", str(tmp_path / "o"), "--url", "127.0.0.1:1"])
+    assert code == 2 and "neither a DICOM folder nor a readable NIfTI file" in message
+    code, message = _run(caplog, ["segment", str(tmp_path / "nowhere"), "--targets", "liver", "--out",
+                                  str(tmp_path / "o")])
+    assert code == 2 and "input not found" in message
+    code, message = _run(caplog, ["prognose", str(nifti), "--ehr-file", str(tmp_path / "no_note.txt"),
+                                  "--url", "127.0.0.1:1"])
+    assert code == 2 and "cannot read the EHR note" in message
+
+
+def test_missing_header_field(small_ct, caplog, tmp_path):
+    _, volume, _ = small_ct
+    series = tmp_path / "anonymous"
+    write_series(volume, AFFINE, series, body_part="", series_description="")   # nothing says which region
+    code, message = _run(caplog, ["segment", str(series), "--targets", "liver", "--out", str(tmp_path / "o"),
+                                  "--url", "127.0.0.1:1"])
+    assert code == 2 and "cannot tell the body region" in message and "--t1" in message
+
+
+def test_unreachable_server_in_a_real_process(small_ct, tmp_path):
+    _, _, nifti = small_ct
+    url = f"127.0.0.1:{free_port()}"                                               # nobody listens there
+    proc = subprocess.run([sys.executable, "-m", "clients", "segment", str(nifti), "--t1", "CT of the abdomen",
+                           "--modality", "CT", "--targets", "liver", "--out", str(tmp_path / "o"), "--url", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"cannot reach the Triton server at {url}" in errors[0], proc.stderr
+
+
+@pytest.mark.server
+def test_errors_answered_by_the_server(triton_server, small_ct, caplog, tmp_path):
+    _, _, nifti = small_ct
+    base = ["segment", str(nifti), "--t1", "CT of the abdomen", "--modality", "CT", "--out", str(tmp_path / "o"),
+            "--url", triton_server.grpc_url]
+    code, message = _run(caplog, [*base, "--targets", "liver", "xyzzy plugh"])
+    assert code == 2 and "the server refused the request (StatusCode.INVALID_ARGUMENT)" in message
+    assert "xyzzy plugh" in message                                             # it names the prompt
+    code, message = _run(caplog, [*base, "--targets", "liver " * 400])          # 2,400 characters
+    assert code == 2 and "INVALID_ARGUMENT" in message and len(message) < 700   # a short prefix, not the text
+    assert triton_server.is_ready()
+
+
+def test_unexpected_error_is_one_line_and_exit_1(small_ct, caplog, monkeypatch, tmp_path):
+    def broken(args):
+        raise RuntimeError("an invariant broke")
+
+    monkeypatch.setitem(COMMANDS, "segment", broken)
+    code, message = _run(caplog, ["segment", str(small_ct[2]), "--targets", "liver", "--out", str(tmp_path)])
+    assert code == 1 and "this is a bug" in message and "an invariant broke" in message
