@@ -15,7 +15,7 @@ import pytest
 
 from clients.dicom_io import read_series, write_series
 from clients.dicom_node import Destination, DicomNode, NodeConfig, seg_uid_for
-from clients.dicom_seg import seg_to_labels
+from clients.dicom_seg import seg_to_labels, seg_uids
 from clients.grpc_client import SegmentationClient
 from duplus.synth.phantoms import generate_phantom
 from serving.serve import free_port
@@ -100,8 +100,8 @@ def test_storescu_to_node_to_orthanc_seg(node, orthanc, triton_server, tmp_path)
                            str(tmp_path / "ct")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     row = _wait_status(node, series.series_uid)
-    assert row["status"] == "done", row["error"]
-    assert row["seg_uid"] == seg_uid_for(series.series_uid)
+    assert row["status"] == "done" and row["attempts"] == 1, row["error"]
+    assert row["seg_uid"] == seg_uid_for(series.series_uid) == seg_uids(series.series_uid)[1]
     found = json.loads(urllib.request.urlopen(urllib.request.Request(
         orthanc["url"] + "/tools/find", data=json.dumps({"Level": "Instance", "Query": {
             "SOPInstanceUID": row["seg_uid"]}}).encode(), method="POST"), timeout=10).read())
@@ -150,6 +150,7 @@ def test_bad_input_gets_a_dimse_failure_and_the_node_keeps_serving(node, tmp_pat
     assert proc.returncode == 0, proc.stderr
     row = _wait_status(node, series.series_uid)
     assert row["status"] == "failed" and "missing slice" in row["error"]
+    assert row["attempts"] == 1 and "deterministic" in row["error"]      # failed at once, not retried
     assert (node.quarantine / series.series_uid).is_dir()
     # a calling AE title that is not on the allow-list is rejected at association
     stranger = AE(ae_title="STRANGER")
