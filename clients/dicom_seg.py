@@ -87,37 +87,92 @@ def seg_uids(source_series_uid: str, model_name: str = "DuPLUS", model_version: 
     return generate_uid(entropy_srcs=["duplus-seg-series", *key]), generate_uid(entropy_srcs=["duplus-seg", *key])
 
 
+class SegWriteError(ValueError):
+    """A DICOM SEG that cannot be written for a series; the message names the attribute or the problem."""
+
+
+# Type 2 attributes of the Patient and General Study modules that highdicom reads from the source image:
+# anonymised exports often drop them; the SEG then carries them empty, as the standard allows
+SOURCE_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")
+# Type 1 attributes a SEG cannot be written without (references and geometry)
+SOURCE_TYPE1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+                "Modality", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
+
+
+def _source_for_seg(ds):
+    """``ds`` with missing Type 2 patient/study attributes present and empty; ``ds`` itself when none is missing.
+
+    The copy shares the data elements (pixel data included) but not the dataset, so the caller's is unchanged.
+    """
+    missing = [k for k in SOURCE_TYPE2 if k not in ds]
+    if not missing:
+        return ds
+    from pydicom.dataset import Dataset
+
+    out = Dataset()
+    out.update(ds)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for keyword in missing:
+        setattr(out, keyword, "")
+    return out
+
+
 def write_seg(series, labels: np.ndarray, targets: list[str], resolved: list[str], path, *,
               model_name: str = "DuPLUS", model_version: str = "0.1.0", series_number: int = 900,
               sop_instance_uid: str | None = None):
-    """A DICOM SEG for ``labels`` (uint8 on the series grid, value k = targets[k-1]); returns the dataset."""
+    """A DICOM SEG for ``labels`` (uint8 on the series grid, value k = targets[k-1]); returns the dataset.
+
+    Its Series and SOP Instance UIDs are ``seg_uids(source series, model_name, model_version)`` (the SOP
+    Instance UID overridden by ``sop_instance_uid`` when given). Type 2 patient/study attributes missing
+    from the source (anonymised exports) are written empty. Raises ``SegWriteError`` naming what is
+    missing or wrong for anything else it cannot write.
+    """
     import highdicom as hd
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     labels = np.asarray(labels)
     if labels.shape != series.volume.shape:
-        raise ValueError(f"labels {labels.shape} do not lie on the series grid {series.volume.shape}")
-    algorithm = hd.AlgorithmIdentificationSequence(name=model_name, version=model_version,
-                                                   family=codes.cid7162.ArtificialIntelligence)
-    descriptions = []
-    for k, (text, name) in enumerate(zip(targets, resolved), start=1):
-        code, meaning, cat, cat_meaning = SNOMED.get(name, ("91723000", "Anatomical structure", *ANATOMY))
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=k, segment_label=text[:64],
-            segmented_property_category=hd.sr.CodedConcept(cat, "SCT", cat_meaning),
-            segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
-    # frames in source-image order: frame k is labels[:, :, k] as rows x columns
-    frames = np.ascontiguousarray(np.transpose(labels, (2, 1, 0))).astype(np.uint8)
-    seg = hd.seg.Segmentation(
-        source_images=list(series.datasets), pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1, manufacturer="duplus-stack",
-        manufacturer_model_name=model_name, software_versions=model_version, device_serial_number="0",
-        content_label="DUPLUS", content_description=f"{model_name} text-prompted segmentation",
-        omit_empty_frames=False)
+        raise SegWriteError(f"labels {labels.shape} do not lie on the series grid {series.volume.shape}")
+    if len(targets) != len(resolved):
+        raise SegWriteError(f"{len(targets)} targets but {len(resolved)} resolved names")
+    if labels.size and (labels.min() < 0 or labels.max() > len(targets)):
+        raise SegWriteError(f"label values {int(labels.min())}..{int(labels.max())} outside 0..{len(targets)} "
+                            f"({len(targets)} targets)")
+    for keyword in SOURCE_TYPE1:
+        without = [i for i, ds in enumerate(series.datasets) if ds.get(keyword) in (None, "")]
+        if without:
+            raise SegWriteError(f"series {series.series_uid}: {keyword} is missing on {len(without)} source image(s) "
+                                f"(first: image {without[0]}); a DICOM SEG cannot reference or place them without it")
+    series_uid, sop_uid = seg_uids(series.series_uid, model_name, model_version)
+    try:
+        algorithm = hd.AlgorithmIdentificationSequence(name=model_name, version=model_version,
+                                                       family=codes.cid7162.ArtificialIntelligence)
+        descriptions = []
+        for k, (text, name) in enumerate(zip(targets, resolved), start=1):
+            code, meaning, cat, cat_meaning = SNOMED.get(name, ("91723000", "Anatomical structure", *ANATOMY))
+            descriptions.append(hd.seg.SegmentDescription(
+                segment_number=k, segment_label=text[:64],
+                segmented_property_category=hd.sr.CodedConcept(cat, "SCT", cat_meaning),
+                segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+        # frames in source-image order: frame k is labels[:, :, k] as rows x columns
+        frames = np.ascontiguousarray(np.transpose(labels, (2, 1, 0))).astype(np.uint8)
+        seg = hd.seg.Segmentation(
+            source_images=[_source_for_seg(ds) for ds in series.datasets], pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+            series_instance_uid=series_uid, series_number=series_number,
+            sop_instance_uid=sop_instance_uid or sop_uid, instance_number=1, manufacturer="duplus-stack",
+            manufacturer_model_name=model_name, software_versions=model_version, device_serial_number="0",
+            content_label="DUPLUS", content_description=f"{model_name} text-prompted segmentation"[:64],
+            omit_empty_frames=False)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise SegWriteError(f"series {series.series_uid}: cannot write a DICOM SEG: "
+                            f"{type(exc).__name__}: {exc}") from exc
     seg.save_as(str(path))
+    log.info("SEG %s (series %s, %s %s) written to %s", seg.SOPInstanceUID, series_uid, model_name, model_version,
+             path)
     return seg
 
 

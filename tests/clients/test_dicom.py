@@ -91,6 +91,16 @@ def test_broken_series_are_refused_with_the_reason(oblique_ct, tmp_path):
         read_series((tmp_path / "empty").mkdir() or tmp_path / "empty")
 
 
+def test_volume_units_by_modality(oblique_ct, tmp_path):
+    ph, affine, folder = oblique_ct
+    assert read_series(folder).units == "HU"
+    write_series(ph.image[:, :, :4], affine, tmp_path / "mr", modality="MR", series_description="t1_vibe")
+    mr = read_series(tmp_path / "mr", pet_units="SUV")      # pet_units applies to PT only
+    assert mr.units == "" and mr.modality == "MR"
+    with pytest.raises(ValueError, match="pet_units"):
+        read_series(folder, pet_units="Bq/ml")
+
+
 @pytest.mark.parametrize("modality, body, desc, expected", [
     ("CT", "ABDOMEN", "", ("CT of the abdomen", "CT", None)),
     ("PT", "", "PET HN WB", ("PET of the head and neck", "PET", None)),
