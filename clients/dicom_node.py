@@ -135,6 +135,7 @@ class NodeConfig:
         "CT|head_neck": ("primary tumour", "lymph node"), "PET|head_neck": ("primary tumour", "lymph node"),
         "MR|abdomen": ("liver", "spleen", "left kidney", "right kidney")})
     t1: str | None = None                               # override the header-derived context prompt
+    pet_units: str | None = None                        # "SUV": PET values already SUV; None: SUVbw from the header
     workers: int = 2                                    # series segmented at the same time
     max_attempts: int = 3                               # attempts per series when failures are transient
     retry_backoff_s: float = 30.0                       # wait before the 2nd attempt; doubles for each next one ...
@@ -162,6 +163,8 @@ class NodeConfig:
             raise ValueError(f"triton_retry_s must be >= 0, got {self.triton_retry_s}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0-65535 (0 or null: off), got {self.metrics_port}")
+        if self.pet_units not in (None, "SUV"):
+            raise ValueError(f"pet_units must be null (body-weight SUV from the header) or 'SUV', got {self.pet_units!r}")
         object.__setattr__(self, "workdir", Path(self.workdir))
 
     def backoff_s(self, attempt: int) -> float:
@@ -604,7 +607,7 @@ class DicomNode:
         from clients.dicom_seg import derive_region, derive_t1, seg_uids, write_seg
         from clients.grpc_client import SegmentationClient
 
-        series = read_series(folder, series_uid)
+        series = read_series(folder, series_uid, pet_units=self.cfg.pet_units)
         t1, modality, _ = derive_t1(series.datasets[0])
         t1 = self.cfg.t1 or t1
         key = f"{modality}|{derive_region(series.datasets[0])}"

@@ -48,7 +48,9 @@ def segment_study(dicomweb_url: str, study_uid: str, *, triton_url: str, series_
     with SegmentationClient(triton_url) as client, tempfile.TemporaryDirectory() as tmp:
         for n, s in enumerate(tqdm(series, desc="dicomweb series", unit="series", disable=None)):
             uid = s.SeriesInstanceUID
-            instances = web.retrieve_series(study_instance_uid=study_uid, series_instance_uid=uid)   # WADO-RS
+            # as stored ("*": no transcoding asked of the PACS; pydicom decodes what arrives, as on the node)
+            instances = web.retrieve_series(study_instance_uid=study_uid, series_instance_uid=uid,   # WADO-RS
+                                            media_types=(("application/dicom", "*"),))
             folder = Path(tmp) / f"series_{n:03d}"
             folder.mkdir()
             for i, ds in enumerate(instances):

@@ -72,6 +72,21 @@ def test_missing_header_field(small_ct, caplog, tmp_path):
     assert code == 2 and "cannot tell the body region" in message and "--t1" in message
 
 
+def test_pet_without_the_attributes_for_suv(small_ct, caplog, tmp_path):
+    from clients.dicom_io import PetHeader
+
+    _, volume, _ = small_ct
+    series = tmp_path / "pt"
+    write_series(np.abs(volume) * 100, AFFINE, series, modality="PT", body_part="HEADNECK",
+                 pet=PetHeader(patient_weight_kg=None))                       # an anonymised export drops the weight
+    argv = ["segment", str(series), "--targets", "primary tumour", "--out", str(tmp_path / "o"),
+            "--url", "127.0.0.1:1"]
+    code, message = _run(caplog, argv)
+    assert code == 2 and "PatientWeight" in message and "--pet-units SUV" in message
+    code, message = _run(caplog, [*argv, "--pet-units", "SUV"])                 # stated units: on to the server
+    assert code == 2 and "cannot reach the Triton server at 127.0.0.1:1" in message
+
+
 def test_unreachable_server_in_a_real_process(small_ct, tmp_path):
     _, _, nifti = small_ct
     url = f"127.0.0.1:{free_port()}"                                               # nobody listens there
