@@ -267,11 +267,7 @@ class SegmentationClient(_Common):
         """Risk from a (PET) volume in its own geometry, its T1 prompt and the patient's EHR note."""
 
         if not getattr(self, "_prognose_checked", False):
-            if not self.client.is_model_ready("prognose"):
-                raise ServerMismatchError(f"the server at {self.url} has no prognose model: build the repository "
-                                          "with a prognosis checkpoint (export/build_engines.py --prognosis-checkpoint)")
-            _check_metadata(self.client.get_model_metadata("prognose", as_json=True), "prognose", PROGNOSE_INPUTS,
-                            PROGNOSE_OUTPUTS)
+            self._with_retries(self._check_prognose)
             self._prognose_checked = True
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
@@ -292,6 +288,22 @@ class SegmentationClient(_Common):
                                    dict(zip(names, (float(v) for v in res.as_numpy("IMAGE_FEATURES")))))
 
         return self._with_retries(call)
+
+    def _check_prognose(self) -> None:
+        """prognose is served and matches this client; a prognose being reloaded (its stub died) is retried."""
+        from tritonclient.utils import InferenceServerException
+
+        if not self.client.is_model_ready("prognose"):
+            index = self.client.get_model_repository_index(as_json=True).get("models", [])
+            # loading, unloading or unloaded by the server's watchdog to be loaded again: transient; a model the
+            # server never loaded has no state
+            if any(m.get("name") == "prognose" and (m.get("state") in ("LOADING", "UNLOADING")
+                                                    or m.get("reason") == "unloaded") for m in index):
+                raise InferenceServerException("prognose is not ready (reloading)", status="StatusCode.UNAVAILABLE")
+            raise ServerMismatchError(f"the server at {self.url} has no prognose model: build the repository "
+                                      "with a prognosis checkpoint (export/build_engines.py --prognosis-checkpoint)")
+        _check_metadata(self.client.get_model_metadata("prognose", as_json=True), "prognose", PROGNOSE_INPUTS,
+                        PROGNOSE_OUTPUTS)
 
     def _segment_cuda_shm(self, volume, affine, modality, t1, targets) -> VolumeResult:
         """Volume in and labels out through CUDA shared memory on ``cuda_device`` (client and server share the GPU)."""

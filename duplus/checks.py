@@ -73,7 +73,8 @@ def check_request_volume(volume, affine, modality: str, modalities: Sequence[str
     Returns (volume, float64 affine, voxel spacing in mm); a failure is InvalidRequest naming the problem.
     """
     if modality not in modalities:
-        raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(modalities)}")
+        shown = modality if len(modality) <= 64 else f"{modality[:64]}... ({len(modality)} characters)"
+        raise InvalidRequest(f"unknown modality {shown!r}; this model has stems for {list(modalities)}")
     volume = np.asarray(volume)
     affine = np.asarray(affine, dtype=np.float64)
     try:

@@ -66,12 +66,15 @@ class UnitContract:
     outputs: tuple[TensorSpec, ...]
     description: str = ""
     multiple_of: tuple[tuple[str, int], ...] = ()   # dynamic axes whose size must be a multiple (U-Net levels)
+    max_sizes: tuple[tuple[str, int], ...] = ()     # dynamic axes with a largest size (position table, batch caps)
 
     def to_manifest(self) -> dict:
         """What ``build_engines`` records in manifest.json (read back by ``from_manifest``)."""
         entry = {"inputs": [t.to_row() for t in self.inputs], "outputs": [t.to_row() for t in self.outputs]}
         if self.multiple_of:
             entry["multiple_of"] = {axis: m for axis, m in self.multiple_of}
+        if self.max_sizes:
+            entry["max_sizes"] = {axis: m for axis, m in self.max_sizes}
         return entry
 
     @classmethod
@@ -81,7 +84,8 @@ class UnitContract:
             return tuple(TensorSpec(r[0], r[1], tuple(r[2]), tuple(r[3]) if len(r) > 3 else None) for r in rows)
 
         return cls(name, specs(entry["inputs"]), specs(entry["outputs"]),
-                   multiple_of=tuple((str(a), int(m)) for a, m in entry.get("multiple_of", {}).items()))
+                   multiple_of=tuple((str(a), int(m)) for a, m in entry.get("multiple_of", {}).items()),
+                   max_sizes=tuple((str(a), int(m)) for a, m in entry.get("max_sizes", {}).items()))
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,16 @@ class ServingLimits:
         return cls(**kw)
 
 
+#: the position table of the BERT-family sentence encoders (MiniLM, PubMedBERT): a longer token sequence fails
+#: inside the graph
+MAX_TEXT_TOKENS = 512
+#: the most rows (texts, targets, windows) one direct unit request may carry; served pipelines send far fewer
+#: (at most ServingLimits.max_targets targets, sw_batch_size windows)
+MAX_UNIT_BATCH = 64
+TEXT_LIMITS = (("n", MAX_UNIT_BATCH), ("tokens", MAX_TEXT_TOKENS))
+IMAGE_LIMITS = (("b", MAX_UNIT_BATCH), ("k", MAX_UNIT_BATCH))
+
+
 def _token_inputs(vocab_size: int | None) -> tuple[TensorSpec, ...]:
     """The inputs of a text encoder unit: token ids (bounded by the vocabulary where known) and their mask."""
     return (TensorSpec("input_ids", "int64", ("n", "tokens"), (0, vocab_size) if vocab_size else None),
@@ -151,20 +165,20 @@ def contracts(cfg: DuPLUSConfig, vocab_size: int | None = None) -> dict[str, Uni
         "text_encoder": UnitContract(
             "text_encoder", _token_inputs(vocab_size),
             (TensorSpec("embedding", "float32", ("n", e)),),
-            "frozen sentence encoder, mean-pooled and L2-normalised"),
+            "frozen sentence encoder, mean-pooled and L2-normalised", max_sizes=TEXT_LIMITS),
         "conditioning": UnitContract(
             "conditioning",
             (TensorSpec("t1_embedding", "float32", ("b", e)), TensorSpec("t2_embedding", "float32", ("k", e))),
             (TensorSpec("film", "float32", ("b", cfg.film_size)),
              TensorSpec("head_params", "float32", ("k", cfg.head_params))),
-            "T1 -> FiLM gamma/beta of every stage; T2 -> dynamic-head parameters (controller)"),
+            "T1 -> FiLM gamma/beta of every stage; T2 -> dynamic-head parameters (controller)", max_sizes=IMAGE_LIMITS),
         "segmenter": UnitContract(
             "segmenter",
             _image_inputs(cfg),
             (TensorSpec("logits", "float32", ("b", "k", "x", "y", "z")),
              TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z"))),
             "modality stems + FiLM U-Net + K dynamic heads, one backbone pass for K targets; logits for "
-            "Gaussian blending in the sliding window, their sigmoid for single-patch clients", spatial),
+            "Gaussian blending in the sliding window, their sigmoid for single-patch clients", spatial, IMAGE_LIMITS),
     }
 
 
@@ -180,15 +194,17 @@ def prognosis_contracts(cfg: DuPLUSConfig, image_dim: int, text_dim: int, vocab_
             (TensorSpec("probabilities", "float32", ("b", "k", "x", "y", "z")),
              TensorSpec("pooled", "float32", ("b", "pooled"))),
             "frozen segmenter: per-target probabilities and the decoder features pooled over each target "
-            f"(probability-weighted) and globally; with K=2 (tumour, node) pooled has {c3 - 5} values", spatial),
+            f"(probability-weighted) and globally; with K=2 (tumour, node) pooled has {c3 - 5} values", spatial,
+            IMAGE_LIMITS),
         "text_encoder_ehr": UnitContract(
             "text_encoder_ehr", _token_inputs(vocab_size),
             (TensorSpec("embedding", "float32", ("n", text_dim)),),
-            "the sentence encoder with the prognosis LoRA adapters merged in (EHR notes)"),
+            "the sentence encoder with the prognosis LoRA adapters merged in (EHR notes)", max_sizes=TEXT_LIMITS),
         "prognosis": UnitContract(
             "prognosis",
             (TensorSpec("image_features", "float32", ("n", image_dim)),
              TensorSpec("ehr_embedding", "float32", ("n", text_dim))),
             (TensorSpec("risk", "float32", ("n",)),),
-            "late-fusion Cox head: log-risk from standardised image features and the EHR embedding"),
+            "late-fusion Cox head: log-risk from standardised image features and the EHR embedding",
+            max_sizes=(("n", MAX_UNIT_BATCH),)),
     }

@@ -10,7 +10,7 @@
 ``check_feed`` reads a unit's ``UnitContract`` (``duplus.contract``): every input present, its dtype and rank,
 fixed sizes, one size per named axis across all inputs (``b``, ``k``, ``n``, ``tokens``, ``x``...: a batch of 1
 image features with 3 EHR embeddings is refused, not broadcast), axes that must be multiples of the U-Net's
-levels, integer values inside their bounds (stem index, token ids, attention mask) and finite floats. Every
+levels, axes within their largest size (token positions, batch caps), integer values inside their bounds (stem index, token ids, attention mask) and finite floats. Every
 problem is an ``InvalidRequest`` naming it, which the Triton models turn into INVALID_ARGUMENT.
 """
 
@@ -84,6 +84,10 @@ def check_feed(contract: UnitContract, feed: dict[str, np.ndarray]) -> dict[str,
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             raise InvalidRequest(f"{contract.name}: input {spec.name} contains NaN or Inf values")
         out[spec.name] = x
+    for axis, largest in contract.max_sizes:
+        if axis in sizes and sizes[axis][0] > largest:
+            raise InvalidRequest(f"{contract.name}: axis {axis!r} of {sizes[axis][1]} is {sizes[axis][0]}; at most "
+                                 f"{largest}")
     for axis, multiple in contract.multiple_of:
         if axis in sizes and sizes[axis][0] % multiple:
             raise InvalidRequest(f"{contract.name}: {sizes[axis][1]} sizes along {[a for a, _ in contract.multiple_of]} "
@@ -113,7 +117,8 @@ class PromptTokenizer:
 
     def modality_index(self, modality: str) -> int:
         if modality not in self.modalities:
-            raise InvalidRequest(f"unknown modality {modality!r}; this model has stems for {list(self.modalities)}")
+            raise InvalidRequest(f"unknown modality {short(modality)!r}; this model has stems for "
+                                 f"{list(self.modalities)}")
         return self.modalities.index(modality)
 
     def stem(self, modality: str, t1: str) -> str:

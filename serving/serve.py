@@ -7,11 +7,21 @@ of the ngc flavour, or stale (built from another checkpoint than ``--checkpoint`
 HTTP, gRPC and metrics to loopback, waits until every model is ready, and stops the server
 cleanly on SIGINT/SIGTERM. ``TritonServer`` is the same thing as a context manager for tests,
 the demo and the benchmarks.
+
+Recovery: Triton never restarts a python-backend stub that died (``kill -9``, the OOM killer): the
+model stays "ready" and every request gets ``Stub process '<model>_0_0' is not healthy``. A
+``StubWatchdog`` thread watches the stub processes (children of tritonserver) and, when one is gone,
+unloads and loads that model through Triton's repository API (Triton reloads the ensembles that use
+it by itself). Readiness for a load balancer is the launcher's own health endpoint
+(``GET /health/ready`` on ``--health-port``): 200 only when Triton is ready, every served model is
+READY, every stub is alive and no recovery is in flight; Triton's ``/v2/health/ready`` stays 200
+while a stub is dead and while a model is unloaded in explicit mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import importlib.util
 import json
 import logging
@@ -26,6 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -182,13 +193,217 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STUB_BINARY = "triton_python_backend_stub"
+
+
+def python_stubs(server_pid: int, regions: set[str] | None = None) -> dict[str, tuple[int, str]]:
+    """The live python-backend stubs of one tritonserver: instance name -> (pid, model).
+
+    A stub's argv is ``triton_python_backend_stub <repo>/<model>/<version>/model.py <shm region> <shm size>
+    <shm growth> <parent pid> <backend dir> <ipc handle> <instance name> <runtime dir>``; a zombie is not live.
+    ``regions`` collects the stubs' shared-memory region names.
+    """
+    out: dict[str, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+            if int(stat[1]) != server_pid or stat[0] in ("Z", "X"):
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+        except (OSError, IndexError, ValueError):   # gone meanwhile, or not ours to read
+            continue
+        if len(argv) > 8 and argv[0].endswith(STUB_BINARY):
+            out[argv[8]] = (int(entry), Path(argv[1]).parts[-3])
+            if regions is not None:
+                regions.add(argv[2])
+    return out
+
+
+@dataclass
+class Recovery:
+    """One detected stub failure and what the watchdog did about it (``TritonServer.recoveries``)."""
+
+    model: str
+    instances: tuple[str, ...]       # the stubs found dead
+    detected_at: float               # time.monotonic()
+    seconds: float | None = None     # detection -> model READY again (None while in flight or when it failed)
+    unload_s: float | None = None
+    load_s: float | None = None
+    attempts: int = 0
+    error: str | None = None
+
+
+class StubWatchdog(threading.Thread):
+    """Reloads a python-backend model whose stub died (see the module docstring).
+
+    Every ``poll_s`` it compares the live stubs with those seen when the model was last ready; a missing
+    one marks the model broken (``TritonServer.is_ready()`` is False from then on) and a recovery thread
+    unloads it, waits until Triton has let it go, loads it and waits until every served model is READY
+    again. A stub that is alive but hung is not detected (no probe request: a slow segment_volume on
+    2 CPU cores is indistinguishable from a hung one without a model-specific deadline).
+    """
+
+    def __init__(self, server: TritonServer, poll_s: float = 0.5, max_attempts: int = 3, unload_wait_s: float = 3.0):
+        super().__init__(name="triton-stub-watchdog", daemon=True)
+        self.server, self.poll_s, self.max_attempts = server, poll_s, max_attempts
+        self.unload_wait_s = unload_wait_s
+        self.stuck: set[str] = set()              # models whose dead copy never finished unloading
+        self.shm_regions: set[str] = set()        # the stubs' shared-memory regions (freed after a forced stop)
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.expected: dict[str, set[str]] = {}   # model -> its stub instance names when it was last ready
+        self.recovering: set[str] = set()
+        self.failed: set[str] = set()             # recovery gave up: the launcher is no longer live
+        self.recoveries: list[Recovery] = []
+
+    def baseline(self) -> None:
+        """Record the stubs of every served model (after the server is ready)."""
+        stubs = python_stubs(self.server.process.pid, self.shm_regions)
+        with self.lock:
+            self.expected = {}
+            for instance, (_pid, model) in stubs.items():
+                self.expected.setdefault(model, set()).add(instance)
+        log.info("watching %d python-backend stubs of %d models", len(stubs), len(self.expected))
+
+    def dead(self) -> dict[str, list[str]]:
+        """model -> its stub instances that are gone, for models not being recovered."""
+        live = python_stubs(self.server.process.pid)
+        with self.lock:
+            return {m: sorted(missing) for m, insts in self.expected.items()
+                    if m not in self.recovering and (missing := insts - live.keys())}
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.poll_s):
+            if self.server.process is None or self.server.process.poll() is not None:
+                return
+            for model, instances in self.dead().items():
+                if self.stopping.is_set():
+                    return
+                rec = Recovery(model, tuple(instances), time.monotonic())
+                with self.lock:
+                    self.recovering.add(model)
+                    self.recoveries.append(rec)
+                log.error("python-backend stub %s of model %s is gone (killed or crashed); reloading %s",
+                          ", ".join(instances), model, model)
+                threading.Thread(target=self.recover, args=(rec,), name=f"recover-{model}", daemon=True).start()
+
+    def recover(self, rec: Recovery) -> None:
+        srv = self.server
+        try:
+            for attempt in range(1, self.max_attempts + 1):
+                rec.attempts = attempt
+                try:
+                    t = time.monotonic()
+                    srv.repository_call(rec.model, "unload")
+                    try:
+                        srv.wait_model_state(rec.model, lambda s: s != "UNLOADING", timeout=self.unload_wait_s)
+                    except ServerError:
+                        # Triton 2.51 never finishes unloading a python model whose stub died during a request;
+                        # a load beside the stuck copy works, and that copy only delays Triton's own exit
+                        with self.lock:
+                            self.stuck.add(rec.model)
+                        log.warning("%s is still unloading after %.0f s (its stub died in a request); loading a "
+                                    "new copy beside it", rec.model, self.unload_wait_s)
+                    rec.unload_s = time.monotonic() - t
+                    t = time.monotonic()
+                    srv.repository_call(rec.model, "load")
+                    with self.lock:
+                        busy = self.recovering - {rec.model}
+                    srv.reload_unready(busy)   # an ensemble Triton unloaded with the model and did not load back
+                    rec.load_s = time.monotonic() - t
+                    break
+                except (ServerError, OSError) as exc:
+                    rec.error = str(exc)
+                    if self.stopping.is_set():
+                        return
+                    log.error("recovery of %s, attempt %d/%d failed: %s", rec.model, attempt, self.max_attempts, exc)
+                    self.stopping.wait(2.0 * attempt)
+            else:
+                with self.lock:
+                    self.failed.add(rec.model)
+                log.critical("model %s could not be reloaded after %d attempts; the server is not live",
+                             rec.model, self.max_attempts)
+                return
+            live = python_stubs(srv.process.pid, self.shm_regions)
+            with self.lock:
+                self.expected[rec.model] = {i for i, (_p, m) in live.items() if m == rec.model}
+            rec.seconds, rec.error = time.monotonic() - rec.detected_at, None
+            log.warning("model %s recovered in %.1f s (unload %.1f s, load %.1f s, attempt %d)", rec.model,
+                        rec.seconds, rec.unload_s, rec.load_s, rec.attempts)
+        finally:
+            with self.lock:
+                self.recovering.discard(rec.model)
+                last = not self.recovering
+            if last and rec.seconds is not None and not self.stopping.is_set():
+                self.refresh_ensembles()
+
+    def refresh_ensembles(self) -> None:
+        """Unload and load every served ensemble once no recovery is in flight. Triton loads an ensemble back with
+        its reloaded step, but when several steps are reloaded at once (one of them beside a copy stuck in
+        unloading) the ensemble can keep a step that returns no output ("expected 2 inputs but got 1")."""
+        srv = self.server
+        with self.lock:
+            self.recovering.add("(ensembles)")
+        try:
+            for model in srv.served:
+                status, body = srv._http(f"/v2/models/{model}/config", timeout=10.0)
+                if status == 200 and json.loads(body).get("platform") == "ensemble":
+                    t = time.monotonic()
+                    srv.repository_call(model, "unload")
+                    srv.wait_model_state(model, lambda s: s != "UNLOADING", timeout=10.0)
+                    srv.repository_call(model, "load")
+                    log.warning("ensemble %s reloaded in %.1f s", model, time.monotonic() - t)
+        except (ServerError, OSError, ValueError) as exc:
+            log.error("reloading the ensembles failed: %s", exc)
+        finally:
+            with self.lock:
+                self.recovering.discard("(ensembles)")
+
+
+class HealthServer(http.server.ThreadingHTTPServer):
+    """``GET /health/live`` and ``GET /health/ready`` of a ``TritonServer``: 200 or 503 with a JSON reason."""
+
+    daemon_threads = True
+
+    def __init__(self, server: TritonServer, address: str, port: int):
+        self.triton = server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server API
+                if self.path.rstrip("/") == "/health/ready":
+                    state = self.server.triton.health()
+                    ok = state["ready"]
+                elif self.path.rstrip("/") == "/health/live":
+                    state = self.server.triton.health(ready=False)
+                    ok = state["live"]
+                else:
+                    self.send_error(404, "GET /health/live or /health/ready")
+                    return
+                body = json.dumps(state).encode()
+                self.send_response(200 if ok else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):   # probes every few seconds: not worth a log line each
+                pass
+
+        super().__init__((address, port), Handler)
+
+
 class TritonServer:
     """The embedded Triton server as a managed subprocess."""
 
     def __init__(self, repository: str | Path, *, checkpoint: str | Path | None = None, grpc_port: int | None = None,
                  http_port: int | None = None, metrics_port: int | None = None, cache_mb: int = 64,
                  log_file: str | Path | None = None, log_verbose: int = 0, ready_timeout: float = 300.0,
-                 models: list[str] | tuple[str, ...] | None = None):
+                 models: list[str] | tuple[str, ...] | None = None, health_port: int | None = None,
+                 health_address: str = "127.0.0.1", watchdog: bool = True, watchdog_poll_s: float = 0.5):
         self.repository = Path(repository).resolve()
         self.manifest = check_repository(self.repository, Path(checkpoint) if checkpoint else None)
         # a subset of the repository's models (with what they call) starts faster: each python-backend model
@@ -208,8 +423,12 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else None
         self.log_verbose = log_verbose
         self.ready_timeout = ready_timeout
+        self.health_port = health_port or free_port()
+        self.health_address = health_address
         self.process: subprocess.Popen | None = None
         self._log_handle = None
+        self.watchdog = StubWatchdog(self, poll_s=watchdog_poll_s) if watchdog else None
+        self._health: HealthServer | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -222,6 +441,19 @@ class TritonServer:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def health_url(self) -> str:
+        """The launcher's own health endpoint: ``{health_url}/health/ready`` and ``/health/live``."""
+        return f"http://{self.health_address}:{self.health_port}"
+
+    @property
+    def recoveries(self) -> list[Recovery]:
+        """Every stub failure the watchdog detected, with its recovery timings."""
+        if self.watchdog is None:
+            return []
+        with self.watchdog.lock:
+            return list(self.watchdog.recoveries)
 
     def command(self, binary: Path, backends: Path) -> list[str]:
         return [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
@@ -261,19 +493,113 @@ class TritonServer:
         out = self._log_handle or subprocess.DEVNULL
         self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
+            self._health = HealthServer(self, self.health_address, self.health_port)
+            threading.Thread(target=self._health.serve_forever, name="triton-health", daemon=True).start()
             self.wait_ready()
+            if self.watchdog is not None:
+                self.watchdog.baseline()
+                self.watchdog.start()
         except BaseException:
             self.stop()
             raise
-        log.info("Triton ready: gRPC %s, HTTP %s, metrics %s", self.grpc_url, self.http_url, self.metrics_url)
+        log.info("Triton ready: gRPC %s, HTTP %s, metrics %s, health %s/health/ready", self.grpc_url, self.http_url,
+                 self.metrics_url, self.health_url)
         return self
 
-    def is_ready(self) -> bool:
+    def _http(self, path: str, method: str = "GET", timeout: float = 2.0) -> tuple[int, bytes]:
+        """(status, body) of a request to Triton's HTTP API; status 0 when it cannot be reached."""
+        request = urllib.request.Request(f"{self.http_url}{path}", method=method,
+                                         data=b"{}" if method == "POST" else None)
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            return False
+            return 0, b""
+
+    def model_states(self) -> dict[str, str]:
+        """Triton's repository index: model -> READY / UNLOADING / UNAVAILABLE / LOADING (missing: never loaded)."""
+        status, body = self._http("/v2/repository/index", "POST", timeout=10.0)
+        if status != 200:
+            raise ServerError(f"the repository index answered HTTP {status}")
+        return {m["name"]: m.get("state", "") for m in json.loads(body)}
+
+    def repository_call(self, model: str, action: str, timeout: float = 300.0) -> None:
+        """``POST /v2/repository/models/<model>/<action>`` (load / unload); a refusal is a ServerError."""
+        status, body = self._http(f"/v2/repository/models/{model}/{action}", "POST", timeout=timeout)
+        if status != 200:
+            raise ServerError(f"{action} {model}: HTTP {status} {body[:300].decode(errors='replace')}")
+
+    def wait_model_state(self, model: str, done, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.model_states().get(model, "")
+            if done(state):
+                return state
+            if time.monotonic() > deadline:
+                raise ServerError(f"{model} still {state or 'absent'} after {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def reload_unready(self, busy=()) -> None:
+        """Load every served model that is not READY and whose dependencies are, skipping ``busy`` models (being
+        reloaded by another thread) and those that call them: Triton unloads an ensemble with its step and
+        normally loads it back with the step; this catches the case where it did not."""
+        for model in self.served:
+            states = self.model_states()
+            if states.get(model) == "READY" or model in busy:
+                continue
+            deps = with_dependencies([model])[:-1]
+            if any(d in busy or states.get(d) != "READY" for d in deps):
+                continue
+            log.warning("loading %s again (%s)", model, states.get(model) or "absent")
+            self.repository_call(model, "load")
+
+    def health(self, ready: bool = True) -> dict:
+        """{"live", "ready", "reason"}: what the health endpoint answers (``ready=False`` skips the readiness part)."""
+        state = {"live": False, "ready": False, "reason": ""}
+        if self.process is None or self.process.poll() is not None:
+            state["reason"] = "tritonserver is not running"
+            return state
+        wd = self.watchdog
+        failed = sorted(wd.failed) if wd is not None else []
+        if failed:
+            state["reason"] = f"could not reload {failed}"
+            return state
+        state["live"] = self._http("/v2/health/live")[0] == 200
+        if not state["live"]:
+            state["reason"] = "tritonserver is not live"
+            return state
+        if not ready:
+            return state
+        if wd is not None:
+            with wd.lock:
+                recovering = sorted(wd.recovering)
+            if recovering:
+                state["reason"] = f"reloading {recovering}"
+                return state
+            dead = wd.dead() if wd.is_alive() else {}
+            if dead:
+                state["reason"] = f"python-backend stubs gone: {dead}"
+                return state
+        if self._http("/v2/health/ready")[0] != 200:
+            state["reason"] = "tritonserver is not ready"
+            return state
+        try:
+            states = self.model_states()
+        except ServerError as exc:
+            state["reason"] = str(exc)
+            return state
+        unready = {m: states.get(m) or "absent" for m in self.served if states.get(m) != "READY"}
+        if unready:
+            state["reason"] = f"models not ready: {unready}"
+            return state
+        state["ready"] = True
+        return state
+
+    def is_ready(self) -> bool:
+        """Triton ready, every served model READY, every python-backend stub alive, no recovery in flight."""
+        return self.health()["ready"]
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
@@ -287,15 +613,27 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {self.ready_timeout:.0f} s")
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stopping.set()
+        if self._health is not None:
+            self._health.shutdown()
+            self._health.server_close()
+            self._health = None
+        stuck = sorted(self.watchdog.stuck) if self.watchdog is not None else []
+        if stuck:   # Triton would wait its whole exit timeout for those copies
+            timeout = min(timeout, 10.0)
         if self.process is not None and self.process.poll() is None:
             log.info("stopping Triton (pid %d)", self.process.pid)
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop in %.0f s; killing it", timeout)
+                log.warning("tritonserver did not stop in %.0f s%s; killing it", timeout,
+                            f" ({stuck} never finished unloading after their stubs died)" if stuck else "")
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+                for region in self.watchdog.shm_regions if self.watchdog is not None else ():
+                    Path("/dev/shm", region).unlink(missing_ok=True)
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None
@@ -324,6 +662,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                     help="serve only these models and the models they call (e.g. `segment_volume`: faster start, "
                          "less memory); default: every model of the repository")
+    ap.add_argument("--health-port", type=int, default=8003,
+                    help="port of the launcher's health endpoint: GET /health/ready (200 only when every model is "
+                         "ready and no stub is being reloaded) and /health/live")
+    ap.add_argument("--health-address", default="127.0.0.1",
+                    help="address of the health endpoint (0.0.0.0 for a Kubernetes httpGet probe; it serves only "
+                         "the two health paths)")
+    ap.add_argument("--no-watchdog", action="store_true",
+                    help="do not reload a model whose python-backend stub died")
     ap.add_argument("--log-level", default="INFO", help="logging level of this launcher")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -331,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         server = TritonServer(args.model_repository, checkpoint=args.checkpoint or None, grpc_port=args.grpc_port,
                               http_port=args.http_port, metrics_port=args.metrics_port, cache_mb=args.cache_mb,
                               log_file=args.log_file, log_verbose=args.log_verbose, ready_timeout=args.ready_timeout,
-                              models=args.models)
+                              models=args.models, health_port=args.health_port,
+                              health_address=args.health_address, watchdog=not args.no_watchdog)
     except (RepositoryError, ValueError) as exc:
         log.error("refusing to start: %s", exc)
         return 2
@@ -348,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.is_set():
             if server.process.poll() is not None:
                 log.error("tritonserver exited with code %d", server.process.returncode)
+                return 1
+            if server.watchdog is not None and server.watchdog.failed:
+                log.error("stopping: %s could not be reloaded", sorted(server.watchdog.failed))
                 return 1
             stop.wait(1.0)
     finally:

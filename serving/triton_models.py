@@ -4,8 +4,11 @@ Each ``model_repository/<model>/1/model.py`` is two lines that bind one of these
 ``triton_python_backend_utils``, which only exists inside Triton's python-backend stub; the
 logic itself lives in ``serving.pipelines`` and is tested without a server.
 
-Errors: ``InvalidRequest`` (and its subclasses) -> INVALID_ARGUMENT with the message; anything
-else -> INTERNAL, logged with its traceback. A failed request never takes the model down.
+Errors: ``InvalidRequest`` (and its subclasses) -> INVALID_ARGUMENT with the message (at most
+``MAX_ERROR_CHARS``: gRPC carries it in trailing metadata, and an over-long one turns into
+RESOURCE_EXHAUSTED); a model that is unloading or whose stub died, met in a BLS call -> UNAVAILABLE (the
+client retries); anything else -> INTERNAL with a generic message and an error id, the id and the
+traceback in the server log. A failed request never takes the model down.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 from duplus.contract import KNOWN_TARGETS, EncodedPrompts, InvalidRequest, ServingLimits, UnitContract
-from serving.requests import EHRTokenizer, PromptTokenizer, check_feed, decode_strings, read_manifest
+from serving.requests import EHRTokenizer, PromptTokenizer, check_feed, decode_strings, read_manifest, short
 
 log = logging.getLogger("duplus.triton")
 
@@ -37,15 +41,26 @@ class ServerUnavailable(RuntimeError):
     """A BLS call found the server shutting down or a model unloading: the client should retry."""
 
 
-def _error(pb, exc: BaseException):
+#: the longest error message a client gets (gRPC's trailing metadata is 8 KiB by default)
+MAX_ERROR_CHARS = 1024
+
+
+def _error(pb, exc: BaseException, model: str):
     if isinstance(exc, ServerUnavailable):
         code = getattr(pb.TritonError, "UNAVAILABLE", pb.TritonError.INTERNAL)
-        return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc), code))
+        return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(short(str(exc), MAX_ERROR_CHARS), code))
     if isinstance(exc, InvalidRequest):
-        return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
-    log.error("internal error: %s", "".join(traceback.format_exception(exc)))
-    return pb.InferenceResponse(output_tensors=[],
-                                error=pb.TritonError(f"{type(exc).__name__}: {exc}", pb.TritonError.INTERNAL))
+        return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(short(str(exc), MAX_ERROR_CHARS),
+                                                                            pb.TritonError.INVALID_ARG))
+    error_id = str(uuid.uuid4())
+    text = f"{model}: internal error {error_id}: " + "".join(traceback.format_exception(exc))
+    logger = getattr(pb, "Logger", None)    # Triton's own log (python-backend stubs of 2.51 have it)
+    if logger is not None:
+        logger.log_error(text)
+    else:
+        log.error("%s", text)
+    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(
+        f"internal error in {model} (error id {error_id}; the server log has the details)", pb.TritonError.INTERNAL))
 
 
 def _string_tensor(pb, name: str, values) -> object:
@@ -59,11 +74,17 @@ def _input(pb, request, name: str) -> np.ndarray:
     return t.as_numpy()
 
 
+def _one_string(pb, request, name: str) -> str:
+    values = decode_strings(_input(pb, request, name), name)
+    if len(values) != 1:
+        raise InvalidRequest(f"input {name} must hold exactly one string, got {len(values)}")
+    return values[0]
+
+
 def _volume_request(pb, request) -> tuple[np.ndarray, np.ndarray, str, str]:
     """VOLUME, AFFINE, MODALITY and T1 of a segment_volume / prognose request."""
-    return (_input(pb, request, "VOLUME"), _input(pb, request, "AFFINE"),
-            decode_strings(_input(pb, request, "MODALITY"), "MODALITY")[0],
-            decode_strings(_input(pb, request, "T1"), "T1")[0])
+    return (_input(pb, request, "VOLUME"), _input(pb, request, "AFFINE"), _one_string(pb, request, "MODALITY"),
+            _one_string(pb, request, "T1"))
 
 
 def _image_feed(pb, image, modality, film, head_params) -> list:
@@ -84,13 +105,12 @@ def tokenizer_model(pb):
             responses = []
             for request in requests:
                 try:
-                    modality = decode_strings(_input(pb, request, "MODALITY"), "MODALITY")[0]
-                    t1 = decode_strings(_input(pb, request, "T1"), "T1")[0]
+                    modality, t1 = _one_string(pb, request, "MODALITY"), _one_string(pb, request, "T1")
                     targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
                     out = self.tokenizer(modality, t1, targets)
                     responses.append(pb.InferenceResponse([pb.Tensor(k, v) for k, v in out.items()]))
                 except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
-                    responses.append(_error(pb, exc))
+                    responses.append(_error(pb, exc, "tokenizer"))
             return responses
 
     return TritonPythonModel
@@ -123,7 +143,7 @@ def unit_model(pb, unit: str):
                     responses.append(pb.InferenceResponse([pb.Tensor(k, np.ascontiguousarray(v))
                                                            for k, v in out.items()]))
                 except Exception as exc:  # noqa: BLE001
-                    responses.append(_error(pb, exc))
+                    responses.append(_error(pb, exc, unit))
             return responses
 
     return TritonPythonModel
@@ -133,6 +153,11 @@ class UpstreamError(InvalidRequest):
     """A BLS call that failed with INVALID_ARGUMENT upstream (e.g. the tokenizer refused a prompt)."""
 
 
+#: a BLS call that failed because the server stops or a model is being reloaded (Triton's own messages; a dead stub
+#: is "Stub process '<instance>' is not healthy", reloaded by serving.serve's watchdog)
+UNAVAILABLE_MARKERS = ("Server not ready", "has no available versions", "is not ready", "is not healthy")
+
+
 def _bls(pb, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
     response = pb.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs).exec()
     if response.has_error():
@@ -140,8 +165,9 @@ def _bls(pb, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarr
         code = err.code() if hasattr(err, "code") else None
         if code is not None and code == pb.TritonError.INVALID_ARG:
             raise UpstreamError(err.message())
-        if any(m in err.message() for m in ("Server not ready", "has no available versions", "is not ready")):
-            raise ServerUnavailable(f"{model}: {err.message()} (the server is stopping or reloading; retry)")
+        if any(m in err.message() for m in UNAVAILABLE_MARKERS) or code == getattr(pb.TritonError, "UNAVAILABLE", -1):
+            raise ServerUnavailable(f"{model}: {short(err.message(), 300)} (the server is stopping, or reloading a "
+                                    "model whose stub died; retry)")
         raise RuntimeError(f"{model}: {err.message()}")
     return {name: pb.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
@@ -184,7 +210,7 @@ def segment_volume_model(pb):
                         pb.Tensor("SIMILARITY", np.asarray(pred.similarity, dtype=np.float32)),
                         _string_tensor(pb, "STEM", [pred.stem])]))
                 except Exception as exc:  # noqa: BLE001
-                    responses.append(_error(pb, exc))
+                    responses.append(_error(pb, exc, "segment_volume"))
             return responses
 
     return TritonPythonModel
@@ -239,7 +265,7 @@ def prognose_model(pb):
                         pb.Tensor("IMAGE_FEATURES", out.image_features.astype(np.float32)),
                         _string_tensor(pb, "FEATURE_NAMES", out.feature_names)]))
                 except Exception as exc:  # noqa: BLE001
-                    responses.append(_error(pb, exc))
+                    responses.append(_error(pb, exc, "prognose"))
             return responses
 
     return TritonPythonModel
