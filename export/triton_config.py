@@ -227,9 +227,13 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
             parameters=() if native else unit_params, warmup=(warm,) if warm else (),
             default_model_filename=("model.plan" if opts.engine == "tensorrt" else "model.onnx") if native else "")
 
+    # Triton's response cache only for native units (ngc): Triton 2.51 caches a python-backend model's error
+    # response as an empty success (a repeated malformed request to text_encoder came back OK with no outputs);
+    # the embedded flavour relies on the prompt-set LRU inside segment_volume / prognose instead
+    text_cache = opts.flavour == "ngc"
     models.append(unit_model("text_encoder", Warmup("prompt", (
-        _t("input_ids", "int64", 1, 8), _t("attention_mask", "int64", 1, 8))), cache=True))
-    models.append(unit_model("conditioning", None, cache=True))
+        _t("input_ids", "int64", 1, 8), _t("attention_mask", "int64", 1, 8))), cache=text_cache))
+    models.append(unit_model("conditioning", None, cache=text_cache))
     models.append(unit_model("segmenter", Warmup("patch", (
         _t("image", "float32", 1, 1, px, py, pz), _t("modality", "int64", 1), _t("film", "float32", 1, film),
         _t("head_params", "float32", 1, head))),
@@ -272,7 +276,7 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
         parameters=lim.parameters() + (("patch_size", ",".join(map(str, opts.patch_size))),)))
     if all(u in units for u in PROGNOSIS_UNITS):
         models.append(unit_model("image_features", None, cache=False))
-        models.append(unit_model("text_encoder_ehr", None, cache=True))
+        models.append(unit_model("text_encoder_ehr", None, cache=text_cache))
         models.append(unit_model("prognosis", None, cache=False))
         models.append(ModelConfig(
             "prognose", backend="python",

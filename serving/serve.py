@@ -12,9 +12,11 @@ Recovery: Triton never restarts a python-backend stub that died (``kill -9``, th
 model stays "ready" and every request gets ``Stub process '<model>_0_0' is not healthy``. A
 ``StubWatchdog`` thread watches the stub processes (children of tritonserver) and, when one is gone,
 unloads and loads that model through Triton's repository API (Triton reloads the ensembles that use
-it by itself). Readiness for a load balancer is the launcher's own health endpoint
+it by itself). A stub that is alive but hung (Triton answers "not healthy" after a 1 s health check) is
+found by ``StubProber``'s cheap probe requests (the server command: every 5 s) and killed, and the same
+reload follows. Readiness for a load balancer is the launcher's own health endpoint
 (``GET /health/ready`` on ``--health-port``): 200 only when Triton is ready, every served model is
-READY, every stub is alive and no recovery is in flight; Triton's ``/v2/health/ready`` stays 200
+READY, every stub is alive and healthy and no recovery is in flight; Triton's ``/v2/health/ready`` stays 200
 while a stub is dead and while a model is unloaded in explicit mode.
 """
 
@@ -243,8 +245,7 @@ class StubWatchdog(threading.Thread):
     Every ``poll_s`` it compares the live stubs with those seen when the model was last ready; a missing
     one marks the model broken (``TritonServer.is_ready()`` is False from then on) and a recovery thread
     unloads it, waits until Triton has let it go, loads it and waits until every served model is READY
-    again. A stub that is alive but hung is not detected (no probe request: a slow segment_volume on
-    2 CPU cores is indistinguishable from a hung one without a model-specific deadline).
+    again. A stub that is alive but hung is ``StubProber``'s to find.
     """
 
     def __init__(self, server: TritonServer, poll_s: float = 0.5, max_attempts: int = 3, unload_wait_s: float = 3.0):
@@ -364,6 +365,102 @@ class StubWatchdog(threading.Thread):
                 self.recovering.discard("(ensembles)")
 
 
+class StubProber(threading.Thread):
+    """Finds python-backend stubs that are alive but no longer healthy, and kills them so the watchdog reloads them.
+
+    A stub that hangs (stopped, deadlocked, starved while holding its health lock) stays a live process,
+    and Triton answers every request with ``Stub process '<instance>' is not healthy`` after a 1 s health
+    check. Every ``interval_s`` this thread sends each python-backend model a cheap request that reaches
+    its stub and is refused there (zero-length dynamic axes, zeros elsewhere: INVALID_ARGUMENT in
+    microseconds); ``strikes`` "not healthy" answers in a row, 1 s apart, and the model's stubs get
+    SIGKILL, after which ``StubWatchdog`` reloads the model as for any dead stub. A probe that times out
+    (the instance busy with a long request) counts as nothing. Off by default in ``TritonServer`` (its
+    requests show in the models' statistics), on in the server command (``--probe-s``).
+    """
+
+    def __init__(self, server: TritonServer, watchdog: StubWatchdog, interval_s: float = 5.0, strikes: int = 2,
+                 timeout_s: float = 10.0):
+        super().__init__(name="triton-stub-prober", daemon=True)
+        if interval_s <= 0 or strikes < 1:
+            raise ValueError(f"interval_s must be > 0 and strikes >= 1, got {interval_s} and {strikes}")
+        self.server, self.watchdog = server, watchdog
+        self.interval_s, self.strikes, self.timeout_s = interval_s, strikes, timeout_s
+        self.killed: list[tuple[str, float]] = []     # (model, time.monotonic()) of every stub killed for hanging
+        self.suspects: set[str] = set()               # models whose last probe was answered "not healthy"
+
+    def probe_bodies(self) -> dict[str, bytes]:
+        """model -> the JSON body of its probe request, for every served python-backend model."""
+        zero = {"BYTES": "", "BOOL": False}
+        bodies = {}
+        for model in self.server.served:
+            status, body = self.server._http(f"/v2/models/{model}/config", timeout=10.0)
+            if status != 200 or json.loads(body).get("backend") != "python":
+                continue
+            status, body = self.server._http(f"/v2/models/{model}", timeout=10.0)
+            if status != 200:
+                continue
+            inputs = []
+            for t in json.loads(body).get("inputs", []):
+                shape = [0 if int(d) < 0 else int(d) for d in t["shape"]]
+                n = 1
+                for d in shape:
+                    n *= d
+                inputs.append({"name": t["name"], "shape": shape, "datatype": t["datatype"],
+                               "data": [zero.get(t["datatype"], 0)] * n})
+            bodies[model] = json.dumps({"inputs": inputs}).encode()
+        return bodies
+
+    def probe(self, model: str, body: bytes) -> str | None:
+        """Triton's answer to the probe, or None when there was none in time."""
+        request = urllib.request.Request(f"{self.server.http_url}/v2/models/{model}/infer", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as r:
+                return r.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.read().decode(errors="replace")
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return None
+
+    def run(self) -> None:
+        wd = self.watchdog
+        bodies: dict[str, bytes] = {}
+        strikes: dict[str, int] = {}
+        while not wd.stopping.wait(1.0 if any(strikes.values()) else self.interval_s):
+            if self.server.process is None or self.server.process.poll() is not None:
+                return
+            if not bodies:
+                bodies = self.probe_bodies()
+            for model, body in bodies.items():
+                with wd.lock:
+                    busy = model in wd.recovering or "(ensembles)" in wd.recovering
+                if busy or wd.stopping.is_set():
+                    strikes[model] = 0
+                    continue
+                answer = self.probe(model, body)
+                if answer is None or "is not healthy" not in answer:
+                    strikes[model] = 0 if answer is not None else strikes.get(model, 0)
+                    if answer is not None:
+                        self.suspects.discard(model)
+                    continue
+                strikes[model] = strikes.get(model, 0) + 1
+                self.suspects.add(model)
+                log.warning("model %s answered a probe with %r (%d/%d)", model, answer[:200], strikes[model],
+                            self.strikes)
+                if strikes[model] >= self.strikes:
+                    pids = [pid for pid, m in python_stubs(self.server.process.pid).values() if m == model]
+                    log.error("the python-backend stub of %s is alive but not healthy (pids %s); killing it so that "
+                              "it is reloaded", model, pids)
+                    for pid in pids:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    self.killed.append((model, time.monotonic()))
+                    strikes[model] = 0
+                    self.suspects.discard(model)      # the watchdog's recovery keeps readiness down from here
+
+
 class HealthServer(http.server.ThreadingHTTPServer):
     """``GET /health/live`` and ``GET /health/ready`` of a ``TritonServer``: 200 or 503 with a JSON reason."""
 
@@ -403,7 +500,8 @@ class TritonServer:
                  http_port: int | None = None, metrics_port: int | None = None, cache_mb: int = 64,
                  log_file: str | Path | None = None, log_verbose: int = 0, ready_timeout: float = 300.0,
                  models: list[str] | tuple[str, ...] | None = None, health_port: int | None = None,
-                 health_address: str = "127.0.0.1", watchdog: bool = True, watchdog_poll_s: float = 0.5):
+                 health_address: str = "127.0.0.1", watchdog: bool = True, watchdog_poll_s: float = 0.5,
+                 probe_s: float = 0.0):
         self.repository = Path(repository).resolve()
         self.manifest = check_repository(self.repository, Path(checkpoint) if checkpoint else None)
         # a subset of the repository's models (with what they call) starts faster: each python-backend model
@@ -428,6 +526,8 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._log_handle = None
         self.watchdog = StubWatchdog(self, poll_s=watchdog_poll_s) if watchdog else None
+        # alive-but-unhealthy stubs (hung): probe requests every probe_s seconds (0: off; needs the watchdog)
+        self.prober = StubProber(self, self.watchdog, interval_s=probe_s) if watchdog and probe_s > 0 else None
         self._health: HealthServer | None = None
 
     @property
@@ -499,6 +599,8 @@ class TritonServer:
             if self.watchdog is not None:
                 self.watchdog.baseline()
                 self.watchdog.start()
+            if self.prober is not None:
+                self.prober.start()
         except BaseException:
             self.stop()
             raise
@@ -582,6 +684,10 @@ class TritonServer:
             if dead:
                 state["reason"] = f"python-backend stubs gone: {dead}"
                 return state
+        suspects = sorted(self.prober.suspects) if self.prober is not None else []
+        if suspects:
+            state["reason"] = f"stubs answering 'not healthy': {suspects}"
+            return state
         if self._http("/v2/health/ready")[0] != 200:
             state["reason"] = "tritonserver is not ready"
             return state
@@ -670,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
                          "the two health paths)")
     ap.add_argument("--no-watchdog", action="store_true",
                     help="do not reload a model whose python-backend stub died")
+    ap.add_argument("--probe-s", type=float, default=5.0,
+                    help="seconds between probe requests that find stubs alive but not healthy (hung); such a stub "
+                         "is killed and its model reloaded; 0 turns probing off")
     ap.add_argument("--log-level", default="INFO", help="logging level of this launcher")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -678,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
                               http_port=args.http_port, metrics_port=args.metrics_port, cache_mb=args.cache_mb,
                               log_file=args.log_file, log_verbose=args.log_verbose, ready_timeout=args.ready_timeout,
                               models=args.models, health_port=args.health_port,
-                              health_address=args.health_address, watchdog=not args.no_watchdog)
+                              health_address=args.health_address, watchdog=not args.no_watchdog,
+                              probe_s=args.probe_s)
     except (RepositoryError, ValueError) as exc:
         log.error("refusing to start: %s", exc)
         return 2

@@ -61,7 +61,9 @@ def test_every_config_parses_and_matches_the_onnx_files(repositories, flavour):
         assert cfg.max_batch_size == 0  # K targets and windows are not a batch axis Triton may split
     for name in ("tokenizer", "segment_volume"):
         assert configs[name].backend == "python" and (repo / name / "1" / "model.py").is_file()
-    assert configs["text_encoder"].response_cache.enable and configs["conditioning"].response_cache.enable
+    # the response cache only on native units: Triton 2.51 caches a python-backend error response as an empty success
+    cached = flavour == "ngc"
+    assert configs["text_encoder"].response_cache.enable == cached and configs["conditioning"].response_cache.enable == cached
     assert configs["segmenter"].model_warmup and configs["segmenter"].instance_group[0].count >= 1
 
 
