@@ -23,6 +23,7 @@ while a stub is dead and while a model is unloaded in explicit mode.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import http.server
 import importlib.util
 import json
@@ -431,13 +432,18 @@ class StubProber(threading.Thread):
                 return
             if not bodies:
                 bodies = self.probe_bodies()
-            for model, body in bodies.items():
-                with wd.lock:
-                    busy = model in wd.recovering or "(ensembles)" in wd.recovering
-                if busy or wd.stopping.is_set():
-                    strikes[model] = 0
-                    continue
-                answer = self.probe(model, body)
+            with wd.lock:
+                busy = set(wd.recovering)
+            for model in busy & set(strikes):       # being reloaded already: its count starts again afterwards
+                strikes[model] = 0
+                self.suspects.discard(model)
+            todo = {m: b for m, b in bodies.items() if m not in busy}
+            if not todo or wd.stopping.is_set():
+                continue
+            # all at once: a probe queued behind a long request (up to timeout_s) delays no other model's
+            with concurrent.futures.ThreadPoolExecutor(len(todo), thread_name_prefix="probe") as pool:
+                answers = dict(zip(todo, pool.map(lambda item: self.probe(*item), todo.items())))
+            for model, answer in answers.items():
                 if answer is None or "is not healthy" not in answer:
                     strikes[model] = 0 if answer is not None else strikes.get(model, 0)
                     if answer is not None:
