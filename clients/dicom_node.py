@@ -3,9 +3,9 @@
     python -m clients dicom-node --config configs/dicom_node.yaml
 
 - **Receive** (pynetdicom Storage SCP + Verification) under a configured AE title and port, from
-  calling AE titles on an allow-list only. Each instance is written to the spool (temporary file,
-  fsync, rename) and recorded in the sqlite job queue (WAL, one transaction) **before** the C-STORE
-  is acknowledged: an acknowledged instance is never lost.
+  calling AE titles on an allow-list only. Each instance is written to the spool (a folder per Series
+  Instance UID, a file per SOP Instance UID; temporary file, fsync, rename) and recorded in the job queue
+  (one transaction) **before** the C-STORE is acknowledged: an acknowledged instance is never lost.
 - **Refuse** what it cannot use with a DIMSE failure status, keeping a copy in the quarantine under a
   node-generated name: 0xC210 (cannot understand: not parseable), 0xA900 (data set does not match the
   SOP class: no pixel data, no geometry, a missing UID, or a Study/Series/SOP Instance UID that breaks
@@ -14,7 +14,7 @@
 - **Complete** a series when no instance arrived for ``quiet_period_s``.
 - **Segment** it in one of ``workers`` threads (``clients.dicom_io.read_series`` -> T1 from the header
   or the config -> ``segment_volume`` over gRPC) and **send** the DICOM SEG by C-STORE to the
-  destination. Claiming a series is one sqlite transaction: two workers never take the same series.
+  destination. Claiming a series is one transaction: two workers never take the same series.
 - **Deterministic failures** (unreadable or mixed series, no region or targets, a SEG that cannot be
   written: anything that fails again on the same input) mark the series failed at once and copy its
   files to ``quarantine/<series uid>`` with the reason in ``quarantine/<series uid>.txt``.
@@ -22,14 +22,22 @@
   timeout, the PACS refusing the association or the C-STORE) are retried after
   ``retry_backoff_s`` x 2^(attempt-1), capped at ``retry_backoff_max_s``, up to ``max_attempts``
   attempts; then the series is failed and quarantined the same way.
-- **Restart-safe, exactly once**: the state of every series lives in sqlite; at start-up a series
-  left 'processing' by a crash goes back to the queue (or fails when it has used all its attempts:
-  a series that kills the node does not kill it forever). The SEG's UIDs are derived from the source
-  series UID and the model (``clients.dicom_seg.seg_uids``), so a SEG re-sent after a crash between
-  "sent" and "recorded" is the same instance at the PACS, not a second one.
+- **Restart-safe, exactly once**: the state of every series lives in the job queue
+  (``clients.job_queue``); at start-up a series left 'processing' by a crash goes back to the queue (or
+  fails when it has used all its attempts: a series that kills the node does not kill it forever). The
+  SEG's UIDs are derived from the source series UID and the model (``clients.dicom_seg.seg_uids``), so a
+  SEG re-sent after a crash between "sent" and "recorded" is the same instance at the PACS, not a second one.
+- **One node or several**: without ``queue_url`` the queue is ``workdir/queue.sqlite`` and the node is
+  alone. With ``queue_url: postgresql://...`` receivers (``workers: 0``), workers (``receive: false``) and
+  full nodes in separate processes or machines share one queue and one ``workdir`` (a shared POSIX
+  directory with atomic rename, at the same path on every node: see ``clients.job_queue``). A worker holds
+  its series under a lease of ``lease_s`` that the node's lease keeper renews every ``lease_s``/3; the
+  keeper also moves series whose lease expired (a node died or hung) back to the queue, or fails and
+  quarantines them when they used all their attempts.
 - **Observable**: with ``metrics_port`` set, ``GET /metrics`` (Prometheus text format, one registry
-  per node) and ``GET /healthz`` (200 with a small JSON while the SCP listens and every worker is
-  alive, 503 otherwise; the endpoint closes with ``stop()``) on the node's host.
+  per node) and ``GET /healthz`` (200 with a small JSON, naming the queue back-end and the node id, while
+  the SCP listens (if the node receives), every worker and the lease keeper are alive (if it has workers)
+  and the queue answers; 503 otherwise; the endpoint closes with ``stop()``) on the node's host.
 """
 
 from __future__ import annotations
@@ -41,26 +49,15 @@ import os
 import re
 import shutil
 import socket
-import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger("dicom_node")
+from clients.job_queue import QUEUE_ERRORS, JobQueue, check_queue_url, open_queue
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY, study_uid TEXT, calling_ae TEXT, folder TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'receiving',          -- receiving | processing | done | failed
-    instances INTEGER NOT NULL DEFAULT 0, last_received REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    seg_uid TEXT, error TEXT, updated REAL, next_attempt REAL);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, path TEXT NOT NULL, received REAL NOT NULL);
-"""
-# columns added after the first release: (name, declaration), added to an existing queue.sqlite at open
-MIGRATIONS = (("next_attempt", "REAL"),)
+log = logging.getLogger("dicom_node")
 
 # PS3.5 9.1: components of digits separated by '.', no leading zero in a multi-digit component, <= 64 chars.
 # fullmatch, not re.match(...$): '$' would also accept a trailing newline.
@@ -68,6 +65,15 @@ _UID_GRAMMAR = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 # the SEG's Algorithm Identification and the key of its deterministic UIDs (clients.dicom_seg.seg_uids)
 MODEL_NAME, MODEL_VERSION = "DuPLUS", "0.1.0"
+
+# a node id names the owner of a lease ('<node id>/worker-<n>'): no '/', nothing a log line would mangle
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+
+
+def default_node_id() -> str:
+    """host-pid-random: unique per process, so a restarted node never mistakes another's leases for its own."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40] or "node"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def valid_uid(uid: str) -> bool:
@@ -122,10 +128,10 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_calling_aes: tuple[str, ...] = ()          # empty: refuse everybody
-    workdir: Path = Path("dicom_node")                  # spool/, quarantine/, outbox/, queue.sqlite
+    workdir: Path = Path("dicom_node")                  # spool/, quarantine/, outbox/, queue.sqlite; shared by nodes
     quiet_period_s: float = 10.0
     poll_s: float = 1.0
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str | tuple[str, ...] = "127.0.0.1:8001"  # one address, or the replicas' (a YAML list)
     triton_timeout_s: float = 600.0                     # one segment_volume request
     triton_retry_s: float = 10.0                        # the client's own retries of a blip; longer outages requeue
     destination: Destination | None = None
@@ -141,6 +147,10 @@ class NodeConfig:
     retry_backoff_s: float = 30.0                       # wait before the 2nd attempt; doubles for each next one ...
     retry_backoff_max_s: float = 600.0                  # ... up to this
     metrics_port: int | None = None                     # /metrics and /healthz on host:metrics_port; 0/None: off
+    queue_url: str | None = None                        # None: workdir/queue.sqlite; sqlite:///path; postgresql://...
+    lease_s: float = 120.0                              # a worker's hold on its series, renewed every lease_s/3
+    receive: bool = True                                # False: a worker-only node (no C-STORE SCP)
+    node_id: str | None = None                          # owner of this node's leases; None: host-pid-random
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -149,8 +159,12 @@ class NodeConfig:
             raise ValueError("quiet_period_s and poll_s must be > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0-65535, got {self.port}")
-        if not isinstance(self.workers, int) or not 1 <= self.workers <= 64:
-            raise ValueError(f"workers must be an integer 1-64, got {self.workers!r}")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or not 0 <= self.workers <= 64:
+            raise ValueError(f"workers must be an integer 0-64, got {self.workers!r}")
+        if not isinstance(self.receive, bool):
+            raise ValueError(f"receive must be true or false, got {self.receive!r}")
+        if not self.receive and self.workers == 0:
+            raise ValueError("a node that does not receive (receive: false) needs workers > 0, got workers=0")
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ValueError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
         if self.retry_backoff_s < 0 or self.retry_backoff_max_s < self.retry_backoff_s:
@@ -165,6 +179,20 @@ class NodeConfig:
             raise ValueError(f"metrics_port must be 0-65535 (0 or null: off), got {self.metrics_port}")
         if self.pet_units not in (None, "SUV"):
             raise ValueError(f"pet_units must be null (body-weight SUV from the header) or 'SUV', got {self.pet_units!r}")
+        if not isinstance(self.lease_s, (int, float)) or isinstance(self.lease_s, bool) or not self.lease_s > 0:
+            raise ValueError(f"lease_s must be > 0, got {self.lease_s!r}")
+        if self.queue_url is not None:
+            check_queue_url(self.queue_url)
+        if self.node_id is not None and not (isinstance(self.node_id, str) and _NODE_ID.fullmatch(self.node_id)):
+            raise ValueError(f"node_id must be 1-64 characters of letters, digits and ._:@- (no '/'), "
+                             f"got {self.node_id!r}")
+        url = self.triton_url
+        if isinstance(url, list):
+            url = tuple(url)
+        if not (isinstance(url, str) and url) and not (
+                isinstance(url, tuple) and url and all(isinstance(u, str) and u for u in url)):
+            raise ValueError(f"triton_url must be an address or a non-empty list of addresses, got {self.triton_url!r}")
+        object.__setattr__(self, "triton_url", url)
         object.__setattr__(self, "workdir", Path(self.workdir))
 
     def backoff_s(self, attempt: int) -> float:
@@ -182,111 +210,9 @@ class NodeConfig:
             raw["allowed_calling_aes"] = tuple(raw["allowed_calling_aes"])
         if "targets" in raw:
             raw["targets"] = {k: tuple(v) for k, v in raw["targets"].items()}
+        if isinstance(raw.get("triton_url"), list):
+            raw["triton_url"] = tuple(raw["triton_url"])
         return cls(**raw)
-
-
-class JobQueue:
-    """The durable state: one sqlite file in WAL mode; every method is one transaction."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(series)")}
-        for name, decl in MIGRATIONS:                     # a queue.sqlite written by an older node
-            if name not in have:
-                self.db.execute(f"ALTER TABLE series ADD COLUMN {name} {decl}")
-                log.info("queue %s: added column series.%s", path, name)
-
-    def record_instance(self, sop_uid, series_uid, study_uid, calling_ae, folder, path) -> None:
-        now = time.time()
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                new = self.db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?)",
-                                      (sop_uid, series_uid, str(path), now)).rowcount
-                # a finished series that receives new instances is a new job: fresh attempts, no pending backoff
-                self.db.execute(
-                    "INSERT INTO series (series_uid, study_uid, calling_ae, folder, instances, last_received, updated) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
-                    "instances = instances + excluded.instances, last_received = excluded.last_received, "
-                    "updated = excluded.updated, "
-                    "attempts = CASE WHEN status IN ('done', 'failed') AND excluded.instances > 0 THEN 0 "
-                    "ELSE attempts END, "
-                    "next_attempt = CASE WHEN status IN ('done', 'failed') AND excluded.instances > 0 THEN NULL "
-                    "ELSE next_attempt END, "
-                    "status = CASE WHEN status IN ('done', 'failed') AND excluded.instances > 0 THEN 'receiving' "
-                    "ELSE status END",
-                    (series_uid, study_uid, calling_ae, str(folder), new, now, now))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
-    def recover(self, max_attempts: int) -> tuple[int, list[dict]]:
-        """Series a crash left 'processing' go back to the queue, or fail when they used all their attempts.
-
-        Returns (series requeued, [{series_uid, folder, attempts}] of those failed)."""
-        now = time.time()
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            failed = [dict(zip(("series_uid", "folder", "attempts"), r)) for r in self.db.execute(
-                "SELECT series_uid, folder, attempts FROM series WHERE status = 'processing' AND attempts >= ?",
-                (max_attempts,)).fetchall()]
-            self.db.execute("UPDATE series SET status = 'failed', updated = ?, error = 'the node stopped during ' "
-                            "|| attempts || ' attempts' WHERE status = 'processing' AND attempts >= ?",
-                            (now, max_attempts))
-            requeued = self.db.execute("UPDATE series SET status = 'receiving', updated = ? "
-                                       "WHERE status = 'processing'", (now,)).rowcount
-            self.db.execute("COMMIT")
-        return requeued, failed
-
-    def claim_complete(self, quiet_period_s: float) -> dict | None:
-        """The oldest series that is complete (quiet) and due (its backoff passed), now 'processing'; or None."""
-        now = time.time()
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self.db.execute(
-                    "SELECT series_uid, folder, attempts, last_received FROM series WHERE status = 'receiving' "
-                    "AND last_received < ? AND (next_attempt IS NULL OR next_attempt <= ?) "
-                    "ORDER BY COALESCE(next_attempt, last_received) LIMIT 1", (now - quiet_period_s, now)).fetchone()
-                if row:
-                    self.db.execute("UPDATE series SET status = 'processing', attempts = attempts + 1, updated = ? "
-                                    "WHERE series_uid = ?", (now, row[0]))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-        if row is None:
-            return None
-        return {"series_uid": row[0], "folder": row[1], "attempts": row[2] + 1, "last_received": row[3]}
-
-    def finish(self, series_uid: str, status: str, *, seg_uid: str | None = None, error: str | None = None,
-               next_attempt: float | None = None) -> None:
-        with self._lock:
-            self.db.execute("UPDATE series SET status = ?, seg_uid = ?, error = ?, next_attempt = ?, updated = ? "
-                            "WHERE series_uid = ?", (status, seg_uid, error, next_attempt, time.time(), series_uid))
-
-    def depth(self) -> int:
-        """Series not finished: receiving (including those waiting for a retry) or processing."""
-        with self._lock:
-            return self.db.execute("SELECT COUNT(*) FROM series WHERE status IN ('receiving', 'processing')"
-                                   ).fetchone()[0]
-
-    def series(self) -> list[dict]:
-        with self._lock:
-            cur = self.db.execute("SELECT * FROM series ORDER BY last_received")
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
-
-    def close(self) -> None:
-        with self._lock:
-            self.db.close()
 
 
 # the transfer syntaxes the node accepts at association: native ones first (preferred), then compressed
@@ -346,7 +272,7 @@ class NodeMetrics:
         self.busy = Gauge("dicom_node_busy_workers", "Workers processing a series now", registry=r)
         self.depth = Gauge("dicom_node_queue_depth", "Series receiving, waiting for a retry or processing",
                            registry=r)
-        self.depth.set_function(node.queue.depth)
+        self.depth.set_function(node.queue_depth)
         self.alive = Gauge("dicom_node_workers_alive", "Worker threads alive", registry=r)
         self.alive.set_function(node.workers_alive)
         self.seconds = Histogram("dicom_node_series_seconds", "Seconds per processing attempt of a series",
@@ -360,17 +286,24 @@ class NodeMetrics:
 class DicomNode:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
-        self.spool = cfg.workdir / "spool"
-        self.quarantine = cfg.workdir / "quarantine"
-        self.outbox = cfg.workdir / "outbox"
+        self.node_id = cfg.node_id or default_node_id()
+        # absolute: the queue stores each series' folder, and other nodes mount the workdir at the same path
+        workdir = cfg.workdir.absolute()
+        self.spool = workdir / "spool"
+        self.quarantine = workdir / "quarantine"
+        self.outbox = workdir / "outbox"
         for d in (self.spool, self.quarantine, self.outbox):
             d.mkdir(parents=True, exist_ok=True)
-        self.queue = JobQueue(cfg.workdir / "queue.sqlite")
+        self.queue: JobQueue = open_queue(cfg.queue_url, workdir)
         self.metrics = NodeMetrics(self)
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._server = None
         self._workers: list[threading.Thread] = []
+        self._keeper: threading.Thread | None = None
+        self._keeper_stop = threading.Event()
+        self._held: dict[str, dict] = {}            # series uid -> {"owner", "lost"}: what this node's workers hold
+        self._held_lock = threading.Lock()
         self._http = None
 
     # ---- receiving --------------------------------------------------------------------------
@@ -426,7 +359,7 @@ class DicomNode:
                                        event.assoc.requestor.ae_title, folder, final)
         except ValueError as exc:                  # _inside: a path that would leave the spool (a planted symlink)
             return self._refuse(raw, f"unsafe path: {exc}", 0xA900)
-        except (OSError, sqlite3.Error) as exc:   # disk full, read-only spool: not acknowledged, the peer may retry
+        except (OSError, *QUEUE_ERRORS) as exc:   # disk full, read-only spool, queue down: not acknowledged, retry
             log.error("cannot store %s: %s", sop_uid, exc)
             self.last_error = f"store: {exc}"
             self.metrics.instances.labels("refused").inc()
@@ -439,32 +372,39 @@ class DicomNode:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
-        requeued, failed = self.queue.recover(self.cfg.max_attempts)
+        requeued, failed = self.queue.recover(self.cfg.max_attempts, self.node_id)
         if requeued:
             log.info("recovered %d series left in processing by a previous run", requeued)
         for job in failed:
-            self._fail(job["series_uid"], job["folder"], f"the node stopped during {job['attempts']} attempts")
-        ae = AE(ae_title=self.cfg.ae_title)
-        # every storage class in the uncompressed syntaxes and in the compressed ones PACS send (JPEG baseline,
-        # JPEG lossless, JPEG-LS, JPEG 2000, RLE): pydicom decodes them with the pylibjpeg plugins
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
-        ae.require_calling_aet = list(self.cfg.allowed_calling_aes) or ["\x00NOBODY"]
-        self._server = ae.start_server((self.cfg.host, self.cfg.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self.handle_store)])
-        self._workers = [threading.Thread(target=self._work, name=f"dicom-node-worker-{i}", daemon=True)
+            self._failed(job["series_uid"], job["folder"], f"the node stopped during {job['attempts']} attempts")
+        if self.cfg.receive:
+            ae = AE(ae_title=self.cfg.ae_title)
+            # every storage class in the uncompressed syntaxes and in the compressed ones PACS send (JPEG baseline,
+            # JPEG lossless, JPEG-LS, JPEG 2000, RLE): pydicom decodes them with the pylibjpeg plugins
+            for context in AllStoragePresentationContexts:
+                ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            ae.add_supported_context(Verification)
+            ae.require_calling_aet = list(self.cfg.allowed_calling_aes) or ["\x00NOBODY"]
+            self._server = ae.start_server((self.cfg.host, self.cfg.port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self.handle_store)])
+        self._workers = [threading.Thread(target=self._work, args=(f"{self.node_id}/worker-{i}",),
+                                          name=f"dicom-node-worker-{i}", daemon=True)
                          for i in range(self.cfg.workers)]
         for t in self._workers:
             t.start()
+        if self._workers:
+            self._keeper = threading.Thread(target=self._keep_leases, name="dicom-node-leases", daemon=True)
+            self._keeper.start()
         if self.cfg.metrics_port:
             self._start_http()
-        log.info("DICOM node %s listening on %s:%d with %d workers", self.cfg.ae_title, self.cfg.host,
-                 self.cfg.port, self.cfg.workers)
+        log.info("DICOM node %s (%s, queue %r) %s with %d workers", self.cfg.ae_title, self.node_id, self.queue,
+                 f"listening on {self.cfg.host}:{self.cfg.port}" if self.cfg.receive else "not receiving",
+                 self.cfg.workers)
         return self
 
     def stop(self) -> None:
-        """Stop receiving, let every worker finish its series (up to 60 s each), then close /metrics and /healthz."""
+        """Stop receiving, let every worker finish its series (up to 60 s each; their leases are renewed
+        meanwhile), then stop the lease keeper and close /metrics and /healthz."""
         self._stop.set()                         # from here /healthz answers 503 'stopping'
         if self._server is not None:
             self._server.shutdown()
@@ -473,6 +413,9 @@ class DicomNode:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 log.warning("%s still busy after 60 s; left running as a daemon thread", t.name)
+        self._keeper_stop.set()
+        if self._keeper is not None:
+            self._keeper.join(timeout=30)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -490,17 +433,31 @@ class DicomNode:
     def workers_alive(self) -> int:
         return sum(t.is_alive() for t in self._workers)
 
+    def keeper_alive(self) -> bool:
+        return self._keeper is not None and self._keeper.is_alive()
+
+    def queue_depth(self) -> float:
+        """The queue's depth for the gauge; NaN while the queue does not answer (/healthz says why)."""
+        try:
+            return self.queue.depth()
+        except QUEUE_ERRORS:
+            return float("nan")
+
     def health(self) -> tuple[bool, dict]:
         alive, listening = self.workers_alive(), self.listening()
-        ok = listening and alive == self.cfg.workers
+        keeper = self.keeper_alive()
+        ok = ((listening or not self.cfg.receive) and alive == self.cfg.workers
+              and (keeper or self.cfg.workers == 0))
         status = "stopping" if self._stop.is_set() else "ok" if ok else "unhealthy"
         try:
             depth = self.queue.depth()
-        except sqlite3.Error as exc:
+        except QUEUE_ERRORS as exc:
             ok, status, depth = False, "unhealthy", None
             self.last_error = f"queue: {exc}"
-        return ok, {"status": status, "listening": listening, "workers": self.cfg.workers, "workers_alive": alive,
-                    "queue_depth": depth, "last_error": self.last_error}
+        return ok, {"status": status, "node_id": self.node_id, "queue": self.queue.backend,
+                    "receive": self.cfg.receive, "listening": listening, "workers": self.cfg.workers,
+                    "workers_alive": alive, "lease_keeper_alive": keeper, "queue_depth": depth,
+                    "last_error": self.last_error}
 
     def _start_http(self) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -534,58 +491,108 @@ class DicomNode:
         log.info("metrics and health on http://%s:%d/metrics, /healthz", self.cfg.host, self.cfg.metrics_port)
 
     # ---- processing -------------------------------------------------------------------------
-    def _work(self) -> None:
-        """Claim a complete series, process it, repeat. ``process`` classifies every failure of a series; what
-        escapes it is the queue itself failing (sqlite: disk I/O, full disk): the worker ends and /healthz says 503,
-        so that whoever supervises the node restarts it rather than have it spin."""
+    def _work(self, owner: str) -> None:
+        """Claim a complete series as ``owner``, process it under a lease, repeat. ``process`` classifies every
+        failure of a series; what escapes it is the queue itself failing (sqlite: disk I/O, full disk;
+        PostgreSQL: unreachable): the worker ends and /healthz says 503, so that whoever supervises the node
+        restarts it rather than have it spin."""
         name = threading.current_thread().name
         try:
             while not self._stop.is_set():
-                job = self.queue.claim_complete(self.cfg.quiet_period_s)
+                job = self.queue.claim(self.cfg.quiet_period_s, owner=owner, lease_s=self.cfg.lease_s)
                 if job is None:
                     self._stop.wait(self.cfg.poll_s)
                     continue
+                held = {"owner": owner, "lost": False}
+                with self._held_lock:
+                    self._held[job["series_uid"]] = held
                 self.metrics.busy.inc()
                 try:
                     self.process(job)
                 finally:
                     self.metrics.busy.dec()
+                    with self._held_lock:
+                        if self._held.get(job["series_uid"]) is held:
+                            del self._held[job["series_uid"]]
         except Exception as exc:  # noqa: BLE001 - logged, and visible in /healthz
             self.last_error = f"{name}: queue: {type(exc).__name__}: {exc}"
             log.exception("worker %s stops: the job queue failed", name)
 
+    def _keep_leases(self) -> None:
+        """Every lease_s/3: renew the lease of each series this node's workers hold, then move the series whose
+        lease expired (on any node) back to the queue, or fail and quarantine those that used all their
+        attempts. Runs until the workers stopped; a queue error is logged and tried again at the next beat."""
+        interval = self.cfg.lease_s / 3
+        while not self._keeper_stop.wait(interval):
+            try:
+                with self._held_lock:
+                    held = [(uid, h) for uid, h in self._held.items() if not h["lost"]]
+                for uid, h in held:
+                    if not self.queue.heartbeat(uid, h["owner"], self.cfg.lease_s):
+                        h["lost"] = True
+                        log.warning("series %s: %s lost its lease (it expired and the series went back to the "
+                                    "queue); its result will not be recorded", uid, h["owner"])
+                requeued, failed = self.queue.requeue_expired(self.cfg.max_attempts)
+                if requeued:
+                    log.warning("%d series whose worker's lease expired went back to the queue", requeued)
+                for job in failed:
+                    self._failed(job["series_uid"], job["folder"],
+                                 f"its worker's lease expired during {job['attempts']} attempts")
+            except Exception as exc:  # noqa: BLE001 - the keeper outlives a queue outage; /healthz shows it
+                self.last_error = f"lease keeper: {type(exc).__name__}: {exc}"
+                log.error("lease keeper: %s: %s", type(exc).__name__, exc)
+
     def process(self, job: dict) -> None:
-        uid, attempt, started = job["series_uid"], job["attempts"], time.monotonic()
+        uid, attempt, owner, started = job["series_uid"], job["attempts"], job["owner"], time.monotonic()
         try:
             seg_path = self.outbox / f"{uid}.seg.dcm"
             if attempt > 1 and seg_path.exists() and seg_path.stat().st_mtime > job.get("last_received", 0):
                 seg_uid = seg_uid_for(uid)       # an earlier attempt segmented the same instances: only send again
                 log.info("series %s: attempt %d re-sends the SEG already written", uid, attempt)
             else:
-                seg_path, seg_uid = self.segment_series(Path(job["folder"]), uid)
+                # a row written by another node: its folder must be in this node's spool (the same shared path)
+                folder = _inside(self.spool, Path(job["folder"]))
+                seg_path, seg_uid = self.segment_series(folder, uid)
             self.send(seg_path)
         except Exception as exc:  # noqa: BLE001 - every failure is classified: retried later or failed for good
             reason = f"{type(exc).__name__}: {exc}"
             self.last_error = f"series {uid}: {reason}"
             if is_transient_failure(exc) and attempt < self.cfg.max_attempts:
                 wait = self.cfg.backoff_s(attempt)
-                self.queue.finish(uid, "receiving", error=reason, next_attempt=time.time() + wait)
-                self.metrics.retries.inc()
-                log.warning("series %s: attempt %d/%d failed (%s); transient, retry in %.1f s", uid, attempt,
-                            self.cfg.max_attempts, reason, wait)
+                if self.queue.finish(uid, "receiving", owner=owner, error=reason, retry_in_s=wait):
+                    self.metrics.retries.inc()
+                    log.warning("series %s: attempt %d/%d failed (%s); transient, retry in %.1f s", uid, attempt,
+                                self.cfg.max_attempts, reason, wait)
+                else:
+                    self._lost(uid, owner, f"attempt {attempt} failed ({reason})")
             else:
                 kind = "transient, no attempts left" if is_transient_failure(exc) else "deterministic"
-                self._fail(uid, job["folder"], f"{reason} ({kind}, attempt {attempt}/{self.cfg.max_attempts})")
+                self._fail(job, f"{reason} ({kind}, attempt {attempt}/{self.cfg.max_attempts})")
         else:
-            self.queue.finish(uid, "done", seg_uid=seg_uid)
-            self.metrics.series.labels("done").inc()
-            log.info("series %s: SEG %s sent", uid, seg_uid)
+            if self.queue.finish(uid, "done", owner=owner, seg_uid=seg_uid):
+                self.metrics.series.labels("done").inc()
+                log.info("series %s: SEG %s sent", uid, seg_uid)
+            else:
+                self._lost(uid, owner, f"SEG {seg_uid} sent")
         finally:
             self.metrics.seconds.observe(time.monotonic() - started)
 
-    def _fail(self, uid: str, folder: str | Path, reason: str) -> None:
-        """Mark the series failed and copy its files to quarantine/<uid> (a new name if that exists), reason beside."""
-        self.queue.finish(uid, "failed", error=reason)
+    @staticmethod
+    def _lost(uid: str, owner: str, what: str) -> None:
+        # the SEG it may have sent is harmless: same UIDs as the new owner's, one instance at the PACS
+        log.warning("series %s: %s, but %s no longer holds it (its lease expired and the series was requeued "
+                    "or re-claimed): the outcome is not recorded", uid, what, owner)
+
+    def _fail(self, job: dict, reason: str) -> None:
+        """Record ``job``'s attempt as failed (if its worker still holds it), then quarantine it."""
+        if not self.queue.finish(job["series_uid"], "failed", owner=job["owner"], error=reason):
+            self._lost(job["series_uid"], job["owner"], f"failed ({reason})")
+            return
+        self._failed(job["series_uid"], job["folder"], reason)
+
+    def _failed(self, uid: str, folder: str | Path, reason: str) -> None:
+        """A series the queue records as failed: count, log, and copy its files to quarantine/<uid> (a new name
+        if that exists) with the reason beside."""
         self.metrics.series.labels("failed").inc()
         self.last_error = f"series {uid}: {reason}"
         log.error("series %s failed: %s", uid, reason)

@@ -59,3 +59,67 @@ def triton_server(triton_repository):
     with TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT,
                       log_file=triton_repository.parent / "triton.log") as srv:
         yield srv
+
+
+def _postgres_bindir() -> Path | None:
+    """The folder of PostgreSQL's server binaries: initdb on PATH, else Debian's newest /usr/lib/postgresql/N/bin."""
+    import shutil
+
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl", path=str(Path(found).parent)):
+        return Path(found).parent
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                    key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return debian[-1].parent if debian else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL server for the session: initdb in a temporary folder, 127.0.0.1 on a free port,
+    trust authentication, no fsync; yields ``postgresql://postgres@127.0.0.1:PORT/postgres`` and stops the
+    server at the end. As root it runs as the ``postgres`` user (initdb refuses root). Skips where there are
+    no server binaries (``apt-get install postgresql``). Tests create a database each."""
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql (make db-tools)")
+    run_as = []
+    tmp = Path(tempfile.mkdtemp(prefix="duplus-pg-"))
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(tmp)
+            pytest.skip("running as root with no 'postgres' user to run the server as (initdb refuses root)")
+        if not shutil.which("runuser"):
+            shutil.rmtree(tmp)
+            pytest.skip("running as root without runuser (util-linux) to start PostgreSQL as 'postgres'")
+        os.chown(tmp, user.pw_uid, user.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, server_log = tmp / "data", tmp / "server.log"
+
+    def run(*cmd):
+        proc = subprocess.run([*run_as, *map(str, cmd)], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            log = server_log.read_text()[-2000:] if server_log.exists() else ""
+            pytest.fail(f"{Path(str(cmd[0])).name} failed ({proc.returncode}): {proc.stderr[-2000:]}\n{log}")
+
+    try:
+        run(bindir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        run(bindir / "pg_ctl", "-D", data, "-l", server_log, "-w", "-t", "60", "start", "-o",
+            f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off")
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                           capture_output=True, timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -28,13 +28,13 @@ from clients.dicom_io import read_series, write_series
 from clients.dicom_node import (
     Destination,
     DicomNode,
-    JobQueue,
     NodeConfig,
     PacsRefused,
     is_transient_failure,
     seg_uid_for,
     valid_uid,
 )
+from clients.job_queue import SqliteJobQueue
 from serving.serve import free_port
 
 STORESCU = shutil.which("storescu")
@@ -254,7 +254,7 @@ def _metric_text(node: DicomNode, name: str) -> float:
 
 # ---- the queue: claims, migration, recovery ---------------------------------------------------
 def test_concurrent_claims_never_give_a_series_twice(tmp_path):
-    queue = JobQueue(tmp_path / "queue.sqlite")
+    queue = SqliteJobQueue(tmp_path / "queue.sqlite")
     uids = [f"1.2.3.{i}" for i in range(60)]
     for i, uid in enumerate(uids):
         queue.record_instance(f"1.2.4.{i}", uid, "1.2.5", "TESTSCU", tmp_path / uid, tmp_path / uid / "a.dcm")
@@ -262,7 +262,7 @@ def test_concurrent_claims_never_give_a_series_twice(tmp_path):
 
     def claim():
         barrier.wait()
-        while (job := queue.claim_complete(0.0)) is not None:
+        while (job := queue.claim(0.0, owner="test/worker-0", lease_s=60)) is not None:
             claimed.append(job["series_uid"])
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
@@ -301,11 +301,11 @@ def test_an_old_queue_is_migrated_and_a_series_that_keeps_killing_the_node_fails
     assert rows["1.2.3"]["status"] == "failed" and "stopped during 3 attempts" in rows["1.2.3"]["error"]
     assert (node.quarantine / "1.2.3" / "1.2.3.1.dcm").read_bytes() == b"x"
     assert rows["1.2.4"]["status"] == "receiving" and rows["1.2.4"]["next_attempt"] is None
-    JobQueue(workdir / "queue.sqlite")                                 # opening again: nothing to migrate
+    SqliteJobQueue(workdir / "queue.sqlite")                           # opening again: nothing to migrate
 
 
 def test_config_validation():
-    for kw, field_name in [({"workers": 0}, "workers"), ({"workers": 1.5}, "workers"),
+    for kw, field_name in [({"workers": 0, "receive": False}, "workers"), ({"workers": 1.5}, "workers"),
                            ({"max_attempts": 0}, "max_attempts"), ({"retry_backoff_s": -1}, "retry_backoff_s"),
                            ({"retry_backoff_s": 10, "retry_backoff_max_s": 5}, "retry_backoff_max_s"),
                            ({"metrics_port": 70000}, "metrics_port"), ({"pacs_timeout_s": 0}, "pacs_timeout_s"),
@@ -401,10 +401,10 @@ def test_concurrent_peers_a_pool_of_workers_metrics_and_health(tmp_path, monkeyp
         assert info["status"] == "ok" and info["workers_alive"] == 3 and info["queue_depth"] == 0
         assert flaky in info["last_error"] or gap_uid in info["last_error"]
         # the queue breaks under the workers: each stops, /healthz says so
-        def broken(_quiet):
+        def broken(*_args, **_kwargs):
             raise sqlite3.OperationalError("disk I/O error")
 
-        monkeypatch.setattr(node.queue, "claim_complete", broken)
+        monkeypatch.setattr(node.queue, "claim", broken)
         _wait(lambda: node.workers_alive() == 0, timeout=5, what="the workers to stop")
         code, body = _http(base + "/healthz")
         info = json.loads(body)
