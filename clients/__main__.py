@@ -270,6 +270,9 @@ def explain(exc: BaseException, args) -> tuple[str, int]:
         if is_transient(exc):
             return f"the Triton server{f' at {url}' if url else ''} is unavailable ({status}): {text}", 2
         return f"the server refused the request ({status or 'error'}): {text}", 2
+    if type(exc).__module__.startswith("psycopg") or type(exc).__name__ == "QueueUnavailable":
+        queue = getattr(args, "queue_url", None) or "its queue_url"
+        return f"cannot use the job queue ({queue}): {_one_line(exc)}", 2
     if type(exc).__name__ in ("RepositoryError", "ServerError"):
         return f"cannot start a local Triton server: {_one_line(exc)}", 2
     if isinstance(exc, (ValueError, KeyError, OSError)):

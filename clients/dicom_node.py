@@ -277,6 +277,12 @@ class NodeMetrics:
         self.alive.set_function(node.workers_alive)
         self.seconds = Histogram("dicom_node_series_seconds", "Seconds per processing attempt of a series",
                                  buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=r)
+        # per Triton replica: every segment_volume attempt, by outcome (ok; failed: transient, went to another
+        # replica or was retried; error: refused)
+        self.triton = Counter("dicom_node_triton_requests", "segment_volume attempts per Triton replica, by outcome",
+                              ["replica", "outcome"], registry=r)
+        self.triton_seconds = Histogram("dicom_node_triton_seconds", "Seconds per segment_volume attempt",
+                                        ["replica"], buckets=(0.5, 1, 2, 5, 10, 20, 60, 120, 300, 600), registry=r)
         for outcome in ("stored", "refused"):
             self.instances.labels(outcome)
         for status in ("done", "failed"):
@@ -621,7 +627,12 @@ class DicomNode:
         if key not in self.cfg.targets:
             raise ValueError(f"no targets configured for {key} (T1 {t1!r})")
         targets = list(self.cfg.targets[key])
-        with SegmentationClient(self.cfg.triton_url, timeout_s=self.cfg.triton_timeout_s,
+
+        def observe(replica: str, outcome: str, seconds: float) -> None:
+            self.metrics.triton.labels(replica, outcome).inc()
+            self.metrics.triton_seconds.labels(replica).observe(seconds)
+
+        with SegmentationClient(self.cfg.triton_url, observer=observe, timeout_s=self.cfg.triton_timeout_s,
                                 retry_deadline_s=self.cfg.triton_retry_s) as client:
             res = client.segment_volume(series.volume, series.affine, modality, t1, targets)
         _, seg_uid = seg_uids(series_uid, MODEL_NAME, MODEL_VERSION)

@@ -119,3 +119,13 @@ def test_unexpected_error_is_one_line_and_exit_1(small_ct, caplog, monkeypatch, 
     monkeypatch.setitem(COMMANDS, "segment", broken)
     code, message = _run(caplog, ["segment", str(small_ct[2]), "--targets", "liver", "--out", str(tmp_path)])
     assert code == 1 and "this is a bug" in message and "an invariant broke" in message
+
+
+def test_unreachable_job_queue(caplog, tmp_path):
+    """A node whose PostgreSQL queue is not there: one line naming the queue, exit 2 (no traceback)."""
+    pytest.importorskip("psycopg")
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(f"port: {free_port()}\nworkdir: {tmp_path / 'node'}\nallowed_calling_aes: [STORESCU]\n"
+                   f"queue_url: postgresql://duplus@127.0.0.1:{free_port()}/queue\n")
+    code, message = _run(caplog, ["dicom-node", "--config", str(cfg)])
+    assert code == 2 and message.startswith("cannot use the job queue"), message

@@ -173,6 +173,8 @@ def test_kill_a_worker_and_a_replica_under_load(tmp_path, database, triton_serve
             time.sleep(0.2)
         finished = time.monotonic()
         sender.join(60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{nodes['worker-b']['metrics_port']}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -192,6 +194,12 @@ def test_kill_a_worker_and_a_replica_under_load(tmp_path, database, triton_serve
     for uid in held:                                             # re-claimed by the surviving worker
         assert rows[uid]["attempts"] >= 2 and rows[uid]["owner"].startswith("worker-b/"), rows[uid]
     assert served_before["a"] > 0 and served_before["b"] > 0
+    # the surviving worker's metrics per replica (Triton's own statistics above show both replicas served)
+    per_replica = {(m["replica"], m["outcome"]): float(v) for m, v in (
+        (dict(kv.split("=") for kv in line[line.index("{") + 1:line.index("}")].replace('"', "").split(",")),
+         line.split()[-1]) for line in metrics.splitlines() if line.startswith("dicom_node_triton_requests_total{"))}
+    assert per_replica.get((triton_server.grpc_url, "ok"), 0) > 0, per_replica
+    assert {r for r, _ in per_replica} <= set(replicas), per_replica
 
     # exactly one SEG per series in the PACS, the one derived from the series
     query = json.dumps({"Level": "Instance", "Query": {"Modality": "SEG"}, "Expand": True}).encode()
