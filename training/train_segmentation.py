@@ -7,6 +7,18 @@ the targets it labels (partial labels: a data set is only asked about its own ta
 with random T1/T2 paraphrases as prompt augmentation. Loss: BCE + soft Dice per target.
 Progress bar, validation Dice per target on held-out cases, checkpoints with the model
 config and the prompt vocabulary, resume from ``last.pt``, and a PNG of the curves.
+
+Data-parallel on several CPU processes or GPUs with torchrun (gloo on CPU, NCCL on GPU):
+
+    torchrun --nproc_per_node 2 -m training.train_segmentation --config configs/demo.yaml
+
+Every rank makes the random draws of the whole global batch of ``optim.batch_size`` patches
+(data set, targets, cases, centres, augmentation, paraphrases) and keeps its share of
+batch_size / world_size patches; the batch-pooled loss statistics are summed over the ranks.
+So N ranks take the same steps as one process, up to float rounding (under bfloat16 autocast,
+bf16 rounding: about 0.2 % in the gradients, as between any two splits of a batch), and a run
+may resume on another number of ranks. Rank 0 alone logs, validates and writes checkpoints and
+curves; ``last.pt`` keeps the random streams, so a resumed run continues the interrupted one's draws.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from duplus.models.duplus import DuPLUS, count_parameters
 from duplus.preprocessing import fuse_labels, to_model_space
 from duplus.text_encoder import EmbeddingCache, TextEncoder
 from duplus.vocabulary import PromptVocabulary, canonical_t1, t1_paraphrases, t2_paraphrases
+from training import distributed
 from training.config import DatasetSpec, TrainConfig
 from training.data import CaseRecord, load_decathlon, read_case
 
@@ -103,14 +116,20 @@ class PatchSampler:
         self.rng = np.random.default_rng(seed)
         self.prompt_rng = random.Random(seed)
 
-    def sample(self):
+    def sample(self, shard: slice | None = None):
+        """One step's batch: the whole global batch's random draws, the patches of ``shard`` (default: all).
+
+        Every rank makes every draw, in the same order, so that the random streams stay in step and
+        the shards of N ranks put together are the batch one process draws.
+        """
         o = self.cfg.optim
+        keep = range(o.batch_size)[shard or slice(None)]
         size = self.cfg.model.patch_size
         spec, cases = self.datasets[self.rng.choice(len(self.datasets), p=self.weights)]
         values = sorted(cases[0].record.targets)
         chosen = sorted(self.rng.choice(values, size=min(o.targets_per_step, len(values)), replace=False).tolist())
         images, masks, t1s, modalities = [], [], [], []
-        for _ in range(o.batch_size):
+        for i in range(o.batch_size):
             case = cases[self.rng.integers(len(cases))]
             present = [v for v in chosen if v in case.centres]
             if present and self.rng.random() < o.foreground_prob:
@@ -120,32 +139,54 @@ class PatchSampler:
                 centre = np.array([self.rng.integers(d) for d in case.label.shape])
             img, lab = crop(case, centre, size)
             # intensity augmentation on the normalised image (no flips: laterality is part of the task)
-            img = img * float(self.rng.uniform(0.9, 1.1)) + float(self.rng.uniform(-0.1, 0.1))
+            scale, shift = float(self.rng.uniform(0.9, 1.1)), float(self.rng.uniform(-0.1, 0.1))
+            mine = i in keep
+            if mine:
+                img = img * scale + shift
             if self.rng.random() < 0.3:
-                img = img + torch.randn_like(img) * float(self.rng.uniform(0.0, 0.1))
-            images.append(img)
-            masks.append(np.stack([lab == v for v in chosen]))
+                # another rank's patch: draw its noise all the same (torch's generator advances alike)
+                noise = torch.randn_like(img) if mine else torch.randn(img.shape, dtype=img.dtype)
+                sigma = float(self.rng.uniform(0.0, 0.1))
+                if mine:
+                    img = img + noise * sigma
             r = case.record
-            t1s.append(self.prompt_rng.choice(t1_paraphrases(r.modality, r.region, r.sequence)))
-            modalities.append(r.modality)
+            t1 = self.prompt_rng.choice(t1_paraphrases(r.modality, r.region, r.sequence))
+            if mine:
+                images.append(img)
+                masks.append(np.stack([lab == v for v in chosen]))
+                t1s.append(t1)
+                modalities.append(r.modality)
         t2s = [self.prompt_rng.choice(t2_paraphrases(cases[0].record.targets[v])) for v in chosen]
         return (torch.stack(images), torch.from_numpy(np.stack(masks)).float(), modalities, t1s, t2s)
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, global_batch: bool = False) -> torch.Tensor:
     """BCE over every voxel + soft Dice per target over the whole batch, for targets present in the batch.
 
     A per-sample Dice is ~1 for a target absent from a patch whatever the prediction (no useful
     gradient, a misleading loss floor); pooling over the batch and skipping absent targets keeps
     the Dice term informative while BCE still pushes absent targets to zero.
+
+    ``global_batch``: this rank holds a shard of the batch; the voxel sums are summed over the ranks
+    (``distributed.global_sum``), so the loss is that of the global batch on every rank.
     """
     logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits)
     dims = (0,) + tuple(range(2, logits.ndim))
-    inter = (prob * target).sum(dims)
-    truth = target.sum(dims)
-    soft_dice = 1.0 - (2.0 * inter + 1.0) / (prob.sum(dims) + truth + 1.0)
+    if not global_batch:
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        prob = torch.sigmoid(logits)
+        inter = (prob * target).sum(dims)
+        truth = target.sum(dims)
+        prob_sum = prob.sum(dims)
+    else:
+        prob = torch.sigmoid(logits)
+        k = logits.shape[1]
+        local = torch.cat([F.binary_cross_entropy_with_logits(logits, target, reduction="sum").reshape(1),
+                           (prob * target).sum(dims), target.sum(dims), prob.sum(dims)])
+        total = distributed.global_sum(local)
+        bce = total[0] / (target.numel() * distributed.world_size())
+        inter, truth, prob_sum = total[1:1 + k], total[1 + k:1 + 2 * k], total[1 + 2 * k:]
+    soft_dice = 1.0 - (2.0 * inter + 1.0) / (prob_sum + truth + 1.0)
     present = truth > 0
     return bce + (soft_dice[present].mean() if bool(present.any()) else soft_dice.new_zeros(()))
 
@@ -211,19 +252,34 @@ def native_bf16(device: torch.device) -> bool:
     return bool(check()) if check is not None else False
 
 
+def sampler_state(sampler: PatchSampler) -> dict:
+    """The random streams a resumed run continues from (the same on every rank)."""
+    return {"patches": sampler.rng.bit_generator.state, "prompts": sampler.prompt_rng.getstate(),
+            "torch": torch.get_rng_state()}
+
+
+def restore_sampler_state(sampler: PatchSampler, state: dict) -> None:
+    sampler.rng.bit_generator.state = state["patches"]
+    sampler.prompt_rng.setstate(state["prompts"])
+    torch.set_rng_state(state["torch"])
+
+
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
+    """Train from ``cfg``; under an initialised process group (torchrun), as one rank of a data-parallel run."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    main_rank, parallel = distributed.is_main(), distributed.is_distributed()
+    torch.set_num_threads(distributed.cpu_threads(cfg.threads))
+    device = distributed.select_device(cfg.device)
+    shard = distributed.shard(cfg.optim.batch_size) if parallel else None
     bf16 = cfg.optim.bf16 and native_bf16(device)
     if cfg.optim.bf16 and not bf16:
         log.warning("optim.bf16: this %s has no native bfloat16 (CPU capability %s); training in float32", device.type,
                     torch.backends.cpu.get_cpu_capability())
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if main_rank:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     # the text encoder first: a wrong name or width fails before minutes of data preparation
     encoder = TextEncoder(cfg.model.text_encoder)
@@ -231,9 +287,10 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         raise ValueError(f"model.text_dim={cfg.model.text_dim} but the text encoder "
                          f"{cfg.model.text_encoder!r} gives {encoder.dim}")
 
-    datasets = prepare_datasets(cfg)
+    with distributed.main_first():  # rank 0 writes missing phantom data sets
+        datasets = prepare_datasets(cfg)
     train_sets, val_cases, training_seeds = [], [], []
-    bar = tqdm(total=sum(len(r) for _, r in datasets), desc="preprocessing", unit="case")
+    bar = tqdm(total=sum(len(r) for _, r in datasets), desc="preprocessing", unit="case", disable=not main_rank)
     for spec, records in datasets:
         n_val = min(spec.val_cases, max(0, len(records) - 1))
         prepared = []
@@ -275,15 +332,16 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         prompts = [p for t in sorted(targets) for p in t2_paraphrases(t)]
         model.conditioning.set_t2_statistics(cache.encode(prompts).to(device))
     history = {"loss": [], "val": []}
-    start, best = 0, -1.0
+    start, best, ckpt = 0, -1.0, None
     last = out / "last.pt"
-    if resume and last.is_file():
+    if resume and last.is_file():  # every rank loads it
         ckpt = torch.load(last, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start, history, best = ckpt["step"], ckpt["history"], ckpt.get("best", -1.0)
         log.info("resumed from %s at step %d", last, start)
+    net = distributed.data_parallel(model, device)  # DDP under torchrun, the model itself otherwise
     trained = {}
     for _, cs in train_sets:
         for c in cs:
@@ -291,19 +349,22 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             trained[key] = sorted(set(trained.get(key, [])) | set(c.record.targets.values()))
     meta = {"trained_contexts": trained}
     sampler = PatchSampler(cfg, train_sets, seed=cfg.seed + start)
+    if ckpt is not None and "rng" in ckpt:  # continue the random streams where the interrupted run was
+        restore_sampler_state(sampler, ckpt["rng"])
     predictor = Predictor(model, vocab, encoder, device=device, sw_batch_size=2, bf16=bf16)
     predictor.cache = cache
 
     model.train()
-    pbar = tqdm(range(start, cfg.optim.steps), initial=start, total=cfg.optim.steps, desc="training", unit="step")
+    pbar = tqdm(range(start, cfg.optim.steps), initial=start, total=cfg.optim.steps, desc="training", unit="step",
+                disable=not main_rank)
     t0 = time.time()
     for step in pbar:
-        images, masks, modalities, t1s, t2s = sampler.sample()
+        images, masks, modalities, t1s, t2s = sampler.sample(shard)
         images, masks = images.to(device), masks.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(images, model.modality_index(modalities).to(device), cache.encode(t1s).to(device),
-                           cache.encode(t2s).to(device))
-        loss = segmentation_loss(logits, masks)
+            logits = net(images, model.modality_index(modalities).to(device), cache.encode(t1s).to(device),
+                         cache.encode(t2s).to(device))
+        loss = segmentation_loss(logits, masks, global_batch=parallel)  # the global batch's loss on every rank
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -312,7 +373,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         history["loss"].append((step + 1, float(loss.detach())))
         pbar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
         done = step + 1
-        if done % cfg.val_every == 0 or done == cfg.optim.steps:
+        checkpoint_now = done % cfg.val_every == 0 or done == cfg.optim.steps
+        if checkpoint_now and main_rank:
             model.eval()
             scores = validate(predictor, val_cases) if val_cases else {}
             model.train()
@@ -325,8 +387,13 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 save_checkpoint(out / "best.pt", model, vocab, cfg, done, history, training_seeds,
                                 {"val_mean_dice": mean, **meta})
             save_checkpoint(last, model, vocab, cfg, done, history, training_seeds,
-                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best, **meta})
+                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best,
+                             "rng": sampler_state(sampler), **meta})
             plot_curves(history, out / "curves.png")
+        if checkpoint_now and parallel:
+            # the other ranks wait for rank 0's validation and take its torch random state, which
+            # validation would have advanced in a single process too (the patch noise draws from it)
+            torch.set_rng_state(distributed.broadcast_object(torch.get_rng_state()))
     log.info("done: best validation mean Dice %.3f; checkpoints in %s", best, out)
     return out / "best.pt"
 
@@ -342,9 +409,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init-from", help="start from the weights of this checkpoint (fresh optimizer and schedule), "
                     "e.g. to continue training the shipped checkpoint on a faster machine")
     ap.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT/last.pt exists")
+    ap.add_argument("--backend", choices=distributed.BACKENDS,
+                    help=f"process-group backend under torchrun (default: ${distributed.BACKEND_ENV}, else nccl on "
+                    "CUDA GPUs and gloo on CPU)")
     ap.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # under torchrun only rank 0 reports progress; the others say only what goes wrong
+    level = args.log_level if os.environ.get("RANK", "0") == "0" else "WARNING"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig.from_yaml(args.config, output=args.output, init_from=args.init_from)
     from dataclasses import replace
 
@@ -352,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(cfg, optim=replace(cfg.optim, steps=args.steps))
     if args.lr:
         cfg = replace(cfg, optim=replace(cfg.optim, lr=args.lr))
-    train(cfg, resume=not args.no_resume)
+    with distributed.process_group(args.backend, cfg.device):
+        train(cfg, resume=not args.no_resume)
 
 
 if __name__ == "__main__":
