@@ -34,12 +34,21 @@ from duplus.preprocessing import fuse_labels, keep_largest_components, to_input_
 from duplus.text_encoder import EmbeddingCache, TextEncoder
 from duplus.vocabulary import (
     AMBIGUITY_MARGIN,
+    NON_TARGETS,
+    NOT_A_TARGET,
     TARGET_SIMILARITY,
     PromptVocabulary,
+    counterpart,
+    laterality,
     normalise_text,
+    side_of,
     t1_modality,
     validate_prompt,
 )
+
+#: how an accepted target prompt conditions the segmenter: "canonical" (the matched target's canonical name, so that
+#: an accepted paraphrase segments exactly as the name does) or "prompt" (the user's own words, as before issue 22)
+TARGET_CONDITIONING = ("canonical", "prompt")
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +97,10 @@ class SegmentationPipeline:
                  vocabulary: PromptVocabulary, known_names: Sequence[str], known_embeddings: np.ndarray,
                  encode: EncodeFn, segment: SegmentFn, limits: ServingLimits = ServingLimits(),
                  count_tokens: CountTokensFn | None = None, largest_component: bool = True,
-                 cache_entries: int = 256):
+                 cache_entries: int = 256, target_conditioning: str = "canonical"):
+        if target_conditioning not in TARGET_CONDITIONING:
+            raise ValueError(f"target_conditioning must be one of {TARGET_CONDITIONING}, got {target_conditioning!r}")
+        self.target_conditioning = target_conditioning
         self.modalities = tuple(modalities)
         self.spacing = tuple(float(s) for s in spacing)
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -128,6 +140,10 @@ class SegmentationPipeline:
         volume, affine = self.check(volume, affine, modality, t1, targets)
         enc = self.encode_prompts(modality, t1, targets)
         resolved, sims = self.resolve(targets, enc.target_embedding)
+        if self.target_conditioning == "canonical" and list(resolved) != targets:
+            # the user's words chose the target; the target's canonical name conditions the head (a paraphrase far
+            # from anything trained on would otherwise condition it with an embedding the controller never saw)
+            enc = self.encode_prompts(modality, t1, list(resolved))
         stem = self.modalities[enc.modality_index]
         if stem != modality:
             log.warning("the T1 prompt %r names %s but the volume is declared %s: intensities are normalised as %s, "
@@ -166,7 +182,11 @@ class Predictor:
 
     def __init__(self, model: DuPLUS, vocabulary: PromptVocabulary, text_encoder: TextEncoder | None = None, *,
                  device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int = 2,
-                 limits: ServingLimits | None = None, bf16: bool = False, largest_component: bool = True):
+                 limits: ServingLimits | None = None, bf16: bool = False, largest_component: bool = True,
+                 target_conditioning: str = "canonical"):
+        if target_conditioning not in TARGET_CONDITIONING:
+            raise ValueError(f"target_conditioning must be one of {TARGET_CONDITIONING}, got {target_conditioning!r}")
+        self.target_conditioning = target_conditioning
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.cfg: DuPLUSConfig = model.cfg
@@ -176,7 +196,9 @@ class Predictor:
         # the served defaults (prompt limits, match thresholds), with this predictor's sliding window
         self.limits = limits or ServingLimits(overlap=overlap, sw_batch_size=sw_batch_size)
         self.bf16 = bf16  # bfloat16 autocast for the sliding window (validation during training)
-        self._known_t2: list[tuple[str, str]] = [(t, p) for t, ps in vocabulary.all_t2().items() for p in ps]
+        # every phrasing of every target, then the structures the model does not segment (refused when nearest)
+        self._known_t2: list[tuple[str, str]] = [(t, p) for t, ps in vocabulary.all_t2().items() for p in ps] + \
+            [(NOT_A_TARGET + n, n) for n in NON_TARGETS]
         self._known_t2_emb: torch.Tensor | None = None
         self._largest_component = largest_component
         self._pipeline: SegmentationPipeline | None = None
@@ -205,7 +227,7 @@ class Predictor:
                 modalities=self.cfg.modalities, spacing=self.cfg.spacing, patch_size=self.cfg.patch_size,
                 vocabulary=self.vocabulary, known_names=names, known_embeddings=known.numpy(), encode=self.encode,
                 segment=self.segment, limits=self.limits, count_tokens=self.count_tokens,
-                largest_component=self._largest_component)
+                largest_component=self._largest_component, target_conditioning=self.target_conditioning)
         return self._pipeline
 
     # ---- prompts -------------------------------------------------------------------------
@@ -232,8 +254,9 @@ class Predictor:
         if named is not None:
             request_stem(t1, named, self.cfg.modalities)   # a T1 naming a modality without a stem is an error
         resolved, scores = self.resolve_targets(list(targets))
+        words = list(resolved) if self.target_conditioning == "canonical" else list(targets)
         t1_emb = self.cache.encode([t1]).to(self.device)
-        t2_emb = self.cache.encode(list(targets)).to(self.device)
+        t2_emb = self.cache.encode(words).to(self.device)
         film, head = self.model.conditioning(t1_emb, t2_emb)
         return Conditioning(t1, tuple(targets), tuple(resolved), tuple(scores), film, head, named)
 
@@ -309,30 +332,64 @@ def match_targets(targets, embeddings: np.ndarray, known_names: list[str], known
                   vocabulary: PromptVocabulary, *, threshold: float = TARGET_SIMILARITY,
                   margin: float = AMBIGUITY_MARGIN
                   ) -> tuple[list[str], list[float]]:
-    """Match each target prompt (with its normalised embedding) to the nearest known target.
+    """Match each target prompt (with its normalised embedding) to the nearest known target, or refuse it.
 
-    A phrasing the vocabulary holds matches exactly; otherwise the best cosine similarity over all
-    phrasings of a target must reach ``threshold`` and beat the runner-up target by ``margin``.
-    Shared by in-process inference and the Triton ``segment_volume`` model.
+    In this order:
+    1. a phrasing the vocabulary holds matches its target exactly;
+    2. below ``threshold`` (best cosine similarity over all phrasings of a target) the prompt is unknown;
+    3. a prompt whose embedding is at least as near to a structure the model does not segment (``NON_TARGETS``,
+       names prefixed ``NOT_A_TARGET`` among ``known_names``) as to every target is refused as not a target;
+    4. laterality comes from the prompt's words (``laterality``), not from the embedding: when the nearest target
+       is one of a left/right pair, a prompt naming a side gets that side's target, one naming both sides is
+       refused, and one naming no side must beat the other side by ``margin`` like any runner-up;
+    5. the best target must beat the runner-up (another target, the pair counting as one when a side is named)
+       by ``margin``, else the prompt is ambiguous.
+    Every refusal names the nearest targets. Shared by in-process inference and the Triton ``segment_volume`` model.
     """
     sim = np.asarray(embeddings, dtype=np.float64) @ np.asarray(known_embeddings, dtype=np.float64).T
     phrasings = {n: {normalise_text(p) for p in ps} for n, ps in vocabulary.all_t2().items()}
     resolved, scores = [], []
     for text, row in zip(targets, sim):
         per_target: dict[str, float] = {}
+        per_other: dict[str, float] = {}
         for n, s in zip(known_names, row.tolist()):
-            per_target[n] = max(per_target.get(n, -1.0), s)
+            bucket, key = (per_other, n[len(NOT_A_TARGET):]) if n.startswith(NOT_A_TARGET) else (per_target, n)
+            bucket[key] = max(bucket.get(key, -1.0), s)
         exact = [n for n, ps in phrasings.items() if normalise_text(text) in ps]
-        ranked = sorted(per_target.items(), key=lambda kv: -kv[1])
-        (name, s), (second, s2) = ranked[0], ranked[1] if len(ranked) > 1 else ("", -1.0)
         if exact:
-            name, s = exact[0], 1.0
-        elif s < threshold:
+            resolved.append(exact[0])
+            scores.append(1.0)
+            continue
+        ranked = sorted(per_target.items(), key=lambda kv: -kv[1])
+        nearest = ", ".join(f"{n!r} ({v:.2f})" for n, v in ranked[:3])
+        name, s = ranked[0]
+        side, pair = laterality(text), counterpart(name)
+        if pair is not None and pair in per_target:
+            s = max(s, per_target[pair])               # the pair's evidence; the side comes from the words
+        other, s_other = max(per_other.items(), key=lambda kv: kv[1]) if per_other else ("", -1.0)
+        if s < threshold:
             raise UnknownPromptError(f"unknown target prompt {text!r}: the closest known target is {name!r} "
-                                     f"(similarity {s:.2f} < {threshold})")
-        elif s - s2 < margin:
+                                     f"(similarity {s:.2f} < {threshold}); the nearest targets are {nearest}")
+        if s_other >= s:
+            raise UnknownPromptError(f"target prompt {text!r} is closest to {other!r} ({s_other:.2f}), which this "
+                                     f"model does not segment; the nearest targets are {nearest}")
+        if pair is not None and pair in per_target:
+            if side == "both":
+                raise UnknownPromptError(f"target prompt {text!r} names both sides: ask for {name!r} and {pair!r} "
+                                         "as two targets")
+            if side is not None:
+                pair_names = (name, pair)
+                name = name if side_of(name) == side else pair
+                rest = [(n, v) for n, v in ranked if n not in pair_names]
+            else:
+                rest = [(n, v) for n, v in ranked if n != name]
+        else:
+            rest = [(n, v) for n, v in ranked if n != name]
+        second, s2 = rest[0] if rest else ("", -1.0)
+        if s - s2 < margin:
+            hint = " (say which side)" if second == pair else ""
             raise UnknownPromptError(f"ambiguous target prompt {text!r}: it matches {name!r} ({s:.2f}) and "
-                                     f"{second!r} ({s2:.2f}) almost equally; be more specific")
+                                     f"{second!r} ({s2:.2f}) almost equally; be more specific{hint}")
         resolved.append(name)
         scores.append(float(s))
     return resolved, scores

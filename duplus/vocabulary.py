@@ -79,6 +79,59 @@ TARGET_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
     "lymph node": ("a metastatic lymph node in the lateral neck",),
 }
 
+# Structures this model does not segment: TotalSegmentator's classes (v2, in words) other than the targets above.
+# Their embeddings sit beside the targets' when a target prompt is matched; a prompt nearer to one of them than to
+# every target is refused as "not a target" instead of being matched to the nearest target (the gallbladder is
+# not the liver). Taken from an external list, not chosen on any prompt set.
+NON_TARGETS: tuple[str, ...] = (
+    "gallbladder", "left adrenal gland", "right adrenal gland", "upper lobe of the left lung",
+    "lower lobe of the left lung", "upper lobe of the right lung", "middle lobe of the right lung",
+    "lower lobe of the right lung", "oesophagus", "trachea", "thyroid gland", "small bowel", "duodenum", "colon",
+    "urinary bladder", "prostate", "left kidney cyst", "right kidney cyst", "sacrum", "lumbar vertebra",
+    "thoracic vertebra", "cervical vertebra", "heart", "pulmonary vein", "brachiocephalic trunk",
+    "right subclavian artery", "left subclavian artery", "right common carotid artery", "left common carotid artery",
+    "left brachiocephalic vein", "right brachiocephalic vein", "left atrial appendage", "superior vena cava",
+    "inferior vena cava", "portal vein and splenic vein", "left iliac artery", "right iliac artery",
+    "left iliac vein", "right iliac vein", "left humerus", "right humerus", "left scapula", "right scapula",
+    "left clavicle", "right clavicle", "left femur", "right femur", "left hip bone", "right hip bone", "spinal cord",
+    "gluteus maximus muscle", "gluteus medius muscle", "gluteus minimus muscle", "autochthonous back muscle",
+    "iliopsoas muscle", "brain", "skull", "rib", "sternum", "costal cartilages",
+)
+NOT_A_TARGET = "not a target: "        # the prefix of a non-target's name among the known target phrasings
+
+_SIDE_WORDS = {"left": ("left", "sinistral", "sinister", "sinistra", "lt", "l"),
+               "right": ("right", "dextral", "dexter", "dextra", "rt", "r")}
+_BOTH_SIDES = re.compile(r"\b(both|bilateral|bilaterally|each|left and right|right and left)\b")
+
+
+def laterality(text: str) -> str | None:
+    """The side a prompt names: 'left', 'right', 'both' (both sides, or both words) or None.
+
+    Parsed from words before any embedding ("the patient's left kidney", "sinistral kidney", "kidney (right)",
+    "right-sided"), because a sentence embedding barely separates left from right."""
+    t = re.sub(r"[-_/(),.;:]", " ", normalise_text(text))
+    if _BOTH_SIDES.search(t):
+        return "both"
+    sides = {side for side, words in _SIDE_WORDS.items() if re.search(r"\b(" + "|".join(words) + r")\b", t)}
+    if len(sides) == 2:
+        return "both"
+    return sides.pop() if sides else None
+
+
+def side_of(target: str) -> str | None:
+    """'left' / 'right' for a lateral target ('left kidney'), else None."""
+    first = target.split(" ", 1)[0]
+    return first if first in ("left", "right") and " " in target else None
+
+
+def counterpart(target: str) -> str | None:
+    """The other side's target of a lateral one ('left kidney' -> 'right kidney'), else None."""
+    side = side_of(target)
+    if side is None:
+        return None
+    return ("right" if side == "left" else "left") + target[len(side):]
+
+
 # which targets exist in which region (used for validation and default target lists)
 REGION_TARGETS: dict[str, tuple[str, ...]] = {
     "abdomen": ("liver", "spleen", "left kidney", "right kidney", "aorta", "pancreas", "stomach"),

@@ -103,7 +103,8 @@ def _volume(seed=0, shape=(40, 36, 20)):
 
 def test_served_pipeline_equals_in_process_predictor(small_predictor):
     """segment_volume's VolumeSegmenter with in-process callables gives the Predictor's labels exactly, encodes
-    a repeated prompt set once, and sends windows in batches of at most sw_batch_size."""
+    a repeated prompt set once (the user's words to match them, then their canonical names, which condition the
+    heads), and sends windows in batches of at most sw_batch_size."""
     p = small_predictor
     names, known = p.known_target_embeddings()
     encodes, batches = [], []
@@ -130,7 +131,7 @@ def test_served_pipeline_equals_in_process_predictor(small_predictor):
     assert out.labels.dtype == np.uint8 and out.labels.shape == vol.shape
     assert out.resolved == ref.resolved == ("liver", "spleen") and out.stem == "CT"
     assert ref.probabilities.shape == (2, *vol.shape)
-    assert len(encodes) == 1, encodes
+    assert [e[2] for e in encodes] == [("liver", "the spleen"), ("liver", "spleen")], encodes
     assert batches and max(batches) <= 2
 
 

@@ -93,17 +93,6 @@ def test_target_prompt_switch_liver_spleen(demo_predictor, ct_case):
     assert overlap < 0.05
 
 
-def test_paraphrased_prompts_work(demo_predictor, ct_case):
-    """Prompts a user types, not in the training vocabulary, still segment the right organ."""
-    ph, x, truth = ct_case
-    labels = _segment(demo_predictor, x, "abdominal CT scan", ["the hepatic organ", "kidney on the left side"])
-    d_liver = dice(labels == 1, truth == ph.label_names.index("liver") + 1)
-    d_kidney = dice(labels == 2, truth == ph.label_names.index("left kidney") + 1)
-    print(f"paraphrased prompts: liver Dice {d_liver:.3f}, left kidney Dice {d_kidney:.3f}")
-    assert d_liver >= 0.8
-    assert d_kidney >= 0.7
-
-
 @pytest.mark.parametrize("t1,targets,error,message", [
     ("CT of the abdomen", ["banana"], UnknownPromptError, "unknown target prompt 'banana'"),
     ("CT of the abdomen", ["kidney"], UnknownPromptError, "ambiguous"),
