@@ -88,6 +88,13 @@ def test_segment_volume_equals_in_process_and_evaluation(client, demo_predictor,
         assert abs(dice(served.labels == k, truth) - report["per_case"][0]["dice"][name]) <= 0.01, name
     assert report["per_case"][0]["dice"]["primary tumour"] > 0.5   # the model does segment it
 
+    # free text: paraphrases resolve to the targets and their canonical names condition the heads, served as in
+    # process, so the labels are the names' labels exactly
+    para = client.segment_volume(phantom.image, affine, "CT", T1, ["the primary cancer of the oropharynx",
+                                                                   "metastatic neck nodes"])
+    assert para.resolved == tuple(TARGETS) and min(para.similarity) > 0.6
+    np.testing.assert_array_equal(para.labels, served.labels)
+
 
 def test_segment_patch_ensemble_equals_pytorch(triton_server, demo_predictor):
     rng = np.random.default_rng(0)
@@ -175,6 +182,9 @@ BAD_REQUESTS = {
     "over-long in tokens": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["a-b-c-d " * 20]), "tokens long"),
     "non-UTF-8 prompt": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=[b"liv\xff\xfeer"]), "not valid UTF-8"),
     "unknown target": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["banana"]), "unknown target prompt"),
+    "not a target": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["liver", "left kidney cyst"]),
+                     "which this model does not segment; the nearest targets are 'left kidney'"),
+    "both sides": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["both kidneys"]), "names both sides"),
     "NaN in volume": (_volume_request(_nan_volume(), SMALL_AFFINE), "NaN or Inf"),
     "singular affine": (_volume_request(SMALL_VOLUME, np.diag([2.0, 0.0, 2.0, 1.0])), "spacing"),
     "too large": (_volume_request(np.zeros((100, 100, 100), np.float32), np.diag([10.0, 10.0, 10.0, 1.0])),
