@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def read_yaml_config(path: str | Path, cls: type, **overrides: Any) -> dict:
+def read_yaml_config(path: str | Path, cls: type, /, **overrides: Any) -> dict:
     """The mapping in ``path`` for the dataclass ``cls``: unknown keys are a ValueError naming them, and
     ``overrides`` that are not None replace what the file says."""
     import yaml
