@@ -38,6 +38,7 @@ from duplus.vocabulary import (
     NOT_A_TARGET,
     TARGET_SIMILARITY,
     PromptVocabulary,
+    canonical_target,
     counterpart,
     laterality,
     normalise_text,
@@ -259,6 +260,30 @@ class Predictor:
         t2_emb = self.cache.encode(words).to(self.device)
         film, head = self.model.conditioning(t1_emb, t2_emb)
         return Conditioning(t1, tuple(targets), tuple(resolved), tuple(scores), film, head, named)
+
+    @torch.no_grad()
+    def condition_texts(self, t1: str, texts: list[str] | tuple[str, ...], targets: list[str] | tuple[str, ...]
+                        ) -> Conditioning:
+        """Condition each head with a text chosen for a target the caller already knows (a generated instruction,
+        Zeus's stage): ``texts[i]`` conditions the head of ``targets[i]`` (canonical names or synonyms), with no
+        matching of the text; the similarity reported is the text's to its target's nearest phrasing."""
+        t1 = validate_prompt(t1, "context (T1)", self.limits.max_prompt_chars)
+        if len(texts) != len(targets) or not texts:
+            raise InvalidRequest(f"{len(texts)} texts for {len(targets)} targets: give one text per target")
+        known = [canonical_target(t) or (t if t in self.vocabulary.targets else None) for t in targets]
+        if None in known:
+            raise UnknownPromptError(f"unknown target {targets[known.index(None)]!r}: the known targets are "
+                                     f"{list(self.vocabulary.targets)}")
+        texts = [validate_prompt(x, f"text for {t}", self.limits.max_prompt_chars) for x, t in zip(texts, known)]
+        named = t1_modality(t1)
+        if named is not None:
+            request_stem(t1, named, self.cfg.modalities)
+        names, emb = self.known_target_embeddings()
+        t2_emb = self.cache.encode(list(texts)).to(self.device)
+        sims = (t2_emb.float().cpu() @ emb.float().T).numpy()
+        scores = tuple(float(max((v for n, v in zip(names, row) if n == t), default=-1.0)) for t, row in zip(known, sims))
+        film, head = self.model.conditioning(self.cache.encode([t1]).to(self.device), t2_emb)
+        return Conditioning(t1, tuple(texts), tuple(known), scores, film, head, named)
 
     @torch.no_grad()
     def encode(self, modality: str, t1: str, targets: list[str]) -> EncodedPrompts:

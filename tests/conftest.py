@@ -56,9 +56,10 @@ def triton_server(triton_repository):
     """The real Triton server (nvidia-pytriton's tritonserver) on free loopback ports, for the session."""
     from serving.serve import TritonServer
 
-    with TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT,
-                      log_file=triton_repository.parent / "triton.log") as srv:
-        yield srv
+    srv = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT,
+                       log_file=triton_repository.parent / "triton.log").start()
+    yield srv
+    srv.kill()      # no graceful unload of every model at the end (the SIGTERM test in test_client.py covers that)
 
 
 def _postgres_bindir() -> Path | None:

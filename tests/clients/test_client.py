@@ -174,7 +174,7 @@ def test_server_restart_mid_batch_is_retried_and_the_command_stops_cleanly(trito
         if proc.poll() is None:
             proc.kill()
         if server is not None:
-            server.stop()
+            server.kill()                          # the graceful stop was the command's, above
     assert not errors, [(e.status(), e.message()) if hasattr(e, "status") else repr(e) for e in errors]
     assert len(results) == 3
     for r in results[1:]:

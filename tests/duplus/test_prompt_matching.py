@@ -73,3 +73,19 @@ def test_prompt_conditioning_is_still_available(demo_predictor):
     with pytest.raises(ValueError, match="target_conditioning must be one of"):
         Predictor(demo_predictor.model, demo_predictor.vocabulary, demo_predictor.text_encoder,
                   target_conditioning="blend")
+
+
+def test_condition_texts_for_known_targets(demo_predictor):
+    """Instructions for targets the caller knows condition their heads directly, without matching."""
+    by_name = demo_predictor.condition(T1, ["liver", "spleen"])
+    same = demo_predictor.condition_texts(T1, ["liver", "spleen"], ["liver", "the spleen"])
+    torch.testing.assert_close(same.head_params, by_name.head_params, rtol=0, atol=0)
+    assert same.resolved == ("liver", "spleen") and same.similarity == pytest.approx((1.0, 1.0), abs=1e-5)
+    text = "On this CT the liver is a large homogeneous organ under the right hemidiaphragm"   # below 0.6: no match
+    instr = demo_predictor.condition_texts(T1, [text], ["liver"])
+    assert instr.resolved == ("liver",) and instr.targets == (text,) and instr.similarity[0] < 1.0
+    assert not torch.equal(instr.head_params, by_name.head_params[:1])
+    with pytest.raises(UnknownPromptError, match="unknown target 'gallbladder'"):
+        demo_predictor.condition_texts(T1, ["x"], ["gallbladder"])
+    with pytest.raises(ValueError, match="1 texts for 2 targets"):
+        demo_predictor.condition_texts(T1, ["x"], ["liver", "spleen"])

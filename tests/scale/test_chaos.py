@@ -16,7 +16,6 @@ with its whole process group: its python-backend stubs die with it, as a pod's w
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -53,7 +52,7 @@ def replica_b(triton_repository):
                        log_file=triton_repository.parent / "triton_replica_b.log")
     srv.start()
     yield srv
-    srv.stop()
+    srv.kill()
 
 
 @pytest.fixture
@@ -158,7 +157,7 @@ def test_kill_a_worker_and_a_replica_under_load(tmp_path, database, triton_serve
             time.sleep(0.05)
         served_before = {"a": _stats(triton_server), "b": _stats(replica_b)}
         procs["worker-a"].send_signal(signal.SIGKILL)
-        os.killpg(replica_b.process.pid, signal.SIGKILL)         # the replica and its stubs, as a pod dies
+        replica_b.kill()                    # SIGKILL to the replica and its stubs (one process group), as a pod dies
         killed_at = time.monotonic()
         procs["worker-a"].wait(10)
 

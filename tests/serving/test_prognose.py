@@ -50,9 +50,10 @@ def torch_server(torch_repository):
     from tests.conftest import DEMO_CHECKPOINT
 
     # prognose and what it calls (not the segmentation-only models): a shorter start
-    with TritonServer(torch_repository, checkpoint=DEMO_CHECKPOINT, log_file=torch_repository.parent / "triton.log",
-                      models=["prognose"]) as srv:
-        yield srv
+    srv = TritonServer(torch_repository, checkpoint=DEMO_CHECKPOINT, log_file=torch_repository.parent / "triton.log",
+                       models=["prognose"]).start()
+    yield srv
+    srv.kill()                       # no graceful unload at teardown (tests/clients/test_client.py tests that)
 
 
 def test_served_risk_equals_in_process_pytorch(torch_server, in_process, patients):

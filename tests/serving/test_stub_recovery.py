@@ -45,9 +45,10 @@ def _health(server) -> int:
 
 @pytest.fixture(scope="module")
 def server(triton_repository):
-    with TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT, models=["segment_volume", "prognose"],
-                      log_file=triton_repository.parent / "triton_recovery.log", probe_s=1.0) as srv:
-        yield srv
+    srv = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT, models=["segment_volume", "prognose"],
+                       log_file=triton_repository.parent / "triton_recovery.log", probe_s=1.0).start()
+    yield srv
+    srv.kill()                       # no graceful unload at teardown (tests/clients/test_client.py tests that)
 
 
 def _segment(client, i):

@@ -13,11 +13,14 @@ from training.evaluate_prognosis import evaluate
 pytestmark = pytest.mark.slow
 
 HELD_OUT_SEED = 9002
-# The first 160 patients of the README's 240-patient held-out cohort (a cohort's patients do not depend
-# on its size). Measured with the shipped checkpoint (2026-12-02, ONNX Runtime features, 500 resamples):
-# C-index 0.775, EHR-only 0.700 (half-width 0.048), oracle 0.785, log-rank p 4e-21, 115 events; about
-# 1.6 s of feature extraction per patient on 2 cores, the largest single item of `make test`.
-PATIENTS = 160
+# The first 100 patients of the README's 240-patient held-out cohort (a cohort's patients do not depend on its
+# size): a regression guard of the shipped checkpoint through the exported unit. The statistical claim (the
+# paired bootstrap interval of model - EHR-only above zero: +0.039 to +0.114) is the README's 240-patient figure;
+# 100 patients do not have the power for it (paired interval +0.001 to +0.122), and 160, as before, cost about
+# 100 s more of CI than the scale-out tests of issue 23 could be paid with otherwise. Measured on these 100
+# (2026-12-03, PyTorch features, 500 resamples): C-index 0.765, EHR-only 0.703, paired difference +0.063,
+# oracle 0.774, log-rank p 3e-13, 70 events; about 1.6 s of feature extraction per patient on 2 cores.
+PATIENTS = 100
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,10 @@ def test_c_index_reaches_the_bar(report):
     assert report["c_index"] >= 0.70
 
 
-def test_beats_the_ehr_only_baseline_by_more_than_its_interval(report):
-    assert report["c_index"] - report["c_index_ehr_only"] > report["c_index_ehr_only_half_width"], report
+def test_beats_the_ehr_only_baseline(report):
+    # a regression margin (measured +0.062 and paired +0.063 on these patients), not a significance test
+    assert report["c_index"] - report["c_index_ehr_only"] >= 0.03, report
+    assert report["delta_vs_ehr_only"] >= 0.03, report
 
 
 def test_within_005_of_the_oracle(report):
