@@ -753,13 +753,17 @@ class TritonServer:
             time.sleep(0.5)
         raise ServerError(f"tritonserver not ready after {self.ready_timeout:.0f} s")
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def _stop_helpers(self) -> None:
+        """The watchdog and prober stop acting, the health endpoint closes."""
         if self.watchdog is not None:
             self.watchdog.stopping.set()
         if self._health is not None:
             self._health.shutdown()
             self._health.server_close()
             self._health = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop_helpers()
         stuck = sorted(self.watchdog.stuck) if self.watchdog is not None else []
         if stuck:   # Triton would wait its whole exit timeout for those copies
             timeout = min(timeout, 10.0)
@@ -783,12 +787,7 @@ class TritonServer:
         """Stop at once: SIGKILL to Triton and its stubs (one process group), then free the stubs' shared memory.
         For a test's teardown, where unloading every model gracefully only costs time (about 1 s per
         python-backend model); ``stop`` is the graceful way."""
-        if self.watchdog is not None:
-            self.watchdog.stopping.set()
-        if self._health is not None:
-            self._health.shutdown()
-            self._health.server_close()
-            self._health = None
+        self._stop_helpers()
         if self.process is not None and self.process.poll() is None:
             regions = set(self.watchdog.shm_regions) if self.watchdog is not None else set()
             python_stubs(self.process.pid, regions)
