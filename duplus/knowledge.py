@@ -108,6 +108,31 @@ class TargetFacts:
     lesion: bool = False            # a disease target (tumour, metastatic node) rather than a normal organ
 
 
+# what both kidneys share (shape, size, appearance); each keeps its own names, location and relations
+_KIDNEY_FACTS = dict(
+    shape=("is bean-shaped with a medial hilum, an outer cortex and inner medullary pyramids",
+           "is a bean-shaped organ whose long axis tilts, upper pole more medial"),
+    size=Size(facts=(SizeFact("length", (100, 130), "is about 5 to 7 cm wide"),),
+              craniocaudal_mm=(100, 130),
+              older_adult_phrase="often has a thinner cortex and slightly smaller size in older adults"),
+    ct=CTAppearance(
+        unenhanced_hu=(25, 45),
+        unenhanced_phrase="has soft-tissue attenuation around the darker renal sinus fat",
+        phase_phrase={"arterial": "shows corticomedullary enhancement: bright cortex, darker medulla",
+                      "portal venous": "enhances strongly, the corticomedullary difference fading to a uniform nephrogram",
+                      "delayed": "shows fading parenchymal enhancement and dense contrast in the collecting system"},
+        any_phase_phrase="enhances strongly, cortex first, then uniformly, then excretes contrast"),
+    mr_t1=MRSignal(level="low to intermediate", vs_muscle=None, vs_liver="lower",
+                   note="shows T1 signal with the cortex brighter than the medulla"),
+    mr_t2=MRSignal(level="high", vs_muscle="higher", vs_liver="higher",
+                   note="shows high T2 signal, the medulla brighter than the cortex"),
+    pet=PETUptake(physiological="shows moderate parenchymal uptake with intense urinary FDG activity in the "
+                                "collecting system",
+                  pathological="has excreted tracer that can hide or mimic renal lesions; focal uptake outside "
+                               "the collecting system is suspicious"),
+)
+
+
 KNOWLEDGE: dict[str, TargetFacts] = {
     "liver": TargetFacts(
         target="liver",
@@ -179,26 +204,7 @@ KNOWLEDGE: dict[str, TargetFacts] = {
         relations=("lies lateral to the psoas muscle with the left adrenal gland above its upper pole",
                    "sits in the perirenal fat of the retroperitoneum, behind the descending colon",
                    "has its hilum facing medially, where the renal vessels and pelvis enter"),
-        shape=("is bean-shaped with a medial hilum, an outer cortex and inner medullary pyramids",
-               "is a bean-shaped organ whose long axis tilts, upper pole more medial"),
-        size=Size(facts=(SizeFact("length", (100, 130), "is about 5 to 7 cm wide"),),
-                  craniocaudal_mm=(100, 130),
-                  older_adult_phrase="often has a thinner cortex and slightly smaller size in older adults"),
-        ct=CTAppearance(
-            unenhanced_hu=(25, 45),
-            unenhanced_phrase="has soft-tissue attenuation around the darker renal sinus fat",
-            phase_phrase={"arterial": "shows corticomedullary enhancement: bright cortex, darker medulla",
-                          "portal venous": "enhances strongly, the corticomedullary difference fading to a uniform nephrogram",
-                          "delayed": "shows fading parenchymal enhancement and dense contrast in the collecting system"},
-            any_phase_phrase="enhances strongly, cortex first, then uniformly, then excretes contrast"),
-        mr_t1=MRSignal(level="low to intermediate", vs_muscle=None, vs_liver="lower",
-                       note="shows T1 signal with the cortex brighter than the medulla"),
-        mr_t2=MRSignal(level="high", vs_muscle="higher", vs_liver="higher",
-                       note="shows high T2 signal, the medulla brighter than the cortex"),
-        pet=PETUptake(physiological="shows moderate parenchymal uptake with intense urinary FDG activity in the "
-                                    "collecting system",
-                      pathological="has excreted tracer that can hide or mimic renal lesions; focal uptake outside "
-                                   "the collecting system is suspicious"),
+        **_KIDNEY_FACTS,
     ),
     "right kidney": TargetFacts(
         target="right kidney",
@@ -210,26 +216,7 @@ KNOWLEDGE: dict[str, TargetFacts] = {
         relations=("lies lateral to the psoas muscle with the right adrenal gland above its upper pole",
                    "sits in the perirenal fat behind the duodenum and the hepatic flexure of the colon",
                    "has its hilum facing medially, where the renal vessels and pelvis enter"),
-        shape=("is bean-shaped with a medial hilum, an outer cortex and inner medullary pyramids",
-               "is a bean-shaped organ whose long axis tilts, upper pole more medial"),
-        size=Size(facts=(SizeFact("length", (100, 130), "is about 5 to 7 cm wide"),),
-                  craniocaudal_mm=(100, 130),
-                  older_adult_phrase="often has a thinner cortex and slightly smaller size in older adults"),
-        ct=CTAppearance(
-            unenhanced_hu=(25, 45),
-            unenhanced_phrase="has soft-tissue attenuation around the darker renal sinus fat",
-            phase_phrase={"arterial": "shows corticomedullary enhancement: bright cortex, darker medulla",
-                          "portal venous": "enhances strongly, the corticomedullary difference fading to a uniform nephrogram",
-                          "delayed": "shows fading parenchymal enhancement and dense contrast in the collecting system"},
-            any_phase_phrase="enhances strongly, cortex first, then uniformly, then excretes contrast"),
-        mr_t1=MRSignal(level="low to intermediate", vs_muscle=None, vs_liver="lower",
-                       note="shows T1 signal with the cortex brighter than the medulla"),
-        mr_t2=MRSignal(level="high", vs_muscle="higher", vs_liver="higher",
-                       note="shows high T2 signal, the medulla brighter than the cortex"),
-        pet=PETUptake(physiological="shows moderate parenchymal uptake with intense urinary FDG activity in the "
-                                    "collecting system",
-                      pathological="has excreted tracer that can hide or mimic renal lesions; focal uptake outside "
-                                   "the collecting system is suspicious"),
+        **_KIDNEY_FACTS,
     ),
     "aorta": TargetFacts(
         target="aorta",
