@@ -75,12 +75,39 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class InstructionTraining:
+    """Zeus's stage in training: some target prompts are generated clinical instructions instead of names.
+
+    For every (target, modality, region, MR sequence) a data set labels, ``per_context`` instructions are written
+    by the offline knowledge base (``duplus.instructions``) before training, each for a varied image context
+    (slice thickness, patient sex and age drawn from ``seed``), and their embeddings are cached. At each step
+    each asked target is conditioned, with probability ``prob``, by one of its instructions for the context of
+    the step's data set (the MR sequence of the step's first patch); otherwise by a name or short description as
+    before. Generator seeds start at ``seed``, far from the seeds the held-out evaluation uses (0, 1, ...).
+    """
+
+    prob: float = 0.0                 # 0: names and descriptions only (the demo checkpoint)
+    per_context: int = 48
+    seed: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"instructions.prob must be in [0, 1], got {self.prob}")
+        if not 1 <= self.per_context <= 1000:
+            raise ValueError(f"instructions.per_context must be in [1, 1000], got {self.per_context}")
+        if self.seed < 10_000:
+            raise ValueError(f"instructions.seed must be >= 10000 (seeds below are the held-out evaluation's), "
+                             f"got {self.seed}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     output: str
     datasets: tuple[DatasetSpec, ...]
     data_root: str = "data"
     model: DuPLUSConfig = field(default_factory=DuPLUSConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    instructions: InstructionTraining = field(default_factory=InstructionTraining)
     val_every: int = 250
     seed: int = 0
     threads: int = 0                  # 0: all cores
@@ -94,6 +121,8 @@ class TrainConfig:
             object.__setattr__(self, "model", DuPLUSConfig(**self.model))
         if isinstance(self.optim, dict):
             object.__setattr__(self, "optim", OptimConfig(**self.optim))
+        if isinstance(self.instructions, dict):
+            object.__setattr__(self, "instructions", InstructionTraining(**self.instructions))
         if not self.datasets:
             raise ValueError("datasets must list at least one data set")
         if self.val_every < 1:

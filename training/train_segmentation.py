@@ -107,14 +107,52 @@ def crop(case: PreparedCase, centre: np.ndarray, size: tuple[int, int, int]):
     return case.image[(slice(None),) + sl], case.label[sl]
 
 
+InstructionKey = tuple[str, str, str, str | None]   # (target, modality, region, MR sequence)
+
+
+def instruction_pool(cfg: TrainConfig, datasets: list[tuple[DatasetSpec, list[PreparedCase]]],
+                     progress: bool = True) -> dict[InstructionKey, list[str]]:
+    """``cfg.instructions.per_context`` knowledge-base instructions for each (target, context) the data sets label.
+
+    Each instruction is written for its own image context: the data set's modality, region and MR sequence, with
+    slice thickness, patient sex and age drawn at random (or left unknown), so that the T2 path sees the variety a
+    DICOM header gives. Deterministic in ``cfg.instructions.seed``.
+    """
+    from duplus.instructions import ImageContext, KnowledgeBaseGenerator
+
+    ic = cfg.instructions
+    keys = sorted({(t, c.record.modality, c.record.region, c.record.sequence)
+                   for _, cases in datasets for c in cases for t in c.record.targets.values()},
+                  key=lambda k: tuple(str(x) for x in k))
+    generator = KnowledgeBaseGenerator(cache_entries=1)
+    rng = random.Random(ic.seed)
+    pool: dict[InstructionKey, list[str]] = {}
+    for key in tqdm(keys, desc="instructions", unit="context", disable=not progress):
+        target, modality, region, sequence = key
+        texts: list[str] = []
+        for j in range(ic.per_context):
+            ctx = ImageContext(
+                modality=modality, sequence=sequence, region=region,
+                slice_thickness_mm=rng.choice([None, 0.8, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]),
+                patient_sex=rng.choice([None, "M", "F"]),
+                patient_age_years=rng.choice([None, float(rng.randint(18, 90))]))
+            texts.append(generator.generate(target, ctx, n=1, seed=ic.seed + len(pool) * ic.per_context + j)[0].text)
+        pool[key] = texts
+    return pool
+
+
 class PatchSampler:
-    def __init__(self, cfg: TrainConfig, datasets: list[tuple[DatasetSpec, list[PreparedCase]]], seed: int):
+    def __init__(self, cfg: TrainConfig, datasets: list[tuple[DatasetSpec, list[PreparedCase]]], seed: int,
+                 instructions: dict[InstructionKey, list[str]] | None = None):
         self.cfg = cfg
         self.datasets = [(s, c) for s, c in datasets if c]
         self.weights = np.array([s.weight for s, _ in self.datasets], dtype=np.float64)
         self.weights /= self.weights.sum()
         self.rng = np.random.default_rng(seed)
         self.prompt_rng = random.Random(seed)
+        self.instructions = instructions or {}
+        if cfg.instructions.prob > 0 and not self.instructions:
+            raise ValueError("instructions.prob > 0 needs the instruction pool (instruction_pool)")
 
     def sample(self, shard: slice | None = None):
         """One step's batch: the whole global batch's random draws, the patches of ``shard`` (default: all).
@@ -129,8 +167,10 @@ class PatchSampler:
         values = sorted(cases[0].record.targets)
         chosen = sorted(self.rng.choice(values, size=min(o.targets_per_step, len(values)), replace=False).tolist())
         images, masks, t1s, modalities = [], [], [], []
+        first = None
         for i in range(o.batch_size):
             case = cases[self.rng.integers(len(cases))]
+            first = first or case.record
             present = [v for v in chosen if v in case.centres]
             if present and self.rng.random() < o.foreground_prob:
                 pts = case.centres[present[self.rng.integers(len(present))]]
@@ -157,6 +197,11 @@ class PatchSampler:
                 t1s.append(t1)
                 modalities.append(r.modality)
         t2s = [self.prompt_rng.choice(t2_paraphrases(cases[0].record.targets[v])) for v in chosen]
+        if self.cfg.instructions.prob > 0:  # Zeus: some targets are described by a generated instruction instead
+            for k, v in enumerate(chosen):
+                if self.prompt_rng.random() < self.cfg.instructions.prob:
+                    key = (cases[0].record.targets[v], first.modality, first.region, first.sequence)
+                    t2s[k] = self.prompt_rng.choice(self.instructions[key])
         return (torch.stack(images), torch.from_numpy(np.stack(masks)).float(), modalities, t1s, t2s)
 
 
@@ -191,16 +236,28 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, global_batch: 
     return bce + (soft_dice[present].mean() if bool(present.any()) else soft_dice.new_zeros(()))
 
 
-def validate(predictor: Predictor, cases: list[PreparedCase]) -> dict[str, float]:
+def validate(predictor: Predictor, cases: list[PreparedCase],
+             instructions: dict[InstructionKey, list[str]] | None = None) -> dict[str, float]:
+    """Validation Dice per target with its name; with ``instructions``, also per target with the first
+    instruction of its pool for the case's context (key ``"<target> (instruction)"``), from the same pass."""
     scores: dict[str, list[float]] = {}
     for case in cases:
         r = case.record
         values = sorted(r.targets)
         names = [r.targets[v] for v in values]
-        cond = predictor.condition(canonical_t1(r.modality, r.region, r.sequence), names)
-        labels = fuse_labels(predictor.predict_preprocessed(case.image, r.modality, cond)).numpy()
-        for i, (v, name) in enumerate(zip(values, names)):
-            scores.setdefault(name, []).append(dice(labels == i + 1, case.label == v))
+        t1 = canonical_t1(r.modality, r.region, r.sequence)
+        keys = [(n, r.modality, r.region, r.sequence) for n in names]
+        with_instructions = bool(instructions) and all(k in instructions for k in keys)
+        if with_instructions:
+            cond = predictor.condition_texts(t1, names + [instructions[k][0] for k in keys], names * 2)
+        else:
+            cond = predictor.condition(t1, names)
+        probs = predictor.predict_preprocessed(case.image, r.modality, cond)
+        k = len(names)
+        for part, suffix in ((slice(0, k), ""), (slice(k, 2 * k), " (instruction)"))[:1 + with_instructions]:
+            labels = fuse_labels(probs[part]).numpy()
+            for i, (v, name) in enumerate(zip(values, names)):
+                scores.setdefault(name + suffix, []).append(dice(labels == i + 1, case.label == v))
     return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
@@ -306,8 +363,13 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     cache = EmbeddingCache(encoder, max_entries=100_000)
     contexts = {(c.record.modality, c.record.region, c.record.sequence) for _, cs in train_sets for c in cs}
     targets = {t for _, cs in train_sets for c in cs for t in c.record.targets.values()}
+    pool = instruction_pool(cfg, train_sets + [(None, val_cases)], progress=main_rank) \
+        if cfg.instructions.prob > 0 else {}
     cache.preload([p for m, r, s in contexts for p in t1_paraphrases(m, r, s)] +
-                  [p for t in targets for p in t2_paraphrases(t)])
+                  [p for t in targets for p in t2_paraphrases(t)] + [p for texts in pool.values() for p in texts])
+    if pool:
+        log.info("instruction pool: %d instructions for %d (target, context) pairs, e.g. %r",
+                 sum(map(len, pool.values())), len(pool), next(iter(pool.values()))[0])
     log.info("prompt cache: %d embeddings for %d contexts and %d targets", len(cache), len(contexts), len(targets))
 
     model = DuPLUS(cfg.model).to(device)
@@ -348,7 +410,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             key = f"{c.record.modality}|{c.record.region}"
             trained[key] = sorted(set(trained.get(key, [])) | set(c.record.targets.values()))
     meta = {"trained_contexts": trained}
-    sampler = PatchSampler(cfg, train_sets, seed=cfg.seed + start)
+    sampler = PatchSampler(cfg, train_sets, seed=cfg.seed + start, instructions=pool)
     if ckpt is not None and "rng" in ckpt:  # continue the random streams where the interrupted run was
         restore_sampler_state(sampler, ckpt["rng"])
     predictor = Predictor(model, vocab, encoder, device=device, sw_batch_size=2, bf16=bf16)
@@ -376,7 +438,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         checkpoint_now = done % cfg.val_every == 0 or done == cfg.optim.steps
         if checkpoint_now and main_rank:
             model.eval()
-            scores = validate(predictor, val_cases) if val_cases else {}
+            scores = validate(predictor, val_cases, pool) if val_cases else {}
             model.train()
             history["val"].append((done, scores))
             mean = float(np.mean(list(scores.values()))) if scores else 0.0

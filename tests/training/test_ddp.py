@@ -244,3 +244,51 @@ def test_helpers_across_two_ranks():
         assert not distributed.is_distributed()  # ... on error too
 
     _spawn(2, rank_main)
+
+
+def test_instruction_training_draws_instructions_for_the_step_context():
+    """Zeus in training: with instructions.prob, a target's prompt is one of its knowledge-base instructions for the
+    step's context (modality, region, MR weighting), else a name; deterministic per seed, disjoint from the
+    evaluation's generator seeds; without it the draws are those of before (the demo checkpoint's recipe)."""
+    from duplus.instructions import named_targets
+    from duplus.vocabulary import t2_paraphrases
+    from training.config import InstructionTraining
+    from training.train_segmentation import instruction_pool
+
+    base = dict(output="unused", datasets=(DatasetSpec("CT"), DatasetSpec("PET")),
+                model={"channels": [4, 8], "patch_size": [8, 8, 8], "head_levels": 1},
+                optim={"batch_size": 2, "targets_per_step": 2})
+    cfg = TrainConfig(**base, instructions={"prob": 0.5, "per_context": 6})
+    data = [(cfg.datasets[0], [_prepared("CT", {1: "primary tumour", 2: "lymph node"}, s) for s in (1, 2)]),
+            (cfg.datasets[1], [_prepared("PET", {1: "primary tumour"}, 3)])]
+    pool = instruction_pool(cfg, data, progress=False)
+    assert set(pool) == {("primary tumour", "CT", "head_neck", None), ("lymph node", "CT", "head_neck", None),
+                         ("primary tumour", "PET", "head_neck", None)}
+    assert all(len(v) == 6 and len(set(v)) >= 5 for v in pool.values())
+    assert pool == instruction_pool(cfg, data, progress=False)                     # deterministic
+    assert all("uptake" in t or "SUV" in t or "FDG" in t for t in pool[("primary tumour", "PET", "head_neck", None)])
+    with pytest.raises(ValueError, match="needs the instruction pool"):
+        PatchSampler(cfg, data, seed=7)
+    sampler = PatchSampler(cfg, data, seed=7, instructions=pool)
+    kinds = {"name": 0, "instruction": 0}
+    for _ in range(30):
+        _, masks, modalities, _, t2s = sampler.sample()
+        for t2 in t2s:
+            (target,) = named_targets(t2) or {None}
+            key = (target, modalities[0], "head_neck", None)
+            if t2 in pool.get(key, ()):
+                kinds["instruction"] += 1
+            else:
+                assert any(t2 in t2_paraphrases(t) for t in ("primary tumour", "lymph node")), t2
+                kinds["name"] += 1
+    assert kinds["instruction"] > 10 and kinds["name"] > 10, kinds
+    # prob 0 (the default): the same draws as a sampler that knows nothing of instructions
+    plain = TrainConfig(**base)
+    assert plain.instructions == InstructionTraining()
+    a, b = PatchSampler(plain, data, seed=7), PatchSampler(plain, data, seed=7, instructions=pool)
+    torch.manual_seed(0)
+    first = [a.sample()[4] for _ in range(5)]
+    torch.manual_seed(0)
+    assert [b.sample()[4] for _ in range(5)] == first
+    with pytest.raises(ValueError, match="held-out evaluation"):
+        InstructionTraining(prob=0.5, seed=3)
