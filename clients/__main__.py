@@ -88,8 +88,16 @@ def segment(args) -> int:
             url = server.grpc_url
         client = stack.enter_context(SegmentationClient(url, timeout_s=args.timeout))
         client.check_ready()
+        context = None
+        if args.instructions == "auto" and series is not None:   # what the DICOM header tells the generator
+            from duplus.instructions import REQUEST_CONTEXT_FIELDS, ImageContext
+
+            context = {k: v for k, v in ImageContext.from_dicom(series.datasets[0]).to_dict().items()
+                       if k in REQUEST_CONTEXT_FIELDS}
         t0 = time.perf_counter()
-        res = client.segment_volume(volume, affine, modality, t1, args.targets)
+        res = client.segment_volume(volume, affine, modality, t1, args.targets,
+                                    instructions=args.instructions if args.instructions != "names" else None,
+                                    context=context)
         seconds = time.perf_counter() - t0
     nib.save(nib.Nifti1Image(res.labels, affine), str(out / "labels.nii.gz"))
     files = ["labels.nii.gz"]
@@ -107,6 +115,7 @@ def segment(args) -> int:
         files.append("overlay.png")
     summary = {"input": str(src), "modality": modality, "t1": t1, "stem": res.stem, "targets": list(args.targets),
                "resolved": list(res.resolved), "similarity": [round(s, 4) for s in res.similarity],
+               "conditioned_by": list(res.conditioned_by),
                "shape": list(volume.shape), "affine": np.round(affine, 6).tolist(),
                "voxels_per_label": np.bincount(res.labels.ravel(), minlength=len(args.targets) + 1).tolist(),
                "seconds": round(seconds, 3), "files": files}
@@ -181,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--pet-units", choices=("SUV",), default=None,
                    help="a PET series' values are already SUV (default: convert Bq/ml to body-weight SUV from the "
                         "header, refusing when an attribute it needs is missing)")
+    s.add_argument("--instructions", choices=("names", "auto"), default="names",
+                   help="auto: the server's instruction generator writes each target's instruction from the image's "
+                        "context (the DICOM header's fields, else the T1 words and the affine) and it conditions the "
+                        "head (Zeus); result.json says which text conditioned each target")
     s.add_argument("--url", default=None, help="gRPC url of a running Triton server (default: start one)")
     s.add_argument("--repository", default="model_repository", help="repository to serve when no --url")
     s.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt",

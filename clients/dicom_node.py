@@ -151,6 +151,8 @@ class NodeConfig:
     lease_s: float = 120.0                              # a worker's hold on its series, renewed every lease_s/3
     receive: bool = True                                # False: a worker-only node (no C-STORE SCP)
     node_id: str | None = None                          # owner of this node's leases; None: host-pid-random
+    instructions: str = "names"                         # "auto": the server's generator writes each target's
+    #                                                     instruction from the header (Zeus); "names": the names
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -183,6 +185,10 @@ class NodeConfig:
             raise ValueError(f"lease_s must be > 0, got {self.lease_s!r}")
         if self.queue_url is not None:
             check_queue_url(self.queue_url)
+        from duplus.instructions import INSTRUCTION_MODES
+
+        if self.instructions not in INSTRUCTION_MODES:
+            raise ValueError(f"instructions must be one of {INSTRUCTION_MODES}, got {self.instructions!r}")
         if self.node_id is not None and not (isinstance(self.node_id, str) and _NODE_ID.fullmatch(self.node_id)):
             raise ValueError(f"node_id must be 1-64 characters of letters, digits and ._:@- (no '/'), "
                              f"got {self.node_id!r}")
@@ -634,7 +640,17 @@ class DicomNode:
 
         with SegmentationClient(self.cfg.triton_url, observer=observe, timeout_s=self.cfg.triton_timeout_s,
                                 retry_deadline_s=self.cfg.triton_retry_s) as client:
-            res = client.segment_volume(series.volume, series.affine, modality, t1, targets)
+            if self.cfg.instructions == "auto":
+                from duplus.instructions import REQUEST_CONTEXT_FIELDS, ImageContext
+
+                known = ImageContext.from_dicom(series.datasets[0]).to_dict()
+                context = {k: v for k, v in known.items() if k in REQUEST_CONTEXT_FIELDS}
+                res = client.segment_volume(series.volume, series.affine, modality, t1, targets, instructions="auto",
+                                            context=context)
+                for target, text in zip(res.resolved, res.conditioned_by):
+                    log.info("series %s: %s conditioned by %r", series_uid, target, text)
+            else:
+                res = client.segment_volume(series.volume, series.affine, modality, t1, targets)
         _, seg_uid = seg_uids(series_uid, MODEL_NAME, MODEL_VERSION)
         path = _inside(self.outbox, self.outbox / f"{series_uid}.seg.dcm")
         tmp = self.outbox / f".{series_uid}.{uuid.uuid4().hex[:8]}.part"

@@ -48,7 +48,7 @@ EXPECTED_MODELS = ("tokenizer", "text_encoder", "conditioning", "segmenter", "en
 VOLUME_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "MODALITY": ("BYTES", 1), "T1": ("BYTES", 1),
                  "TARGETS": ("BYTES", 1)}
 VOLUME_OUTPUTS = {"LABELS": ("UINT8", 3), "RESOLVED_TARGETS": ("BYTES", 1), "SIMILARITY": ("FP32", 1),
-                  "STEM": ("BYTES", 1)}
+                  "STEM": ("BYTES", 1), "CONDITIONING_TEXTS": ("BYTES", 1)}
 
 
 PROGNOSE_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "MODALITY": ("BYTES", 1), "T1": ("BYTES", 1),
@@ -72,6 +72,21 @@ class VolumeResult:
     resolved: tuple[str, ...]     # the canonical target each prompt matched
     similarity: tuple[float, ...]
     stem: str = ""                # the stem the volume ran through: the modality T1 names, else MODALITY
+    conditioned_by: tuple[str, ...] = ()  # the text that conditioned each target: its name or its instruction
+
+
+def instruction_inputs(instructions: str | None, context) -> tuple[tuple[str, str], ...]:
+    """segment_volume's optional INSTRUCTIONS and CONTEXT inputs: ``instructions`` 'auto' has the server's
+    generator write each target's instruction for the image's ``context`` (a mapping of
+    ``duplus.instructions.ImageContext`` fields, e.g. from a DICOM header, or its JSON); None sends neither."""
+    import json
+
+    extra = []
+    if instructions is not None:
+        extra.append(("INSTRUCTIONS", str(instructions)))
+    if context is not None:
+        extra.append(("CONTEXT", context if isinstance(context, str) else json.dumps(dict(context), sort_keys=True)))
+    return tuple(extra)
 
 
 def _strings(values) -> np.ndarray:
@@ -229,11 +244,12 @@ class _Common:
             return True, None
         return False, self._retryable(exc, started, attempt)
 
-    def _inputs(self, g, volume, affine, modality, t1, targets, region=None):
+    def _inputs(self, g, volume, affine, modality, t1, targets, region=None, extra=()):
         inputs = []
         for name, arr, dtype in (("VOLUME", volume, "FP32"), ("AFFINE", affine, "FP64"),
                                  ("MODALITY", _strings([modality]), "BYTES"), ("T1", _strings([t1]), "BYTES"),
-                                 ("TARGETS", _strings(targets), "BYTES")):
+                                 ("TARGETS", _strings(targets), "BYTES"),
+                                 *((n, _strings([v]), "BYTES") for n, v in extra)):
             t = g.InferInput(name, list(arr.shape), dtype)
             if name == "VOLUME" and region is not None:
                 t.set_shared_memory(region, arr.nbytes)
@@ -247,16 +263,17 @@ class _Common:
         if region is not None:
             labels.set_shared_memory(region, nbytes)
         return [labels, g.InferRequestedOutput("RESOLVED_TARGETS"), g.InferRequestedOutput("SIMILARITY"),
-                g.InferRequestedOutput("STEM")]
+                g.InferRequestedOutput("STEM"), g.InferRequestedOutput("CONDITIONING_TEXTS")]
 
     @staticmethod
     def _result(res, affine, targets, labels=None) -> VolumeResult:
         labels = res.as_numpy("LABELS") if labels is None else labels
         resolved = tuple(b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("RESOLVED_TARGETS"))
         stem = res.as_numpy("STEM").reshape(-1)[0]
+        texts = tuple(b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("CONDITIONING_TEXTS"))
         return VolumeResult(labels, affine, tuple(targets), resolved,
                             tuple(float(s) for s in res.as_numpy("SIMILARITY")),
-                            stem.decode() if isinstance(stem, bytes) else str(stem))
+                            stem.decode() if isinstance(stem, bytes) else str(stem), texts)
 
     def _retryable(self, exc, started: float, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or None to raise."""
@@ -308,16 +325,21 @@ class SegmentationClient(_Common):
             _check_metadata(client.get_model_metadata("segment_volume", as_json=True))
 
     def segment_volume(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str,
-                       targets: list[str] | tuple[str, ...]) -> VolumeResult:
+                       targets: list[str] | tuple[str, ...], *, instructions: str | None = None,
+                       context=None) -> VolumeResult:
+        """``instructions='auto'``: each target is conditioned by the instruction the server's generator writes for
+        it and ``context`` (see ``instruction_inputs``); the result's ``conditioned_by`` holds them."""
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
+        extra = instruction_inputs(instructions, context)
 
         def call(client) -> VolumeResult:
             if self.shared_memory == "system":
-                return self._segment_shm(client, volume, affine, modality, t1, targets)
+                return self._segment_shm(client, volume, affine, modality, t1, targets, extra)
             if self.shared_memory == "cuda":
-                return self._segment_cuda_shm(client, volume, affine, modality, t1, targets)
-            res = client.infer("segment_volume", self._inputs(self._grpc, volume, affine, modality, t1, targets),
+                return self._segment_cuda_shm(client, volume, affine, modality, t1, targets, extra)
+            res = client.infer("segment_volume",
+                               self._inputs(self._grpc, volume, affine, modality, t1, targets, extra=extra),
                                outputs=self._outputs(self._grpc), client_timeout=self.timeout_s)
             return self._result(res, affine, targets)
 
@@ -370,7 +392,7 @@ class SegmentationClient(_Common):
                 self._observe(i, "ok", t0)
                 return out
 
-    def _segment_shm(self, client, volume, affine, modality, t1, targets) -> VolumeResult:
+    def _segment_shm(self, client, volume, affine, modality, t1, targets, extra=()) -> VolumeResult:
         import tritonclient.utils.shared_memory as shm
 
         tag = uuid.uuid4().hex[:12]
@@ -386,7 +408,7 @@ class SegmentationClient(_Common):
             client.register_system_shared_memory(names["out"], f"/{names['out']}", out_bytes)
             registered.append(names["out"])
             res = client.infer("segment_volume",
-                                    self._inputs(self._grpc, volume, affine, modality, t1, targets, names["in"]),
+                                    self._inputs(self._grpc, volume, affine, modality, t1, targets, names["in"], extra),
                                     outputs=self._outputs(self._grpc, names["out"], out_bytes),
                                     client_timeout=self.timeout_s)
             labels = shm.get_contents_as_numpy(handles["out"], np.uint8, volume.shape).copy()
@@ -444,7 +466,7 @@ class SegmentationClient(_Common):
         _check_metadata(client.get_model_metadata("prognose", as_json=True), "prognose", PROGNOSE_INPUTS,
                         PROGNOSE_OUTPUTS)
 
-    def _segment_cuda_shm(self, client, volume, affine, modality, t1, targets) -> VolumeResult:
+    def _segment_cuda_shm(self, client, volume, affine, modality, t1, targets, extra=()) -> VolumeResult:
         """Volume in and labels out through CUDA shared memory on ``cuda_device`` (client and server share the GPU)."""
         import tritonclient.utils.cuda_shared_memory as cshm
 
@@ -461,7 +483,7 @@ class SegmentationClient(_Common):
                 client.register_cuda_shared_memory(names[key], cshm.get_raw_handle(handles[key]), dev, size)
                 registered.append(names[key])
             res = client.infer("segment_volume",
-                                    self._inputs(self._grpc, volume, affine, modality, t1, targets, names["in"]),
+                                    self._inputs(self._grpc, volume, affine, modality, t1, targets, names["in"], extra),
                                     outputs=self._outputs(self._grpc, names["out"], out_bytes),
                                     client_timeout=self.timeout_s)
             labels = cshm.get_contents_as_numpy(handles["out"], np.uint8, volume.shape).copy()
@@ -514,9 +536,11 @@ class AsyncSegmentationClient(_Common):
                 raise ServerMismatchError(f"models not ready on {url}: {missing}")
             _check_metadata(await client.get_model_metadata("segment_volume", as_json=True))
 
-    async def segment_volume(self, volume, affine, modality: str, t1: str, targets) -> VolumeResult:
+    async def segment_volume(self, volume, affine, modality: str, t1: str, targets, *, instructions: str | None = None,
+                             context=None) -> VolumeResult:
         from tritonclient.utils import InferenceServerException
 
+        extra = instruction_inputs(instructions, context)
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
         started, attempt, tried = time.monotonic(), 0, set()
@@ -528,7 +552,8 @@ class AsyncSegmentationClient(_Common):
                     raise InferenceServerException(f"replica {self.urls[i]} is not ready",
                                                    status="StatusCode.UNAVAILABLE")
                 res = await self.clients[i].infer("segment_volume",
-                                                  self._inputs(self._grpc, volume, affine, modality, t1, targets),
+                                                  self._inputs(self._grpc, volume, affine, modality, t1, targets,
+                                                               extra=extra),
                                                   outputs=self._outputs(self._grpc), client_timeout=self.timeout_s)
             except InferenceServerException as exc:
                 timeout = self._timeout_error(exc)

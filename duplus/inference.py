@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from duplus.vocabulary import (
     t1_modality,
     validate_prompt,
 )
+
+if TYPE_CHECKING:
+    from duplus.instructions import ImageContext
 
 #: how an accepted target prompt conditions the segmenter: "canonical" (the matched target's canonical name, so that
 #: an accepted paraphrase segments exactly as the name does) or "prompt" (the user's own words, as before issue 22)
@@ -83,12 +87,15 @@ class Prediction:
     seconds: float
     stem: str = ""                        # the stem it ran through (the T1's modality, else the declared one)
     similarity: tuple[float, ...] = ()    # cosine similarity of each target's match
+    conditioned_by: tuple[str, ...] = ()  # the text that conditioned each target's head (name or instruction)
 
 
 #: (modality, T1, targets) -> EncodedPrompts
 EncodeFn = Callable[[str, str, list[str]], EncodedPrompts]
 #: the segmenter unit: image [b, 1, x, y, z], modality [b], film [b, F], head_params [K, P] -> logits [b, K, x, y, z]
 SegmentFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], "np.ndarray | torch.Tensor"]
+#: (modality, T1, canonical targets, image context) -> (EncodedPrompts of their instructions, the instructions)
+EncodeInstructionsFn = Callable[[str, str, list[str], "ImageContext"], tuple[EncodedPrompts, list[str]]]
 
 
 class SegmentationPipeline:
@@ -98,7 +105,8 @@ class SegmentationPipeline:
                  vocabulary: PromptVocabulary, known_names: Sequence[str], known_embeddings: np.ndarray,
                  encode: EncodeFn, segment: SegmentFn, limits: ServingLimits = ServingLimits(),
                  count_tokens: CountTokensFn | None = None, largest_component: bool = True,
-                 cache_entries: int = 256, target_conditioning: str = "canonical"):
+                 cache_entries: int = 256, target_conditioning: str = "canonical",
+                 encode_instructions: EncodeInstructionsFn | None = None):
         if target_conditioning not in TARGET_CONDITIONING:
             raise ValueError(f"target_conditioning must be one of {TARGET_CONDITIONING}, got {target_conditioning!r}")
         self.target_conditioning = target_conditioning
@@ -113,6 +121,9 @@ class SegmentationPipeline:
         self.largest_component = largest_component
         # repeated prompt sets (one protocol, many studies) skip the text encoder and conditioning
         self.prompt_cache: LRUCache[EncodedPrompts] = LRUCache(cache_entries)
+        # INSTRUCTIONS auto: the generator (a model before the tokenizer when served) and its encodings, per context
+        self.encode_instructions = encode_instructions
+        self.instruction_cache: LRUCache[tuple[EncodedPrompts, list[str]]] = LRUCache(cache_entries)
 
     def encode_prompts(self, modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
         key = (modality, normalise_text(t1), tuple(normalise_text(t) for t in targets))
@@ -135,16 +146,33 @@ class SegmentationPipeline:
         return volume, affine
 
     def __call__(self, volume, affine, modality: str, t1: str, targets: Sequence[str], *,
-                 return_probabilities: bool = False) -> Prediction:
+                 return_probabilities: bool = False, instructions: str | None = None,
+                 context: str | dict | None = None) -> Prediction:
+        """``instructions``: 'names' (default) or 'auto' (each resolved target's head is conditioned by the
+        instruction the generator writes for it and this image's ``context``, see ``request_context``)."""
+        from duplus.instructions import instruction_mode, request_context
+
         t0 = time.perf_counter()
         targets = list(targets)
+        mode = instruction_mode(instructions)
         volume, affine = self.check(volume, affine, modality, t1, targets)
+        image_context = None
+        if mode == "auto":
+            if self.encode_instructions is None:
+                raise InvalidRequest("INSTRUCTIONS auto: this pipeline has no instruction generator")
+            image_context = request_context(request_stem(t1, modality, self.modalities), t1, affine, context)
         enc = self.encode_prompts(modality, t1, targets)
         resolved, sims = self.resolve(targets, enc.target_embedding)
-        if self.target_conditioning == "canonical" and list(resolved) != targets:
+        conditioned_by = list(targets)
+        if image_context is not None:
+            key = (modality, normalise_text(t1), tuple(resolved), image_context)
+            enc, conditioned_by = self.instruction_cache.get_or_compute(
+                key, lambda: self.encode_instructions(modality, t1, list(resolved), image_context))
+        elif self.target_conditioning == "canonical" and list(resolved) != targets:
             # the user's words chose the target; the target's canonical name conditions the head (a paraphrase far
             # from anything trained on would otherwise condition it with an embedding the controller never saw)
             enc = self.encode_prompts(modality, t1, list(resolved))
+            conditioned_by = list(resolved)
         stem = self.modalities[enc.modality_index]
         if stem != modality:
             log.warning("the T1 prompt %r names %s but the volume is declared %s: intensities are normalised as %s, "
@@ -157,7 +185,8 @@ class SegmentationPipeline:
             labels = keep_largest_components(labels, resolved)
         return Prediction(labels=labels, affine=affine, targets=tuple(targets), resolved=tuple(resolved),
                           probabilities=probs_in.numpy() if return_probabilities else None,
-                          seconds=time.perf_counter() - t0, stem=stem, similarity=tuple(sims))
+                          seconds=time.perf_counter() - t0, stem=stem, similarity=tuple(sims),
+                          conditioned_by=tuple(conditioned_by))
 
     def probabilities(self, x: torch.Tensor, enc: EncodedPrompts) -> torch.Tensor:
         """[1, X, Y, Z] model-space volume -> [K, X, Y, Z] probabilities through ``segment``."""
@@ -184,7 +213,9 @@ class Predictor:
     def __init__(self, model: DuPLUS, vocabulary: PromptVocabulary, text_encoder: TextEncoder | None = None, *,
                  device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int = 2,
                  limits: ServingLimits | None = None, bf16: bool = False, largest_component: bool = True,
-                 target_conditioning: str = "canonical"):
+                 target_conditioning: str = "canonical", instruction_generator=None):
+        """``instruction_generator``: a ``duplus.instructions.InstructionGenerator`` for ``instructions='auto'``
+        (default: the offline knowledge base, built on first use)."""
         if target_conditioning not in TARGET_CONDITIONING:
             raise ValueError(f"target_conditioning must be one of {TARGET_CONDITIONING}, got {target_conditioning!r}")
         self.target_conditioning = target_conditioning
@@ -203,6 +234,7 @@ class Predictor:
         self._known_t2_emb: torch.Tensor | None = None
         self._largest_component = largest_component
         self._pipeline: SegmentationPipeline | None = None
+        self.instruction_generator = instruction_generator
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> Predictor:
@@ -228,8 +260,20 @@ class Predictor:
                 modalities=self.cfg.modalities, spacing=self.cfg.spacing, patch_size=self.cfg.patch_size,
                 vocabulary=self.vocabulary, known_names=names, known_embeddings=known.numpy(), encode=self.encode,
                 segment=self.segment, limits=self.limits, count_tokens=self.count_tokens,
-                largest_component=self._largest_component, target_conditioning=self.target_conditioning)
+                largest_component=self._largest_component, target_conditioning=self.target_conditioning,
+                encode_instructions=self.encode_instructions)
         return self._pipeline
+
+    def encode_instructions(self, modality: str, t1: str, targets: list[str], context) -> tuple[EncodedPrompts,
+                                                                                              list[str]]:
+        """The in-process ``encode_instructions`` (the served ensemble of that name): each target's instruction
+        for ``context`` from the generator, encoded as its head's prompt."""
+        from duplus.instructions import KnowledgeBaseGenerator, served_instructions
+
+        if self.instruction_generator is None:
+            self.instruction_generator = KnowledgeBaseGenerator(count_tokens=self.count_tokens)
+        texts = served_instructions(self.instruction_generator, list(targets), context)
+        return self.encode(modality, t1, texts), texts
 
     # ---- prompts -------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -323,8 +367,10 @@ class Predictor:
         return self.pipeline.probabilities(torch.as_tensor(image), enc)
 
     def predict_array(self, image: np.ndarray, affine: np.ndarray, modality: str, t1: str,
-                      targets: list[str] | tuple[str, ...], *, return_probabilities: bool = False) -> Prediction:
-        return self.pipeline(image, affine, modality, t1, targets, return_probabilities=return_probabilities)
+                      targets: list[str] | tuple[str, ...], *, return_probabilities: bool = False,
+                      instructions: str | None = None, context: str | dict | None = None) -> Prediction:
+        return self.pipeline(image, affine, modality, t1, targets, return_probabilities=return_probabilities,
+                             instructions=instructions, context=context)
 
     def predict_file(self, path: str | Path, modality: str, t1: str, targets: list[str], *,
                      out: str | Path | None = None) -> Prediction:

@@ -167,6 +167,13 @@ class ImageContext:
                    patient_sex=sex if sex in SEXES else None, patient_age_years=_age_years(_text(ds, "PatientAge")),
                    predicted_context=predicted_context)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The known fields as a JSON-ready mapping (what a ``CONTEXT`` request input holds)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if self.predicted_context is not None:
+            out["predicted_context"] = self.predicted
+        return out
+
     def describe(self) -> str:
         """What is known, in words, for a language model's prompt."""
         parts = []
@@ -1042,6 +1049,93 @@ def make_generator(cfg: GeneratorConfig, *, count_tokens: CountTokens | None = N
         return HttpGenerator(cfg.base_url, model=cfg.model, timeout_s=cfg.timeout_s, api_key_env=cfg.api_key_env,
                              max_new_tokens=cfg.max_new_tokens, count_tokens=count_tokens)
     return KnowledgeBaseGenerator(count_tokens=count_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# serving: instructions chosen per request
+
+
+#: how a served request's targets condition the segmenter: by their names (the default) or by instructions that the
+#: server's generator writes for the image's context (Zeus's stage, ``INSTRUCTIONS: auto``)
+INSTRUCTION_MODES: tuple[str, ...] = ("names", "auto")
+#: the fields a request's CONTEXT may give (those ``ImageContext.from_dicom`` reads from a header)
+REQUEST_CONTEXT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ImageContext) if f.name != "modality")
+MAX_CONTEXT_CHARS = 2048
+#: served instructions are the generator's first for each (target, context): deterministic, so cached
+SERVING_SEED = 0
+
+_T1_SEQUENCE = re.compile(r"(?<![a-z0-9])t([12])(?:w|[- ]?weighted)?(?![a-z0-9])")
+
+
+def instruction_mode(value: str | None) -> str:
+    """A request's INSTRUCTIONS value ('names' when absent or empty); anything else is an InvalidRequest."""
+    from duplus.contract import InvalidRequest
+
+    mode = "names" if value is None or not str(value).strip() else str(value).strip().lower()
+    if mode not in INSTRUCTION_MODES:
+        raise InvalidRequest(f"INSTRUCTIONS must be one of {INSTRUCTION_MODES} (or absent), got {str(value)[:80]!r}")
+    return mode
+
+
+def _t1_region(t1: str) -> str | None:
+    norm = normalise_text(t1)
+    found = {r for r, phrases in REGION_PHRASES.items() for p in phrases if normalise_text(p) in norm}
+    found |= {"head_neck" for w in ("neck", "head", "oropharyn", "larynx") if w in norm}
+    found |= {"abdomen" for w in ("abdom", "liver", "pancrea", "kidney", "renal") if w in norm}
+    return found.pop() if len(found) == 1 else None
+
+
+def request_context(modality: str, t1: str, affine: Any = None, context: str | Mapping[str, Any] | None = None
+                    ) -> ImageContext:
+    """The image context instructions are written for, from one segment_volume request.
+
+    ``modality`` is the stem's (the T1's modality, else the declared one). ``context`` (a mapping or its JSON, e.g.
+    ``ImageContext.from_dicom(ds).to_dict()`` by a DICOM node) gives the header's fields; the MR sequence and region
+    otherwise come from the T1 words ("T2-weighted MRI of the abdomen"), and the slice thickness from the spacing of
+    the volume's third axis in ``affine``. A malformed or unknown field is an ``InvalidRequest`` naming it.
+    """
+    import numpy as np
+
+    from duplus.contract import InvalidRequest
+
+    if context is None or (isinstance(context, str) and not context.strip()):
+        given: dict[str, Any] = {}
+    elif isinstance(context, str):
+        if len(context) > MAX_CONTEXT_CHARS:
+            raise InvalidRequest(f"CONTEXT is {len(context)} characters; at most {MAX_CONTEXT_CHARS}")
+        try:
+            given = json.loads(context)
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"CONTEXT is not valid JSON ({e.msg} at character {e.pos})") from None
+    else:
+        given = dict(context)
+    if not isinstance(given, dict):
+        raise InvalidRequest(f"CONTEXT must be a JSON object of {list(REQUEST_CONTEXT_FIELDS)}, "
+                             f"got {type(given).__name__}")
+    unknown = sorted(set(map(str, given)) - set(REQUEST_CONTEXT_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"CONTEXT has unknown fields {unknown}; known: {list(REQUEST_CONTEXT_FIELDS)}")
+    fields_ = dict(given)
+    if modality == "MR" and fields_.get("sequence") is None:
+        m = _T1_SEQUENCE.search(normalise_text(t1))
+        fields_["sequence"] = f"T{m.group(1)}" if m else None
+    if fields_.get("region") is None:
+        fields_["region"] = _t1_region(t1)
+    if fields_.get("slice_thickness_mm") is None and affine is not None:
+        a = np.asarray(affine, dtype=np.float64)
+        if a.shape == (4, 4) and np.isfinite(a).all() and float(np.linalg.norm(a[:3, 2])) > 0:
+            fields_["slice_thickness_mm"] = round(float(np.linalg.norm(a[:3, 2])), 2)
+    try:
+        return ImageContext(modality=modality, **fields_)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"CONTEXT: {e}") from None
+
+
+def served_instructions(generator: InstructionGenerator, targets: list[str], context: ImageContext) -> list[str]:
+    """The instruction that conditions each target of a served request (the generator's LRU caches them per
+    (target, context)); the one definition shared by the Triton ``instructions`` model and the in-process
+    ``Predictor``."""
+    return [generator.generate(t, context, n=1, seed=SERVING_SEED)[0].text for t in targets]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ against PyTorch on fresh random inputs -> TensorRT engine + parity against ONNX 
 error, non-zero exit) -> the Triton repository (``export/repository.py``):
 
     <output>/manifest.json                 checkpoint hash, options, model config, vocabulary, unit I/O + files
+    <output>/instructions/1/               model.py (python backend) + generator.yaml (Zeus's instruction generator)
     <output>/tokenizer/1/                  model.py (python backend) + the saved tokenizer
     <output>/text_encoder|conditioning|segmenter/1/model.onnx (+ model.plan with TensorRT)
-    <output>/encode_prompts, segment_patch  ensembles
+    <output>/encode_prompts, encode_instructions, segment_patch  ensembles
     <output>/segment_volume/1/             model.py (BLS) + known_targets.npz
     <output>/image_features|text_encoder_ehr|prognosis/1/model.onnx   with a prognosis checkpoint (LoRA merged)
     <output>/prognose/1/                   model.py (BLS) + the EHR tokenizer
@@ -155,7 +156,7 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
           precision: str = "fp32", patch_size: tuple[int, int, int] | None = None, max_batch_size: int = 4,
           max_targets: int = 16, instances: int = 1, threads: int = 0, ort_optimization: str = "all",
           units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2,
-          prognosis_checkpoint: Path | None = None) -> dict:
+          prognosis_checkpoint: Path | None = None, generator_config: Path | None = None) -> dict:
     """Build the repository at ``output`` from ``checkpoint``; returns the manifest (also written to
     ``output/manifest.json``). Raises ``ParityError`` when a unit is over its tolerances (after building all)."""
     from duplus.inference import Predictor
@@ -213,7 +214,7 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
         prognosis = _build_prognosis(Path(prognosis_checkpoint), model, encoder, stage, torch_checkpoint)
         spec = dict(spec, **prognosis["spec"])
     predictor = Predictor(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), encoder)
-    manifest["models"] = write_triton_repository(output, opts, spec, encoder, predictor)
+    manifest["models"] = write_triton_repository(output, opts, spec, encoder, predictor, generator_config)
     if prognosis is not None:
         save_prognosis_tokenizer(prognosis["tokenizer"], output)
     manifest["seconds"] = round(time.perf_counter() - t0, 1)
@@ -304,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="prognosis checkpoint (python -m training.train_prognosis) whose units and `prognose` model "
                          "are added to the repository; skipped with a log line when the default is absent; "
                          "'none' to leave prognosis out")
+    ap.add_argument("--instruction-generator", type=Path, default=None, metavar="YAML",
+                    help="duplus.instructions.GeneratorConfig of the served instruction generator (INSTRUCTIONS auto; "
+                         "copied to instructions/1/generator.yaml); default: the offline knowledge base")
     ap.add_argument("--log-level", default="INFO", help="logging level")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -319,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         build(Path(args.checkpoint), output, target=args.target, engine=args.engine, precision=args.precision,
               patch_size=tuple(args.patch_size) if args.patch_size else None, max_batch_size=args.max_batch_size,
               max_targets=args.max_targets, instances=args.instances, threads=args.threads,
-              ort_optimization=args.ort_optimization, units=tuple(args.units), prognosis_checkpoint=prognosis)
+              ort_optimization=args.ort_optimization, units=tuple(args.units), prognosis_checkpoint=prognosis,
+              generator_config=args.instruction_generator)
     except (ContractError, ParityError, ValueError, RuntimeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1

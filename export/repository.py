@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from duplus.contract import KNOWN_TARGETS
-from export.triton_config import RepositoryOptions, parse_pbtxt, repository_models
+from export.triton_config import GENERATOR_CONFIG, RepositoryOptions, parse_pbtxt, repository_models
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,28 @@ def copy_checkpoint(source: Path, output: Path, name: str) -> Path:
     return target
 
 
-def write_triton_repository(output: Path, opts: RepositoryOptions, spec, encoder, predictor) -> list[str]:
-    """config.pbtxt for every model, python-backend sources, the prompt tokenizer and the known-target
-    embeddings (``predictor``: a ``duplus.inference.Predictor`` of the model); returns the model names."""
+def write_generator_config(output: Path, source: Path | None = None) -> Path:
+    """``instructions/1/generator.yaml``: a copy of ``source`` (a ``GeneratorConfig`` YAML, checked here) or the
+    default, the offline knowledge base. Operators may edit it (an HTTP endpoint, a local model folder) and reload."""
+    from duplus.instructions import GeneratorConfig
+
+    target = output / "instructions" / "1" / GENERATOR_CONFIG
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        GeneratorConfig.from_yaml(source)   # a bad file fails the build, not the server's start
+        text = Path(source).read_text()
+    else:
+        text = ("# duplus.instructions.GeneratorConfig of the served instruction generator (INSTRUCTIONS auto)\n"
+                "backend: knowledge_base\n")
+    target.write_text(text)
+    return target
+
+
+def write_triton_repository(output: Path, opts: RepositoryOptions, spec, encoder, predictor,
+                            generator_config: Path | None = None) -> list[str]:
+    """config.pbtxt for every model, python-backend sources, the prompt tokenizer, the instruction generator's
+    configuration and the known-target embeddings (``predictor``: a ``duplus.inference.Predictor`` of the model);
+    returns the model names."""
     models = repository_models(spec, opts)
     for m in models:
         folder = output / m.name
@@ -49,6 +68,7 @@ def write_triton_repository(output: Path, opts: RepositoryOptions, spec, encoder
             (folder / "1" / "model.py").unlink()   # a native model of the ngc flavour
         log.info("wrote %s/config.pbtxt (%s)", m.name, m.backend or m.platform)
     encoder.tokenizer.save_pretrained(str(output / "tokenizer" / "1" / "tokenizer"))
+    write_generator_config(output, generator_config)
     names, emb = predictor.known_target_embeddings()
     np.savez(output / "segment_volume" / "1" / KNOWN_TARGETS, names=np.array(names), embeddings=emb.numpy())
     return [m.name for m in models]

@@ -11,8 +11,12 @@ at build time, and ``pbtxt`` is that message in protobuf text format.
         tokenizer -> text_encoder (T1) -> text_encoder (targets) -> conditioning
     segment_patch (ensemble)    IMAGE patch + MODALITY, T1, TARGETS -> PROBABILITIES, LOGITS
         tokenizer -> text_encoder x2 -> conditioning -> segmenter
-    segment_volume (python BLS) VOLUME + AFFINE + MODALITY, T1, TARGETS -> LABELS (uint8, input grid)
-        preprocessing -> encode_prompts once -> segmenter on batched windows -> inverse -> labels
+    encode_instructions (ensemble)  MODALITY, T1, TARGETS (canonical), CONTEXT -> encode_prompts' outputs + INSTRUCTIONS
+        instructions (Zeus's generator, before the tokenizer) -> tokenizer -> text_encoder x2 -> conditioning
+    segment_volume (python BLS) VOLUME + AFFINE + MODALITY, T1, TARGETS [+ INSTRUCTIONS, CONTEXT] -> LABELS (uint8,
+        input grid), RESOLVED_TARGETS, SIMILARITY, STEM, CONDITIONING_TEXTS
+        preprocessing -> encode_prompts once (matching) [-> encode_instructions once with INSTRUCTIONS auto]
+        -> segmenter on batched windows -> inverse -> labels
     prognose (python BLS)       VOLUME + AFFINE + MODALITY, T1, EHR -> RISK, IMAGE_FEATURES, FEATURE_NAMES
         EHR checks + tokens -> encode_prompts (T1; tumour, node) once -> image_features (one pass at model
         spacing) -> radiomics + pooled features; text_encoder_ehr (LoRA merged) -> prognosis head -> risk
@@ -35,9 +39,11 @@ TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYP
 KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL")
 FLAVOURS = ("embedded", "ngc")
 ENGINES = ("onnxruntime", "tensorrt", "torch")
-PYTHON_MODELS_EMBEDDED = ("tokenizer", "text_encoder", "conditioning", "segmenter", "segment_volume",
+PYTHON_MODELS_EMBEDDED = ("instructions", "tokenizer", "text_encoder", "conditioning", "segmenter", "segment_volume",
                           "image_features", "text_encoder_ehr", "prognosis", "prognose")
-PYTHON_MODELS_NGC = ("tokenizer", "segment_volume", "prognose")
+PYTHON_MODELS_NGC = ("instructions", "tokenizer", "segment_volume", "prognose")
+#: the instruction generator's configuration (duplus.instructions.GeneratorConfig) in instructions/1/
+GENERATOR_CONFIG = "generator.yaml"
 PROGNOSIS_UNITS = ("image_features", "text_encoder_ehr", "prognosis")
 
 
@@ -52,6 +58,7 @@ class TritonTensor:
     name: str
     dtype: str                     # numpy-style name, "bytes" for TYPE_STRING
     dims: tuple[int, ...]          # -1 for a dynamic axis (no batch axis: all models use max_batch_size 0)
+    optional: bool = False         # an input a request may leave out
 
     def __post_init__(self) -> None:
         if self.dtype not in TRITON_DTYPES:
@@ -126,7 +133,8 @@ class ModelConfig:
         if self.default_model_filename:
             m.default_model_filename = self.default_model_filename
         for t in self.inputs:
-            m.input.add(name=t.name, data_type=pb.DataType.Value(TRITON_DTYPES[t.dtype]), dims=list(t.dims))
+            m.input.add(name=t.name, data_type=pb.DataType.Value(TRITON_DTYPES[t.dtype]), dims=list(t.dims),
+                        optional=t.optional)
         for t in self.outputs:
             m.output.add(name=t.name, data_type=pb.DataType.Value(TRITON_DTYPES[t.dtype]), dims=list(t.dims))
         for g in self.instance_groups:
@@ -192,8 +200,8 @@ class RepositoryOptions:
 S = "bytes"
 
 
-def _t(name, dtype, *dims) -> TritonTensor:
-    return TritonTensor(name, dtype, tuple(dims))
+def _t(name, dtype, *dims, optional: bool = False) -> TritonTensor:
+    return TritonTensor(name, dtype, tuple(dims), optional)
 
 
 def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -> list[ModelConfig]:
@@ -207,6 +215,10 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
     unit_params = (("engine", opts.engine), ("threads", str(opts.threads)), ("ort_optimization", opts.ort_optimization))
     models: list[ModelConfig] = []
 
+    models.append(ModelConfig(
+        "instructions", backend="python", inputs=(_t("TARGETS", S, -1), _t("CONTEXT", S, 1)),
+        outputs=(_t("INSTRUCTIONS", S, -1),), instance_groups=(InstanceGroup(1, "KIND_CPU"),),
+        parameters=(("generator_config", GENERATOR_CONFIG),)))
     models.append(ModelConfig(
         "tokenizer", backend="python",
         inputs=(_t("MODALITY", S, 1), _t("T1", S, 1), _t("TARGETS", S, -1)),
@@ -257,6 +269,15 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
                  _t("HEAD_PARAMS", "float32", -1, head), _t("TARGET_EMBEDDING", "float32", -1, e)),
         steps=prompt_steps))
     models.append(ModelConfig(
+        "encode_instructions", platform="ensemble", inputs=prompt_inputs + (_t("CONTEXT", S, 1),),
+        outputs=(_t("MODALITY_INDEX", "int64", 1), _t("FILM", "float32", 1, film),
+                 _t("HEAD_PARAMS", "float32", -1, head), _t("TARGET_EMBEDDING", "float32", -1, e),
+                 _t("INSTRUCTIONS", S, -1)),
+        steps=(EnsembleStep("instructions", (("TARGETS", "TARGETS"), ("CONTEXT", "CONTEXT")),
+                            (("INSTRUCTIONS", "INSTRUCTIONS"),)),
+               EnsembleStep("tokenizer", (("MODALITY", "MODALITY"), ("T1", "T1"), ("TARGETS", "INSTRUCTIONS")),
+                            prompt_steps[0].output_map)) + prompt_steps[1:]))
+    models.append(ModelConfig(
         "segment_patch", platform="ensemble", inputs=(_t("IMAGE", "float32", 1, 1, -1, -1, -1),) + prompt_inputs,
         outputs=(_t("PROBABILITIES", "float32", 1, -1, -1, -1, -1), _t("LOGITS", "float32", 1, -1, -1, -1, -1)),
         steps=(prompt_steps[0], prompt_steps[1],
@@ -269,9 +290,10 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
                             (("logits", "LOGITS"), ("probabilities", "PROBABILITIES"))))))
     models.append(ModelConfig(
         "segment_volume", backend="python",
-        inputs=(_t("VOLUME", "float32", -1, -1, -1), _t("AFFINE", "float64", 4, 4)) + prompt_inputs,
+        inputs=(_t("VOLUME", "float32", -1, -1, -1), _t("AFFINE", "float64", 4, 4)) + prompt_inputs +
+               (_t("INSTRUCTIONS", S, 1, optional=True), _t("CONTEXT", S, 1, optional=True)),
         outputs=(_t("LABELS", "uint8", -1, -1, -1), _t("RESOLVED_TARGETS", S, -1), _t("SIMILARITY", "float32", -1),
-                 _t("STEM", S, 1)),
+                 _t("STEM", S, 1), _t("CONDITIONING_TEXTS", S, -1)),
         instance_groups=(InstanceGroup(1, "KIND_CPU"),),
         parameters=lim.parameters() + (("patch_size", ",".join(map(str, opts.patch_size))),)))
     if all(u in units for u in PROGNOSIS_UNITS):

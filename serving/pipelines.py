@@ -23,7 +23,7 @@ import numpy as np
 from duplus.cache import LRUCache
 from duplus.checks import check_request_volume
 from duplus.contract import EncodedPrompts, InvalidRequest, ServingLimits, level_factor
-from duplus.inference import EncodeFn, SegmentationPipeline, SegmentFn
+from duplus.inference import EncodeFn, EncodeInstructionsFn, SegmentationPipeline, SegmentFn
 from duplus.vocabulary import PromptVocabulary, normalise_text
 from serving.requests import EHRTokenizer
 
@@ -35,7 +35,8 @@ class VolumeSegmenter(SegmentationPipeline):
 
     def __init__(self, manifest: dict, known_targets: dict[str, np.ndarray], encode: EncodeFn, segment: SegmentFn,
                  limits: ServingLimits = ServingLimits(), cache_entries: int = 256,
-                 count_tokens: Callable[[str], int] | None = None):
+                 count_tokens: Callable[[str], int] | None = None,
+                 encode_instructions: EncodeInstructionsFn | None = None):
         cfg = manifest["model_config"]
         spacing = cfg["spacing"]
         super().__init__(modalities=cfg["modalities"],
@@ -43,7 +44,7 @@ class VolumeSegmenter(SegmentationPipeline):
                          patch_size=manifest["patch_size"], vocabulary=PromptVocabulary.from_dict(manifest["vocabulary"]),
                          known_names=known_targets["names"], known_embeddings=known_targets["embeddings"],
                          encode=encode, segment=segment, limits=limits, count_tokens=count_tokens,
-                         cache_entries=cache_entries)
+                         cache_entries=cache_entries, encode_instructions=encode_instructions)
 
     @staticmethod
     def load_known_targets(path: Path) -> dict[str, np.ndarray]:

@@ -50,14 +50,15 @@ from duplus.files import file_sha256  # noqa: E402
 log = logging.getLogger("serve")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("tokenizer", "text_encoder", "conditioning", "segmenter", "encode_prompts", "segment_patch",
-          "segment_volume")
+MODELS = ("instructions", "tokenizer", "text_encoder", "conditioning", "segmenter", "encode_prompts",
+          "encode_instructions", "segment_patch", "segment_volume")
 # what each model calls (ensemble steps and BLS requests, see export/triton_config.py and serving/triton_models.py):
 # serving a subset loads these with it
 MODEL_DEPENDENCIES = {
     "encode_prompts": ("tokenizer", "text_encoder", "conditioning"),
     "segment_patch": ("tokenizer", "text_encoder", "conditioning", "segmenter"),
-    "segment_volume": ("encode_prompts", "segmenter"),
+    "encode_instructions": ("instructions", "tokenizer", "text_encoder", "conditioning"),
+    "segment_volume": ("encode_prompts", "encode_instructions", "segmenter"),
     "prognose": ("encode_prompts", "image_features", "text_encoder_ehr", "prognosis"),
 }
 

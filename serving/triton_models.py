@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from duplus.contract import KNOWN_TARGETS, EncodedPrompts, InvalidRequest, ServingLimits, UnitContract
+from duplus.contract import KNOWN_TARGETS, MAX_UNIT_BATCH, EncodedPrompts, InvalidRequest, ServingLimits, UnitContract
 from serving.requests import EHRTokenizer, PromptTokenizer, check_feed, decode_strings, read_manifest, short
 
 log = logging.getLogger("duplus.triton")
@@ -74,7 +74,9 @@ def _input(pb, request, name: str) -> np.ndarray:
     return t.as_numpy()
 
 
-def _one_string(pb, request, name: str) -> str:
+def _one_string(pb, request, name: str, optional: bool = False) -> str | None:
+    if optional and pb.get_input_tensor_by_name(request, name) is None:
+        return None
     values = decode_strings(_input(pb, request, name), name)
     if len(values) != 1:
         raise InvalidRequest(f"input {name} must hold exactly one string, got {len(values)}")
@@ -91,6 +93,57 @@ def _image_feed(pb, image, modality, film, head_params) -> list:
     """The inputs of the segmenter and image_features units (one contract) as BLS tensors."""
     return [pb.Tensor("image", np.ascontiguousarray(image, dtype=np.float32)), pb.Tensor("modality", modality),
             pb.Tensor("film", np.ascontiguousarray(film)), pb.Tensor("head_params", np.ascontiguousarray(head_params))]
+
+
+def instructions_model(pb):
+    """Zeus's generator in the graph: TARGETS (canonical names or synonyms) + CONTEXT (JSON of
+    ``duplus.instructions.ImageContext`` fields, modality included) -> INSTRUCTIONS, one per target. The backend is
+    ``instructions/1/generator.yaml``; a language model's failure falls back to the knowledge base (logged), so a
+    valid request always gets instructions. Its LRU caches them per (target, context)."""
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            from duplus.instructions import GeneratorConfig, make_generator
+
+            config, model_dir, version_dir = _context(args)
+            self.max_targets = MAX_UNIT_BATCH
+            params = _params(config)
+            manifest = read_manifest(model_dir.parent)
+            tokenizer = PromptTokenizer(model_dir.parent / "tokenizer" / args["model_version"] / "tokenizer",
+                                        manifest["model_config"]["modalities"])
+            cfg = GeneratorConfig.from_yaml(version_dir / params.get("generator_config", "generator.yaml"))
+            self.generator = make_generator(cfg, count_tokens=tokenizer.count_tokens)
+            log.info("instructions: %s backend", cfg.backend)
+
+        def execute(self, requests):
+            from duplus.instructions import MAX_CONTEXT_CHARS, ImageContext, served_instructions
+
+            responses = []
+            for request in requests:
+                try:
+                    targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
+                    if not 1 <= len(targets) <= self.max_targets:
+                        raise InvalidRequest(f"TARGETS must hold 1 to {self.max_targets} targets, got {len(targets)}")
+                    raw = _one_string(pb, request, "CONTEXT")
+                    if len(raw) > MAX_CONTEXT_CHARS:
+                        raise InvalidRequest(f"CONTEXT is {len(raw)} characters; at most {MAX_CONTEXT_CHARS}")
+                    try:
+                        fields = json.loads(raw) if raw.strip() else {}
+                        if not isinstance(fields, dict):
+                            raise ValueError(f"CONTEXT must be a JSON object, got {type(fields).__name__}")
+                        context = ImageContext(**fields)
+                    except (TypeError, ValueError) as e:   # JSONDecodeError is a ValueError
+                        raise InvalidRequest(f"CONTEXT: {short(str(e), 300)}") from None
+                    try:
+                        texts = served_instructions(self.generator, targets, context)
+                    except ValueError as e:                # an unknown target
+                        raise InvalidRequest(str(e)) from None
+                    responses.append(pb.InferenceResponse([_string_tensor(pb, "INSTRUCTIONS", texts)]))
+                except Exception as exc:  # noqa: BLE001
+                    responses.append(_error(pb, exc, "instructions"))
+            return responses
+
+    return TritonPythonModel
 
 
 def tokenizer_model(pb):
@@ -188,11 +241,24 @@ def segment_volume_model(pb):
             tokenizer = PromptTokenizer(model_dir.parent / "tokenizer" / args["model_version"] / "tokenizer",
                                         manifest["model_config"]["modalities"], limits)
             self.segmenter = VolumeSegmenter(manifest, known, self._encode, self._segment, limits,
-                                             count_tokens=tokenizer.count_tokens)
+                                             count_tokens=tokenizer.count_tokens,
+                                             encode_instructions=self._encode_instructions)
 
         @staticmethod
         def _encode(modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
             return encode_prompts_bls(pb)(modality, t1, targets)
+
+        @staticmethod
+        def _encode_instructions(modality: str, t1: str, targets: list[str], context) -> tuple[EncodedPrompts,
+                                                                                                list[str]]:
+            out = _bls(pb, "encode_instructions",
+                       [_string_tensor(pb, "MODALITY", [modality]), _string_tensor(pb, "T1", [t1]),
+                        _string_tensor(pb, "TARGETS", targets),
+                        _string_tensor(pb, "CONTEXT", [json.dumps(context.to_dict(), sort_keys=True)])],
+                       ["MODALITY_INDEX", "FILM", "HEAD_PARAMS", "TARGET_EMBEDDING", "INSTRUCTIONS"])
+            enc = EncodedPrompts(int(out["MODALITY_INDEX"][0]), out["FILM"], out["HEAD_PARAMS"],
+                                 out["TARGET_EMBEDDING"])
+            return enc, decode_strings(out["INSTRUCTIONS"], "INSTRUCTIONS")
 
         @staticmethod
         def _segment(image, modality, film, head_params) -> np.ndarray:
@@ -204,11 +270,14 @@ def segment_volume_model(pb):
                 try:
                     volume, affine, modality, t1 = _volume_request(pb, request)
                     targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
-                    pred = self.segmenter(volume, affine, modality, t1, targets)
+                    pred = self.segmenter(volume, affine, modality, t1, targets,
+                                          instructions=_one_string(pb, request, "INSTRUCTIONS", optional=True),
+                                          context=_one_string(pb, request, "CONTEXT", optional=True))
                     responses.append(pb.InferenceResponse([
                         pb.Tensor("LABELS", pred.labels), _string_tensor(pb, "RESOLVED_TARGETS", pred.resolved),
                         pb.Tensor("SIMILARITY", np.asarray(pred.similarity, dtype=np.float32)),
-                        _string_tensor(pb, "STEM", [pred.stem])]))
+                        _string_tensor(pb, "STEM", [pred.stem]),
+                        _string_tensor(pb, "CONDITIONING_TEXTS", pred.conditioned_by)]))
                 except Exception as exc:  # noqa: BLE001
                     responses.append(_error(pb, exc, "segment_volume"))
             return responses

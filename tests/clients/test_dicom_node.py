@@ -17,6 +17,7 @@ from clients.dicom_io import read_series, write_series
 from clients.dicom_node import Destination, DicomNode, NodeConfig, seg_uid_for
 from clients.dicom_seg import seg_to_labels, seg_uids
 from clients.grpc_client import SegmentationClient
+from duplus.instructions import REQUEST_CONTEXT_FIELDS, ImageContext, named_targets
 from duplus.synth.phantoms import generate_phantom
 from serving.serve import free_port
 
@@ -66,7 +67,7 @@ def orthanc(tmp_path_factory):
 def node(triton_server, orthanc, tmp_path_factory):
     cfg = NodeConfig(ae_title="DUPLUS", port=free_port(), allowed_calling_aes=("STORESCU", "TESTSCU"),
                      workdir=tmp_path_factory.mktemp("node"), quiet_period_s=2.0, poll_s=0.3,
-                     triton_url=triton_server.grpc_url,
+                     triton_url=triton_server.grpc_url, instructions="auto",
                      destination=Destination("ORTHANC", "127.0.0.1", orthanc["dicom_port"]))
     n = DicomNode(cfg).start()
     yield n
@@ -112,9 +113,16 @@ def test_storescu_to_node_to_orthanc_seg(node, orthanc, triton_server, tmp_path)
     errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
     assert not errors, errors
     from_seg = seg_to_labels(pydicom.dcmread(seg_file), series)
+    # this node is configured with instructions: auto (Zeus): the server wrote each target's instruction from the
+    # series header (CT, region, slice thickness); the same request through the client gives the same labels
+    context = ImageContext.from_dicom(series.datasets[0]).to_dict()
+    assert context["slice_thickness_mm"] > 0 and context["region"] == "head_neck"
+    context = {k: v for k, v in context.items() if k in REQUEST_CONTEXT_FIELDS}
     with SegmentationClient(triton_server.grpc_url) as client:   # the NIfTI path: same volume + RAS affine
-        expected = client.segment_volume(series.volume, series.affine, "CT", "CT of the head and neck",
-                                         ["primary tumour", "lymph node"]).labels
+        res = client.segment_volume(series.volume, series.affine, "CT", "CT of the head and neck",
+                                    ["primary tumour", "lymph node"], instructions="auto", context=context)
+    expected = res.labels
+    assert [named_targets(t) for t in res.conditioned_by] == [{"primary tumour"}, {"lymph node"}]
     np.testing.assert_array_equal(from_seg, expected)
     assert (expected == 1).sum() > 100
 
@@ -228,6 +236,8 @@ def test_node_config_validation(tmp_path):
     (tmp_path / "n.yaml").write_text("ae_title: X\nbogus: 1\n")
     with pytest.raises(ValueError, match="unknown keys"):
         NodeConfig.from_yaml(tmp_path / "n.yaml")
+    with pytest.raises(ValueError, match="instructions must be one of"):
+        NodeConfig(instructions="sometimes")
 
 
 @needs_peers

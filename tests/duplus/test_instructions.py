@@ -8,6 +8,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from duplus.instructions import (
@@ -484,3 +485,54 @@ def test_the_module_is_import_light():
     code = "import sys, duplus.instructions; print(sorted({'torch', 'transformers', 'yaml'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
     assert canonical_target("hepar") == "liver"
+
+
+# ---- serving: the context of one request ------------------------------------------------------------------------
+
+def test_request_context_from_t1_affine_and_header_fields():
+    from duplus.instructions import request_context
+
+    aff = np.diag([0.8, 0.8, 4.0, 1.0])
+    ctx = request_context("MR", "T2-weighted MRI of the abdomen", aff)
+    assert (ctx.modality, ctx.sequence, ctx.region, ctx.slice_thickness_mm) == ("MR", "T2", "abdomen", 4.0)
+    assert request_context("MR", "T1w MRI of the upper abdomen").sequence == "T1"
+    assert request_context("MR", "MRI of the abdomen").sequence is None            # the T1 names no weighting
+    assert request_context("CT", "CT of the head and neck").region == "head_neck"
+    assert request_context("CT", "CT scan").region is None
+    # the header's fields win over the words and the affine; the JSON a DICOM node sends is the same mapping
+    header = {"sequence": "T1", "slice_thickness_mm": 2.5, "patient_sex": "F", "patient_age_years": 61}
+    ctx = request_context("MR", "T2-weighted MRI of the abdomen", aff, json.dumps(header))
+    assert (ctx.sequence, ctx.slice_thickness_mm, ctx.patient_sex, ctx.patient_age_years) == ("T1", 2.5, "F", 61.0)
+    assert ctx == request_context("MR", "T2-weighted MRI of the abdomen", aff, header)
+    assert ImageContext(**ctx.to_dict()) == ctx                                    # to_dict round-trips
+    pred = ImageContext("CT", predicted_context={"region": "abdomen", "probability": 0.9})
+    assert ImageContext(**pred.to_dict()) == pred
+
+
+@pytest.mark.parametrize("context, words", [
+    ("{not json", "CONTEXT is not valid JSON"),
+    ("[1, 2]", "CONTEXT must be a JSON object"),
+    ('{"modality": "CT"}', "unknown fields ['modality']"),
+    ('{"colour": "blue"}', "unknown fields ['colour']"),
+    ('{"patient_age_years": 300}', "patient_age_years must be a number in [0, 130]"),
+    ('{"sequence": "T1"}', "sequence 'T1' applies to MR only"),
+    ('{"contrast_phase": "late"}', "contrast_phase must be one of"),
+    ("x" * 5000, "at most 2048"),
+])
+def test_request_context_refuses_a_malformed_context_naming_it(context, words):
+    from duplus.contract import InvalidRequest
+    from duplus.instructions import request_context
+
+    with pytest.raises(InvalidRequest) as err:
+        request_context("CT", "CT of the abdomen", None, context)
+    assert words in str(err.value)
+
+
+def test_instruction_mode():
+    from duplus.contract import InvalidRequest
+    from duplus.instructions import instruction_mode
+
+    assert instruction_mode(None) == instruction_mode("") == instruction_mode(" names ") == "names"
+    assert instruction_mode("AUTO") == "auto"
+    with pytest.raises(InvalidRequest, match="INSTRUCTIONS must be one of"):
+        instruction_mode("sometimes")

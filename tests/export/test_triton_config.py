@@ -18,7 +18,8 @@ SMALL = DuPLUSConfig(channels=(4, 8, 16), patch_size=(32, 32, 16), film_hidden=3
                      head_channels=4, head_levels=2)
 ONNX_TYPES = {onnx.TensorProto.FLOAT: pb.TYPE_FP32, onnx.TensorProto.INT64: pb.TYPE_INT64,
               onnx.TensorProto.UINT8: pb.TYPE_UINT8}
-MODELS = {"tokenizer", "text_encoder", "conditioning", "segmenter", "encode_prompts", "segment_patch", "segment_volume"}
+MODELS = {"instructions", "tokenizer", "text_encoder", "conditioning", "segmenter", "encode_prompts",
+          "encode_instructions", "segment_patch", "segment_volume"}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,11 @@ def test_every_config_parses_and_matches_the_onnx_files(repositories, flavour):
                 assert len(t.dims) == len(onnx_dims), (name, t.name)
                 assert all(m in (-1, c) for c, m in zip(t.dims, onnx_dims)), (name, t.name, list(t.dims), onnx_dims)
         assert cfg.max_batch_size == 0  # K targets and windows are not a batch axis Triton may split
-    for name in ("tokenizer", "segment_volume"):
+    for name in ("instructions", "tokenizer", "segment_volume"):
         assert configs[name].backend == "python" and (repo / name / "1" / "model.py").is_file()
+    # INSTRUCTIONS and CONTEXT are optional inputs of segment_volume: clients that send names only are unchanged
+    optional = {t.name for t in configs["segment_volume"].input if t.optional}
+    assert optional == {"INSTRUCTIONS", "CONTEXT"}
     # the response cache only on native units: Triton 2.51 caches a python-backend error response as an empty success
     cached = flavour == "ngc"
     assert configs["text_encoder"].response_cache.enable == cached and configs["conditioning"].response_cache.enable == cached
@@ -70,7 +74,7 @@ def test_every_config_parses_and_matches_the_onnx_files(repositories, flavour):
 @pytest.mark.parametrize("flavour", ["embedded", "ngc"])
 def test_ensembles_are_well_typed_graphs(repositories, flavour):
     configs = _configs(repositories[flavour])
-    for name in ("encode_prompts", "segment_patch"):
+    for name in ("encode_prompts", "encode_instructions", "segment_patch"):
         ens = configs[name]
         assert ens.platform == "ensemble"
         known = {t.name: (t.data_type, len(t.dims)) for t in ens.input}
@@ -99,6 +103,9 @@ def test_manifest_and_serving_assets(repositories):
         assert z["embeddings"].shape == (len(z["names"]), 384)
         np.testing.assert_allclose(np.linalg.norm(z["embeddings"], axis=1), 1.0, atol=1e-5)
     assert (repo / "tokenizer" / "1" / "tokenizer" / "tokenizer.json").is_file()
+    from duplus.instructions import GeneratorConfig
+
+    assert GeneratorConfig.from_yaml(repo / "instructions" / "1" / "generator.yaml").backend == "knowledge_base"
     params = dict((k, v.string_value) for k, v in _configs(repo)["segment_volume"].parameters.items())
     assert ServingLimits.from_parameters(params) == ServingLimits(max_targets=16, sw_batch_size=4)
 

@@ -135,6 +135,50 @@ def test_served_pipeline_equals_in_process_predictor(small_predictor):
     assert batches and max(batches) <= 2
 
 
+def test_instructions_auto_served_as_in_process(small_predictor):
+    """INSTRUCTIONS auto: the targets are matched by the user's words, then each head is conditioned by the
+    generator's instruction for the image's context (one encode_instructions call per prompt set and context, as
+    the served ensemble runs it), with the same labels as in process and the instructions in the result."""
+    from duplus.instructions import KnowledgeBaseGenerator, request_context, served_instructions
+
+    p = small_predictor
+    names, known = p.known_target_embeddings()
+    calls = []
+
+    def encode_instructions(modality, t1, targets, context):
+        calls.append((modality, tuple(targets), context))
+        return p.encode_instructions(modality, t1, targets, context)
+
+    def segment(image, modality, film, head):
+        return p.segment(image, modality, film, head).numpy()
+
+    manifest = {"model_config": SMALL.to_dict(), "patch_size": list(SMALL.patch_size),
+                "vocabulary": PromptVocabulary().to_dict()}
+    served = VolumeSegmenter(manifest, {"names": np.array(names), "embeddings": known.numpy()}, p.encode, segment,
+                             ServingLimits(sw_batch_size=2), count_tokens=p.count_tokens,
+                             encode_instructions=encode_instructions)
+    vol, aff = _volume()
+    t1, targets, header = "T2-weighted MRI of the abdomen", ["hepar", "the spleen"], {"patient_sex": "M"}
+    ref = p.predict_array(vol, aff, "MR", t1, targets, instructions="auto", context=header,
+                          return_probabilities=True)
+    out = served(vol, aff, "MR", t1, targets, instructions="auto", context=header)
+    served(vol, aff, "MR", t1, targets, instructions="auto", context=header)       # cached: no second call
+    np.testing.assert_array_equal(out.labels, ref.labels)
+    context = request_context("MR", t1, aff, header)
+    assert context.sequence == "T2" and context.slice_thickness_mm == 3.0 and context.patient_sex == "M"
+    texts = served_instructions(KnowledgeBaseGenerator(), ["liver", "spleen"], context)
+    assert out.conditioned_by == ref.conditioned_by == tuple(texts) and out.resolved == ("liver", "spleen")
+    assert calls == [("MR", ("liver", "spleen"), context)]
+    # the instructions condition the heads: not the names' probabilities
+    names_only = p.predict_array(vol, aff, "MR", t1, targets, return_probabilities=True)
+    assert names_only.conditioned_by == ("liver", "spleen")
+    assert np.abs(names_only.probabilities - ref.probabilities).max() > 1e-3
+    with pytest.raises(InvalidRequest, match="INSTRUCTIONS must be one of"):
+        served(vol, aff, "MR", t1, targets, instructions="sometimes")
+    with pytest.raises(InvalidRequest, match="CONTEXT is not valid JSON"):
+        served(vol, aff, "MR", t1, targets, instructions="auto", context="{")
+
+
 @pytest.mark.parametrize("t1, targets, modality, words", [
     ("CT of the abdomen", ["banana"], "CT", "unknown target prompt 'banana'"),
     ("CT of the abdomen", ["kidney"], "CT", "ambiguous target prompt 'kidney'"),

@@ -23,8 +23,8 @@ def test_object_store_repository_goes_to_triton_as_is(binary):
     assert "--model-repository=s3://bucket/duplus/model_repository" in cmd
     assert {"--grpc-address=0.0.0.0", "--http-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(cmd)
     assert [c for c in cmd if c.startswith("--load-model=")] == [
-        f"--load-model={m}" for m in ("tokenizer", "text_encoder", "conditioning", "encode_prompts", "segmenter",
-                                      "segment_volume")]
+        f"--load-model={m}" for m in ("tokenizer", "text_encoder", "conditioning", "encode_prompts", "instructions",
+                                      "encode_instructions", "segmenter", "segment_volume")]
     assert srv.grpc_url.startswith("127.0.0.1:") and srv.log_file is None and srv.log_to_stdout
 
 

@@ -69,7 +69,7 @@ def test_segment_volume_equals_in_process_and_evaluation(client, demo_predictor,
     served = client.segment_volume(phantom.image, affine, "CT", T1, TARGETS)
     assert served.labels.shape == phantom.image.shape and served.labels.dtype == np.uint8
     np.testing.assert_array_equal(served.affine, affine)
-    assert served.resolved == tuple(TARGETS)
+    assert served.resolved == tuple(TARGETS) and served.conditioned_by == tuple(TARGETS)
     assert served.stem == "CT"
 
     # in process: the evaluation command's function on the same case (its phantom is this fixture's), keeping
@@ -94,6 +94,46 @@ def test_segment_volume_equals_in_process_and_evaluation(client, demo_predictor,
                                                                    "metastatic neck nodes"])
     assert para.resolved == tuple(TARGETS) and min(para.similarity) > 0.6
     np.testing.assert_array_equal(para.labels, served.labels)
+
+
+def test_segment_volume_with_generated_instructions_equals_in_process(client, demo_predictor, phantom):
+    """INSTRUCTIONS auto (Zeus): the served generator (the instructions model before the tokenizer, in the
+    encode_instructions ensemble) writes each target's instruction for the image's context; the response names them,
+    and the labels equal the in-process pipeline's."""
+    from duplus.instructions import named_targets
+
+    # the part of the case around its tumour and nodes (the affine moved with the crop): a quicker test
+    box = np.argwhere(phantom.label > 0)
+    lo, hi = np.maximum(box.min(0) - 12, 0), np.minimum(box.max(0) + 13, phantom.label.shape)
+    image = np.ascontiguousarray(phantom.image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    affine = phantom.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ lo
+    header = {"patient_sex": "F", "patient_age_years": 58, "contrast_phase": "portal venous"}
+    served = client.segment_volume(image, affine, "CT", T1, ["GTVp", "metastatic neck nodes"],
+                                   instructions="auto", context=header)
+    local = demo_predictor.predict_array(image, affine, "CT", T1, ["GTVp", "metastatic neck nodes"],
+                                         instructions="auto", context=header)
+    assert served.resolved == local.resolved == tuple(TARGETS)
+    assert served.conditioned_by == local.conditioned_by
+    for target, text in zip(TARGETS, served.conditioned_by):
+        assert named_targets(text) == {target} and len(text.split()) >= 8, text
+    assert (served.labels == 1).sum() > 100, "the instruction-conditioned tumour head segments nothing"
+    for k, name in enumerate(TARGETS, start=1):
+        both_empty = not (served.labels == k).any() and not (local.labels == k).any()
+        assert both_empty or dice(served.labels == k, local.labels == k) >= 0.99, name
+
+
+def test_instructions_model_refuses_bad_requests(triton_server):
+    ok = _infer(triton_server, "instructions", {"TARGETS": (_strings(["liver"]), "BYTES"),
+                                                "CONTEXT": (_strings(['{"modality": "MR", "sequence": "T2"}']), "BYTES")})
+    assert "liver" in ok.as_numpy("INSTRUCTIONS")[0].decode()
+    for targets, context, words in ((["banana"], "{}", "unknown target 'banana'"),
+                                    (["liver"], '{"modality": "XR"}', "CONTEXT: modality must be one of"),
+                                    (["liver"], "{", "CONTEXT:")):
+        with pytest.raises(InferenceServerException) as err:
+            _infer(triton_server, "instructions", {"TARGETS": (_strings(targets), "BYTES"),
+                                                   "CONTEXT": (_strings([context]), "BYTES")})
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and words in err.value.message(), str(err.value)
 
 
 def test_segment_patch_ensemble_equals_pytorch(triton_server, demo_predictor):
@@ -190,6 +230,10 @@ BAD_REQUESTS = {
     "too large": (_volume_request(np.zeros((100, 100, 100), np.float32), np.diag([10.0, 10.0, 10.0, 1.0])),
                   "the limit is"),
     "too many targets": (_volume_request(SMALL_VOLUME, SMALL_AFFINE, targets=["liver"] * 17), "at most 16"),
+    "unknown INSTRUCTIONS": ({**_volume_request(SMALL_VOLUME, SMALL_AFFINE),
+                              "INSTRUCTIONS": (_strings(["sometimes"]), "BYTES")}, "INSTRUCTIONS must be one of"),
+    "malformed CONTEXT": ({**_volume_request(SMALL_VOLUME, SMALL_AFFINE), "INSTRUCTIONS": (_strings(["auto"]), "BYTES"),
+                           "CONTEXT": (_strings(['{"patient_age_years": 300}']), "BYTES")}, "patient_age_years"),
 }
 
 
@@ -232,9 +276,10 @@ def test_a_model_subset_loads_what_it_calls_and_unknown_names_are_refused(triton
     from serving.serve import TritonServer
 
     full = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT).models()
-    assert len(full) == 11 and "prognose" in full
+    assert len(full) == 13 and "prognose" in full and "encode_instructions" in full
     seg = TritonServer(triton_repository, models=["segment_volume"]).models()
-    assert seg == ["tokenizer", "text_encoder", "conditioning", "encode_prompts", "segmenter", "segment_volume"]
+    assert seg == ["tokenizer", "text_encoder", "conditioning", "encode_prompts", "instructions",
+                   "encode_instructions", "segmenter", "segment_volume"]
     prog = TritonServer(triton_repository, models=["prognose", "segmenter"]).models()
     assert set(prog) == {"tokenizer", "text_encoder", "conditioning", "encode_prompts", "image_features",
                          "text_encoder_ehr", "prognosis", "prognose", "segmenter"} and len(prog) == 9
