@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ def orthanc(tmp_path_factory):
 def node(triton_server, orthanc, tmp_path_factory):
     cfg = NodeConfig(ae_title="DUPLUS", port=free_port(), allowed_calling_aes=("STORESCU", "TESTSCU"),
                      workdir=tmp_path_factory.mktemp("node"), quiet_period_s=2.0, poll_s=0.3,
-                     triton_url=triton_server.grpc_url, instructions="auto",
+                     triton_url=triton_server.grpc_url,
                      destination=Destination("ORTHANC", "127.0.0.1", orthanc["dicom_port"]))
     n = DicomNode(cfg).start()
     yield n
@@ -96,6 +97,16 @@ def _wait_status(node, series_uid, timeout=300):
 
 @needs_peers
 def test_storescu_to_node_to_orthanc_seg(node, orthanc, triton_server, tmp_path):
+    # for this series the node runs with instructions: auto, as its YAML would say (the shared node of this module
+    # and of test_dicom_compressed.py otherwise segments by names)
+    node.cfg = replace(node.cfg, instructions="auto")
+    try:
+        _storescu_to_node_to_orthanc_seg(node, orthanc, triton_server, tmp_path)
+    finally:
+        node.cfg = replace(node.cfg, instructions="names")
+
+
+def _storescu_to_node_to_orthanc_seg(node, orthanc, triton_server, tmp_path):
     series = _oblique_series(tmp_path / "ct")
     proc = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "DUPLUS", "+sd", "127.0.0.1", str(node.cfg.port),
                            str(tmp_path / "ct")], capture_output=True, text=True, timeout=120)
