@@ -90,10 +90,9 @@ def segment(args) -> int:
         client.check_ready()
         context = None
         if args.instructions == "auto" and series is not None:   # what the DICOM header tells the generator
-            from duplus.instructions import REQUEST_CONTEXT_FIELDS, ImageContext
+            from duplus.instructions import ImageContext
 
-            context = {k: v for k, v in ImageContext.from_dicom(series.datasets[0]).to_dict().items()
-                       if k in REQUEST_CONTEXT_FIELDS}
+            context = ImageContext.from_dicom(series.datasets[0]).request_fields()
         t0 = time.perf_counter()
         res = client.segment_volume(volume, affine, modality, t1, args.targets,
                                     instructions=args.instructions if args.instructions != "names" else None,

@@ -640,17 +640,16 @@ class DicomNode:
 
         with SegmentationClient(self.cfg.triton_url, observer=observe, timeout_s=self.cfg.triton_timeout_s,
                                 retry_deadline_s=self.cfg.triton_retry_s) as client:
-            if self.cfg.instructions == "auto":
-                from duplus.instructions import REQUEST_CONTEXT_FIELDS, ImageContext
+            instructions, context = None, None
+            if self.cfg.instructions == "auto":       # the server's generator writes them from the header's fields
+                from duplus.instructions import ImageContext
 
-                known = ImageContext.from_dicom(series.datasets[0]).to_dict()
-                context = {k: v for k, v in known.items() if k in REQUEST_CONTEXT_FIELDS}
-                res = client.segment_volume(series.volume, series.affine, modality, t1, targets, instructions="auto",
-                                            context=context)
+                instructions, context = "auto", ImageContext.from_dicom(series.datasets[0]).request_fields()
+            res = client.segment_volume(series.volume, series.affine, modality, t1, targets,
+                                        instructions=instructions, context=context)
+            if instructions:
                 for target, text in zip(res.resolved, res.conditioned_by):
                     log.info("series %s: %s conditioned by %r", series_uid, target, text)
-            else:
-                res = client.segment_volume(series.volume, series.affine, modality, t1, targets)
         _, seg_uid = seg_uids(series_uid, MODEL_NAME, MODEL_VERSION)
         path = _inside(self.outbox, self.outbox / f"{series_uid}.seg.dcm")
         tmp = self.outbox / f".{series_uid}.{uuid.uuid4().hex[:8]}.part"

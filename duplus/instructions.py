@@ -174,6 +174,10 @@ class ImageContext:
             out["predicted_context"] = self.predicted
         return out
 
+    def request_fields(self) -> dict[str, Any]:
+        """``to_dict`` without the modality: a segment_volume request's CONTEXT (the request names its modality)."""
+        return {k: v for k, v in self.to_dict().items() if k != "modality"}
+
     def describe(self) -> str:
         """What is known, in words, for a language model's prompt."""
         parts = []
@@ -1096,26 +1100,7 @@ def request_context(modality: str, t1: str, affine: Any = None, context: str | M
     """
     import numpy as np
 
-    from duplus.contract import InvalidRequest
-
-    if context is None or (isinstance(context, str) and not context.strip()):
-        given: dict[str, Any] = {}
-    elif isinstance(context, str):
-        if len(context) > MAX_CONTEXT_CHARS:
-            raise InvalidRequest(f"CONTEXT is {len(context)} characters; at most {MAX_CONTEXT_CHARS}")
-        try:
-            given = json.loads(context)
-        except json.JSONDecodeError as e:
-            raise InvalidRequest(f"CONTEXT is not valid JSON ({e.msg} at character {e.pos})") from None
-    else:
-        given = dict(context)
-    if not isinstance(given, dict):
-        raise InvalidRequest(f"CONTEXT must be a JSON object of {list(REQUEST_CONTEXT_FIELDS)}, "
-                             f"got {type(given).__name__}")
-    unknown = sorted(set(map(str, given)) - set(REQUEST_CONTEXT_FIELDS))
-    if unknown:
-        raise InvalidRequest(f"CONTEXT has unknown fields {unknown}; known: {list(REQUEST_CONTEXT_FIELDS)}")
-    fields_ = dict(given)
+    fields_ = context_fields(context)
     if modality == "MR" and fields_.get("sequence") is None:
         m = _T1_SEQUENCE.search(normalise_text(t1))
         fields_["sequence"] = f"T{m.group(1)}" if m else None
@@ -1125,8 +1110,41 @@ def request_context(modality: str, t1: str, affine: Any = None, context: str | M
         a = np.asarray(affine, dtype=np.float64)
         if a.shape == (4, 4) and np.isfinite(a).all() and float(np.linalg.norm(a[:3, 2])) > 0:
             fields_["slice_thickness_mm"] = round(float(np.linalg.norm(a[:3, 2])), 2)
+    return image_context(modality=modality, **fields_)
+
+
+def context_fields(context: str | Mapping[str, Any] | None,
+                   allowed: tuple[str, ...] = REQUEST_CONTEXT_FIELDS) -> dict[str, Any]:
+    """A CONTEXT (a mapping, its JSON, or None / empty for nothing known) as a dict of ``allowed`` fields; too long,
+    not JSON, not an object or an unknown field is an ``InvalidRequest`` naming it. Values are checked by
+    ``image_context``."""
+    from duplus.contract import InvalidRequest
+
+    if context is None or (isinstance(context, str) and not context.strip()):
+        return {}
+    if isinstance(context, str):
+        if len(context) > MAX_CONTEXT_CHARS:
+            raise InvalidRequest(f"CONTEXT is {len(context)} characters; at most {MAX_CONTEXT_CHARS}")
+        try:
+            given = json.loads(context)
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"CONTEXT is not valid JSON ({e.msg} at character {e.pos})") from None
+    else:
+        given = dict(context)
+    if not isinstance(given, dict):
+        raise InvalidRequest(f"CONTEXT must be a JSON object of {list(allowed)}, got {type(given).__name__}")
+    unknown = sorted(set(map(str, given)) - set(allowed))
+    if unknown:
+        raise InvalidRequest(f"CONTEXT has unknown fields {unknown}; known: {list(allowed)}")
+    return given
+
+
+def image_context(**fields_: Any) -> ImageContext:
+    """``ImageContext(**fields_)`` with a bad value as an ``InvalidRequest`` ('CONTEXT: ...')."""
+    from duplus.contract import InvalidRequest
+
     try:
-        return ImageContext(modality=modality, **fields_)
+        return ImageContext(**fields_)
     except (TypeError, ValueError) as e:
         raise InvalidRequest(f"CONTEXT: {e}") from None
 

@@ -116,7 +116,7 @@ def instructions_model(pb):
             log.info("instructions: %s backend", cfg.backend)
 
         def execute(self, requests):
-            from duplus.instructions import MAX_CONTEXT_CHARS, ImageContext, served_instructions
+            from duplus.instructions import REQUEST_CONTEXT_FIELDS, context_fields, image_context, served_instructions
 
             responses = []
             for request in requests:
@@ -124,16 +124,9 @@ def instructions_model(pb):
                     targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
                     if not 1 <= len(targets) <= self.max_targets:
                         raise InvalidRequest(f"TARGETS must hold 1 to {self.max_targets} targets, got {len(targets)}")
-                    raw = _one_string(pb, request, "CONTEXT")
-                    if len(raw) > MAX_CONTEXT_CHARS:
-                        raise InvalidRequest(f"CONTEXT is {len(raw)} characters; at most {MAX_CONTEXT_CHARS}")
-                    try:
-                        fields = json.loads(raw) if raw.strip() else {}
-                        if not isinstance(fields, dict):
-                            raise ValueError(f"CONTEXT must be a JSON object, got {type(fields).__name__}")
-                        context = ImageContext(**fields)
-                    except (TypeError, ValueError) as e:   # JSONDecodeError is a ValueError
-                        raise InvalidRequest(f"CONTEXT: {short(str(e), 300)}") from None
+                    # here CONTEXT names the modality too (encode_instructions gets the request's whole context)
+                    context = image_context(**context_fields(_one_string(pb, request, "CONTEXT"),
+                                                             ("modality",) + REQUEST_CONTEXT_FIELDS))
                     try:
                         texts = served_instructions(self.generator, targets, context)
                     except ValueError as e:                # an unknown target

@@ -18,7 +18,7 @@ from clients.dicom_io import read_series, write_series
 from clients.dicom_node import Destination, DicomNode, NodeConfig, seg_uid_for
 from clients.dicom_seg import seg_to_labels, seg_uids
 from clients.grpc_client import SegmentationClient
-from duplus.instructions import REQUEST_CONTEXT_FIELDS, ImageContext, named_targets
+from duplus.instructions import ImageContext, named_targets
 from duplus.synth.phantoms import generate_phantom
 from serving.serve import free_port
 
@@ -126,9 +126,8 @@ def _storescu_to_node_to_orthanc_seg(node, orthanc, triton_server, tmp_path):
     from_seg = seg_to_labels(pydicom.dcmread(seg_file), series)
     # this node is configured with instructions: auto (Zeus): the server wrote each target's instruction from the
     # series header (CT, region, slice thickness); the same request through the client gives the same labels
-    context = ImageContext.from_dicom(series.datasets[0]).to_dict()
-    assert context["slice_thickness_mm"] > 0 and context["region"] == "head_neck"
-    context = {k: v for k, v in context.items() if k in REQUEST_CONTEXT_FIELDS}
+    context = ImageContext.from_dicom(series.datasets[0]).request_fields()
+    assert context["slice_thickness_mm"] > 0 and context["region"] == "head_neck" and "modality" not in context
     with SegmentationClient(triton_server.grpc_url) as client:   # the NIfTI path: same volume + RAS affine
         res = client.segment_volume(series.volume, series.affine, "CT", "CT of the head and neck",
                                     ["primary tumour", "lymph node"], instructions="auto", context=context)

@@ -129,7 +129,7 @@ def test_instructions_model_refuses_bad_requests(triton_server):
     assert "liver" in ok.as_numpy("INSTRUCTIONS")[0].decode()
     for targets, context, words in ((["banana"], "{}", "unknown target 'banana'"),
                                     (["liver"], '{"modality": "XR"}', "CONTEXT: modality must be one of"),
-                                    (["liver"], "{", "CONTEXT:")):
+                                    (["liver"], "{", "CONTEXT is not valid JSON")):
         with pytest.raises(InferenceServerException) as err:
             _infer(triton_server, "instructions", {"TARGETS": (_strings(targets), "BYTES"),
                                                    "CONTEXT": (_strings([context]), "BYTES")})
