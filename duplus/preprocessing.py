@@ -135,3 +135,57 @@ def keep_largest_components(labels: np.ndarray, resolved, single: frozenset[str]
             view = labels[box]
             view[mask & (components != int(np.argmax(sizes)) + 1)] = 0
     return labels
+
+
+def world_bounds(shape, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World (RAS mm) lower and upper corners of the box spanned by a grid's voxel centres."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    world = corners @ np.asarray(affine, dtype=np.float64).T
+    return world[:, :3].min(axis=0), world[:, :3].max(axis=0)
+
+
+#: two scans must share at least this much (mm along every world axis) to be fused
+MIN_OVERLAP_MM = 10.0
+
+
+def petct_to_model_space(ct: np.ndarray | None, ct_affine: np.ndarray | None, pet: np.ndarray | None,
+                         pet_affine: np.ndarray | None, spacing: tuple[float, float, float] = (2.0, 2.0, 2.0), *,
+                         label: np.ndarray | None = None, check: bool = True
+                         ) -> tuple[torch.Tensor, tuple[bool, bool], np.ndarray, tuple[int, int, int],
+                                    torch.Tensor | None]:
+    """CT and/or PET of one patient -> one RAS grid at ``spacing``, the CT's frame (the PET's without a CT).
+
+    Returns ``(image [2, X, Y, Z], (has_ct, has_pet), model_affine, reference_shape, label)``: channel 0
+    the normalised CT, channel 1 the normalised PET resampled onto the CT's model grid (zeros for a
+    missing modality), the model grid's affine, the shape of the grid labels go back to (the CT's, or the
+    PET's without a CT), and the label (on that reference grid) resampled like the image.  Raises
+    ``ValueError`` when neither image is given or the two do not overlap in world space.
+    """
+    has_ct, has_pet = ct is not None, pet is not None
+    if not (has_ct or has_pet):
+        raise ValueError("neither a CT nor a PET image was given")
+    if has_ct and has_pet:
+        (ct_lo, ct_hi), (pet_lo, pet_hi) = world_bounds(ct.shape, ct_affine), world_bounds(pet.shape, pet_affine)
+        overlap = np.minimum(ct_hi, pet_hi) - np.maximum(ct_lo, pet_lo)
+        if (overlap < MIN_OVERLAP_MM).any():
+            raise ValueError(
+                "the CT and the PET do not overlap in world space (they must share the frame of reference): "
+                f"CT spans {np.round(ct_lo, 1).tolist()}..{np.round(ct_hi, 1).tolist()} mm, "
+                f"PET {np.round(pet_lo, 1).tolist()}..{np.round(pet_hi, 1).tolist()} mm")
+    ref_image, ref_affine, ref_modality = (ct, ct_affine, "CT") if has_ct else (pet, pet_affine, "PET")
+    ref, lab = to_model_space(ref_image, ref_affine, ref_modality, spacing, label=label, check=check)
+    model_affine = np.asarray(ref.affine, dtype=np.float64)
+    channels = [ref.as_tensor()[0], torch.zeros_like(ref.as_tensor()[0])] if has_ct else \
+        [torch.zeros_like(ref.as_tensor()[0]), ref.as_tensor()[0]]
+    if has_ct and has_pet:
+        if check:
+            check_volume(np.asarray(pet), pet_affine)
+        # resample the PET (SUV) straight onto the CT's model grid, then normalise
+        src = MetaTensor(torch.as_tensor(np.asarray(pet, dtype=np.float32))[None],
+                         affine=torch.as_tensor(np.asarray(pet_affine, dtype=np.float64)))
+        on_ct = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
+            src, dst_affine=torch.as_tensor(model_affine), spatial_size=tuple(ref.shape[1:]))
+        channels[1] = normalise_intensity(on_ct.as_tensor() if isinstance(on_ct, MetaTensor) else on_ct, "PET")[0]
+    image = torch.stack(channels)
+    return image, (has_ct, has_pet), model_affine, tuple(int(v) for v in ref_image.shape), \
+        (lab.as_tensor()[0] if lab is not None else None)

@@ -140,3 +140,82 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
         return cls(**read_yaml_config(path, cls, **overrides))
+
+
+# --------------------------------------------------------------------------------------
+# PEMMA (PET/CT adaptation of a CT-pretrained UNETR): configs/pemma.yaml
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CentreSet:
+    """Cases of some simulated centres (duplus.synth.phantoms.petct.CENTRES), generated on first use."""
+
+    centres: tuple[str, ...]
+    cases: int                        # per centre
+    seed: int
+
+    def __post_init__(self) -> None:
+        from duplus.synth.phantoms.petct import CENTRES
+
+        object.__setattr__(self, "centres", tuple(self.centres))
+        bad = [c for c in self.centres if c not in CENTRES]
+        if bad or not self.centres:
+            raise ValueError(f"centres must be among {tuple(CENTRES)}, got {list(self.centres)}")
+        if self.cases < 1:
+            raise ValueError(f"cases must be >= 1, got {self.cases}")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training run of the PEMMA study: its data, budget and input modes."""
+
+    data: str                         # a key of PemmaConfig.data
+    steps: int
+    lr: float
+    batch_size: int = 2
+    warmup: int = 30
+    foreground_prob: float = 0.67
+    ct_only_prob: float = 0.0         # modality dropout: share of batches with the PET withheld
+    pet_only_prob: float = 0.0        # ... and with the CT withheld
+    val_cases: int = 2                # the last N cases of the data are the validation curve's (never held-out)
+    val_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(f"stage needs steps >= 1, lr > 0, batch_size >= 1; got {self}")
+        if not (0 <= self.ct_only_prob and 0 <= self.pet_only_prob and self.ct_only_prob + self.pet_only_prob < 1):
+            raise ValueError("ct_only_prob and pet_only_prob must be >= 0 and sum to less than 1")
+
+
+@dataclass(frozen=True)
+class PemmaConfig:
+    """The PEMMA study: model size, the data of each centre set, the held-out sets and the training stages."""
+
+    output: str = "runs/pemma"
+    data_root: str = "data/hecktor_phantoms"
+    seed: int = 0
+    threads: int | None = None
+    model: dict = field(default_factory=dict)       # duplus.models.pemma.UnetrConfig fields
+    adapter: dict = field(default_factory=dict)     # duplus.models.pemma.AdapterConfig fields
+    data: dict = field(default_factory=dict)        # name -> CentreSet (training data)
+    heldout: dict = field(default_factory=dict)     # name -> CentreSet (never trained or tuned on)
+    stages: dict = field(default_factory=dict)      # name -> StageConfig
+
+    def __post_init__(self) -> None:
+        for key in ("data", "heldout"):
+            object.__setattr__(self, key, {k: v if isinstance(v, CentreSet) else CentreSet(**v)
+                                           for k, v in getattr(self, key).items()})
+        object.__setattr__(self, "stages", {k: v if isinstance(v, StageConfig) else StageConfig(**v)
+                                            for k, v in self.stages.items()})
+        for name, stage in self.stages.items():
+            if stage.data not in self.data:
+                raise ValueError(f"stage {name!r} trains on {stage.data!r}, which is not in data {sorted(self.data)}")
+        seeds = [s.seed for s in self.data.values()]
+        clash = {s.seed for s in self.heldout.values()} & set(seeds)
+        if clash:
+            raise ValueError(f"held-out sets reuse training seeds {sorted(clash)}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> PemmaConfig:
+        return cls(**read_yaml_config(path, cls, **overrides))

@@ -117,3 +117,89 @@ def read_case(record: CaseRecord):
         if label.shape != data.shape:
             raise ValueError(f"{record.label}: label shape {label.shape} differs from image shape {data.shape}")
     return data, label, img.affine.astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------
+# HECKTOR layout: paired PET/CT, one label on the CT's grid
+# --------------------------------------------------------------------------------------
+
+#: HECKTOR's label values and the prompt vocabulary's targets for them.
+HECKTOR_TARGETS = {1: "primary tumour", 2: "lymph node"}
+
+
+@dataclass(frozen=True)
+class PetCtRecord:
+    """One HECKTOR case: CT and/or PET of one patient (same frame of reference) and the label on the CT's grid."""
+
+    case_id: str
+    centre: str
+    ct: Path | None
+    pet: Path | None
+    label: Path | None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.ct is None and self.pet is None:
+            raise ValueError(f"case {self.case_id}: neither a CT nor a PET image")
+
+
+def load_hecktor(path: str | Path) -> list[PetCtRecord]:
+    """Read a HECKTOR-layout folder: ``<id>__CT.nii.gz``, ``<id>__PT.nii.gz`` and the label ``<id>.nii.gz``.
+
+    Images may sit in ``imagesTr/`` (labels in ``labelsTr/``) or all in one folder; the centre is
+    the part of ``<id>`` before the first ``-`` (HECKTOR's ``CHUM-001``).  A ``cases.json`` (as
+    :func:`duplus.synth.phantoms.write_hecktor_dataset` writes) adds each case's seed.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no HECKTOR folder at {root}")
+    images = root / "imagesTr" if (root / "imagesTr").is_dir() else root
+    labels = root / "labelsTr" if (root / "labelsTr").is_dir() else images
+    seeds = {}
+    if (root / "cases.json").is_file():
+        seeds = {e["id"]: e.get("seed") for e in json.loads((root / "cases.json").read_text()).get("cases", [])}
+    ids = sorted({p.name.split("__")[0] for p in images.glob("*__*.nii*")})
+    records = []
+    for case_id in ids:
+        def find(folder: Path, stem: str) -> Path | None:
+            for suffix in (".nii.gz", ".nii"):
+                if (folder / f"{stem}{suffix}").is_file():
+                    return (folder / f"{stem}{suffix}").resolve()
+            return None
+
+        ct, pet = find(images, f"{case_id}__CT"), find(images, f"{case_id}__PT")
+        if ct is None and pet is None:
+            log.warning("%s: %s has neither __CT nor __PT; skipped", root, case_id)
+            continue
+        records.append(PetCtRecord(case_id=case_id, centre=case_id.split("-")[0], ct=ct, pet=pet,
+                                   label=find(labels, case_id), seed=seeds.get(case_id)))
+    if not records:
+        raise ValueError(f"{root}: no <id>__CT.nii.gz / <id>__PT.nii.gz files (HECKTOR layout)")
+    log.info("%s: %d PET/CT cases from centres %s", root, len(records), sorted({r.centre for r in records}))
+    return records
+
+
+def read_petct(record: PetCtRecord):
+    """Load ``(ct, ct_affine, pet, pet_affine, label)`` with nibabel (None for what the case lacks)."""
+    import nibabel as nib
+    import numpy as np
+
+    def read(path):
+        if path is None:
+            return None, None
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        if data.ndim != 3:
+            raise ValueError(f"{path}: expected a 3-D image, got shape {data.shape}")
+        return data, img.affine.astype(np.float64)
+
+    ct, ct_affine = read(record.ct)
+    pet, pet_affine = read(record.pet)
+    label = None
+    if record.label is not None:
+        label = np.asarray(nib.load(str(record.label)).dataobj).astype(np.uint8)
+        reference = ct if ct is not None else pet
+        if label.shape != reference.shape:
+            raise ValueError(f"{record.label}: label shape {label.shape} differs from the "
+                             f"{'CT' if ct is not None else 'PET'} shape {reference.shape}")
+    return ct, ct_affine, pet, pet_affine, label

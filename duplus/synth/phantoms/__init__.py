@@ -22,12 +22,15 @@ loaders read like any other Decathlon task.  Command line: ``python -m duplus.sy
 Modules (everything public is re-exported here; names starting with ``_`` are internal):
 
 * :mod:`~duplus.synth.phantoms.acquisition`: regions, modalities, structures, :class:`AcquisitionSpec`,
+  :class:`ScannerProfile`,
   :func:`random_acquisition`, the seeded random streams (:func:`anatomy_rng`).
 * :mod:`~duplus.synth.phantoms.geometry`: voxel grid, smooth world fields and deformations, implicit shapes.
 * :mod:`~duplus.synth.phantoms.anatomy`: tissue classes, the canvas, the :class:`Anatomy` base class.
 * :mod:`~duplus.synth.phantoms.abdomen`, :mod:`~duplus.synth.phantoms.head_neck`: the two anatomies.
 * :mod:`~duplus.synth.phantoms.render`: CT / MR / PET physics.
 * :mod:`~duplus.synth.phantoms.generate`: :class:`Phantom` and :func:`generate_phantom`.
+* :mod:`~duplus.synth.phantoms.petct`: paired head-and-neck PET/CT from simulated centres (:data:`CENTRES`),
+  :func:`generate_petct`, :func:`write_hecktor_dataset` (HECKTOR layout).
 * :mod:`~duplus.synth.phantoms.decathlon`: :func:`save_nifti`, :func:`case_seed`, :func:`write_decathlon_dataset`.
 * :mod:`~duplus.synth.phantoms.preview`: :func:`preview_png`.
 * :mod:`~duplus.synth.phantoms.cli` (run by ``__main__``): :func:`main`.
@@ -46,6 +49,7 @@ from duplus.synth.phantoms.acquisition import (
     STRUCTURES,
     TARGET_MAX_VOXELS,
     AcquisitionSpec,
+    ScannerProfile,
     anatomy_rng,
     random_acquisition,
 )
@@ -54,6 +58,14 @@ from duplus.synth.phantoms.cli import main
 from duplus.synth.phantoms.decathlon import DECATHLON_MODALITY, case_seed, save_nifti, write_decathlon_dataset
 from duplus.synth.phantoms.generate import Phantom, generate_phantom
 from duplus.synth.phantoms.head_neck import HeadNeckAnatomy
+from duplus.synth.phantoms.petct import (
+    CENTRES,
+    HECKTOR_LABELS,
+    Centre,
+    PetCtPair,
+    generate_petct,
+    write_hecktor_dataset,
+)
 from duplus.synth.phantoms.preview import preview_png
 
 __all__ = [
@@ -67,6 +79,13 @@ __all__ = [
     "TARGET_MAX_VOXELS",
     "HARD_MAX_VOXELS",
     "AcquisitionSpec",
+    "ScannerProfile",
+    "Centre",
+    "CENTRES",
+    "HECKTOR_LABELS",
+    "PetCtPair",
+    "generate_petct",
+    "write_hecktor_dataset",
     "Phantom",
     "Anatomy",
     "AbdomenAnatomy",

@@ -87,6 +87,38 @@ class AcquisitionSpec:
             raise ValueError(f"sequence must be one of {MR_SEQUENCES} or None, got sequence={self.sequence!r}")
 
 
+@dataclass(frozen=True)
+class ScannerProfile:
+    """What a scanner and its protocol change in the image, beyond the grid and the noise level.
+
+    Every field left None keeps the renderer's own draw, so a phantom generated without a profile
+    is the same as before profiles existed.  ``ct_lesion_hu``: tumour and node attenuation above
+    muscle (HU, a (low, high) range drawn per case): the low-dose, non-contrast CT of a PET/CT,
+    where the primary and the nodes are nearly isodense (HECKTOR).  ``ct_kernel_fwhm_mm``: the
+    reconstruction kernel as a Gaussian blur (smooth kernels blur more).  ``pet_fwhm_mm``: the PET
+    system resolution.  ``pet_calibration``: the scanner's SUV cross-calibration factor (1 = exact).
+    """
+
+    ct_lesion_hu: tuple[float, float] | None = None
+    ct_kernel_fwhm_mm: float | None = None
+    pet_fwhm_mm: float | None = None
+    pet_calibration: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.ct_lesion_hu is not None:
+            lo_hi = tuple(float(v) for v in self.ct_lesion_hu)
+            if len(lo_hi) != 2 or not (-50.0 <= lo_hi[0] <= lo_hi[1] <= 200.0):
+                raise ValueError(f"ct_lesion_hu must be (low, high) HU with -50 <= low <= high <= 200, "
+                                 f"got {self.ct_lesion_hu!r}")
+            object.__setattr__(self, "ct_lesion_hu", lo_hi)
+        for name, lo, hi in (("ct_kernel_fwhm_mm", 0.0, 5.0), ("pet_fwhm_mm", 1.0, 12.0)):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and lo <= float(value) <= hi):
+                raise ValueError(f"{name} must be a number in [{lo}, {hi}] mm or None, got {value!r}")
+        if not (isinstance(self.pet_calibration, int | float) and 0.5 <= float(self.pet_calibration) <= 2.0):
+            raise ValueError(f"pet_calibration must be a factor in [0.5, 2.0], got {self.pet_calibration!r}")
+
+
 # --------------------------------------------------------------------------------------
 # Validation helpers and seeded random streams
 # --------------------------------------------------------------------------------------

@@ -26,11 +26,15 @@ logger = logging.getLogger("duplus.synth.phantoms")  # stable name also under `p
 DECATHLON_MODALITY = {"CT": "CT", "MR": "MRI", "PET": "PET"}
 
 
-def save_nifti(phantom: Phantom, image_path, label_path) -> None:
-    """Write the image (float32) and label (uint8) as NIfTI-1; the affine goes in qform and sform."""
+def save_nifti(phantom: Phantom, image_path, label_path=None) -> None:
+    """Write the image (float32) and label (uint8, unless ``label_path`` is None) as NIfTI-1; the affine goes in
+    qform and sform."""
     import nibabel as nib
 
-    for data, path, dtype in ((phantom.image, image_path, np.float32), (phantom.label, label_path, np.uint8)):
+    items = [(phantom.image, image_path, np.float32)]
+    if label_path is not None:
+        items.append((phantom.label, label_path, np.uint8))
+    for data, path, dtype in items:
         img = nib.Nifti1Image(np.asarray(data, dtype=dtype), phantom.affine)
         img.header.set_data_dtype(dtype)
         img.set_qform(phantom.affine, code=1)  # 1 = scanner anatomical coordinates

@@ -15,6 +15,7 @@ from duplus.synth.phantoms.acquisition import (
     MR_SEQUENCES,
     STRUCTURES,
     AcquisitionSpec,
+    ScannerProfile,
     _acquisition_rngs,
     _check_combination,
     _check_seed,
@@ -68,12 +69,15 @@ def generate_phantom(
     *,
     acquisition: AcquisitionSpec | None = None,
     anatomy_seed: int | None = None,
+    scanner: ScannerProfile | None = None,
 ) -> Phantom:
     """Draw one labelled case.
 
     The anatomy comes only from ``anatomy_seed`` (default: ``seed``); the acquisition (when
     not given) and the noise come from ``seed``.  Two calls with the same ``anatomy_seed`` and
     different modalities or acquisitions therefore image the same, co-registered patient.
+    ``scanner`` (default: none) sets what a scanner and protocol change beyond grid and noise
+    (:class:`ScannerProfile`; the PET/CT centres of :mod:`~duplus.synth.phantoms.petct` use it).
     """
     _check_combination(region, modality)
     seed = _check_seed("seed", seed)
@@ -99,7 +103,9 @@ def generate_phantom(
     canvas = _Canvas(grid, anatomy.deformation)
     anatomy.paint(canvas)
     t1 = time.perf_counter()
-    image = _RENDERERS[modality](canvas, anatomy, acquisition, render_rng)
+    if scanner is not None and not isinstance(scanner, ScannerProfile):
+        raise ValueError(f"scanner must be a ScannerProfile or None, got {type(scanner).__name__}")
+    image = _RENDERERS[modality](canvas, anatomy, acquisition, render_rng, scanner)
     factors = anatomy.factors(canvas)
     logger.debug(
         "%s %s seed=%d anatomy_seed=%d shape=%s (%.1f Mvox): anatomy %.2f s, render %.2f s",

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from duplus.synth.phantoms.acquisition import AcquisitionSpec
+from duplus.synth.phantoms.acquisition import AcquisitionSpec, ScannerProfile
 from duplus.synth.phantoms.anatomy import _N_TISSUES, _T, Anatomy, _Canvas
 from duplus.synth.phantoms.geometry import _WorldField
 
@@ -23,9 +23,11 @@ def _tables(values: dict[_T, tuple[float, float]]) -> tuple[np.ndarray, np.ndarr
     return mean, texture
 
 
-def _render_ct(canvas: _Canvas, anatomy: Anatomy, acq: AcquisitionSpec, rng: np.random.Generator) -> np.ndarray:
+def _render_ct(canvas: _Canvas, anatomy: Anatomy, acq: AcquisitionSpec, rng: np.random.Generator,
+               scanner: ScannerProfile | None = None) -> np.ndarray:
     """Contrast-enhanced CT in HU (portal-venous phase, the standard abdominal protocol): tissue values,
-    texture, slight blur, Gaussian noise."""
+    texture, slight blur, Gaussian noise.  ``scanner`` may make the lesions nearly isodense (the
+    non-contrast CT of a PET/CT) and set the reconstruction kernel."""
     u = rng.uniform
     liver, aorta, cortex = u(95.0, 115.0), u(160.0, 220.0), u(150.0, 190.0)
     T = _T
@@ -67,19 +69,29 @@ def _render_ct(canvas: _Canvas, anatomy: Anatomy, acq: AcquisitionSpec, rng: np.
             T.MUCOSA: (u(45.0, 60.0), 5.0),
         }
     )
+    sigma = u(10.0, 25.0) * acq.noise
+    blur = 0.6  # voxels: the default sharp kernel
+    if scanner is not None:  # extra draws come after the default ones: no profile, same image as before
+        if scanner.ct_lesion_hu is not None:
+            muscle = mean[T.MUSCLE]
+            mean[T.TUMOUR] = muscle + u(*scanner.ct_lesion_hu)
+            mean[T.NODE] = muscle + u(*scanner.ct_lesion_hu) * 0.8
+            mean[T.NECROSIS] = muscle - u(5.0, 15.0)
+        if scanner.ct_kernel_fwhm_mm is not None:
+            blur = [max(0.3, scanner.ct_kernel_fwhm_mm * _FWHM_TO_SIGMA / s) for s in acq.spacing]
     texture = anatomy.texture.sample(canvas.grid, canvas.grid.full())
     image = mean[canvas.tissue]
     image += tex[canvas.tissue] * texture
     del texture
-    image = ndimage.gaussian_filter(image, sigma=0.6, truncate=3.0)
-    sigma = u(10.0, 25.0) * acq.noise
+    image = ndimage.gaussian_filter(image, sigma=blur, truncate=3.0)
     if sigma > 0:
         image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(sigma)
     # scanners store integer HU; it also lets the gzipped NIfTI shrink by about half
     return np.round(image, out=image)
 
 
-def _render_mr(canvas: _Canvas, anatomy: Anatomy, acq: AcquisitionSpec, rng: np.random.Generator) -> np.ndarray:
+def _render_mr(canvas: _Canvas, anatomy: Anatomy, acq: AcquisitionSpec, rng: np.random.Generator,
+               scanner: ScannerProfile | None = None) -> np.ndarray:
     """T1- or T2-weighted magnitude image: relative intensities, bias field, Rician noise."""
     u = rng.uniform
     T = _T
@@ -143,8 +155,10 @@ def _render_mr(canvas: _Canvas, anatomy: Anatomy, acq: AcquisitionSpec, rng: np.
     return np.maximum(image, np.float32(1e-3))
 
 
-def _render_pet(canvas: _Canvas, anatomy: Anatomy, acq: AcquisitionSpec, rng: np.random.Generator) -> np.ndarray:
-    """SUV map: tissue uptake, lesion profiles, partial-volume blur, signal-dependent noise."""
+def _render_pet(canvas: _Canvas, anatomy: Anatomy, acq: AcquisitionSpec, rng: np.random.Generator,
+                scanner: ScannerProfile | None = None) -> np.ndarray:
+    """SUV map: tissue uptake, lesion profiles, partial-volume blur, signal-dependent noise.  ``scanner``
+    may set the system resolution and a cross-calibration factor."""
     u = rng.uniform
     T = _T
     soft = u(0.8, 1.2)
@@ -194,12 +208,16 @@ def _render_pet(canvas: _Canvas, anatomy: Anatomy, acq: AcquisitionSpec, rng: np
     image += tex[canvas.tissue] * texture
     del texture
     fwhm = u(4.0, 6.0)
+    if scanner is not None and scanner.pet_fwhm_mm is not None:
+        fwhm = scanner.pet_fwhm_mm
     sigma_vox = [fwhm * _FWHM_TO_SIGMA / s for s in acq.spacing]
     image = ndimage.gaussian_filter(image, sigma=sigma_vox, truncate=3.0)
     np.maximum(image, 0.0, out=image)
     gain = np.float32(u(0.01, 0.03) * acq.noise)  # noise variance per unit SUV
     if gain > 0:
         image += np.sqrt(image * gain) * rng.standard_normal(image.shape, dtype=np.float32)
+    if scanner is not None and scanner.pet_calibration != 1.0:
+        image *= np.float32(scanner.pet_calibration)
     return np.maximum(image, 0.0)
 
 

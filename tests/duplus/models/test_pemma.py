@@ -1,0 +1,142 @@
+"""PEMMA: the PET pathway, LoRA / DoRA adapters (peft), their merge, freezing and the three input modes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from duplus.models.pemma import (
+    INPUT_MODES,
+    AdapterConfig,
+    EarlyFusionUNETR,
+    PemmaUNETR,
+    UnetrConfig,
+    model_from_state,
+    model_state,
+    parameter_counts,
+    segment_petct,
+    supported_modes,
+)
+
+TINY = UnetrConfig(crop=32, hidden_size=48, mlp_dim=96, num_heads=4, feature_size=8, spacing=(4.0, 4.0, 4.0))
+
+
+@pytest.fixture(scope="module")
+def ct_model():
+    torch.manual_seed(0)
+    return PemmaUNETR(TINY).eval()
+
+
+def adapted(base: PemmaUNETR, kind: str) -> PemmaUNETR:
+    model = copy.deepcopy(base).add_pet_pathway().add_adapters(AdapterConfig(kind=kind, rank=4)).freeze_for_adaptation()
+    with torch.no_grad():                       # adapters that do something (peft starts LoRA's B at zero)
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def test_ct_only_is_the_plain_unetr(ct_model):
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ct_model.forward_channels(x, "ct"), ct_model.unetr(x[:, :1]))
+    assert supported_modes(ct_model) == ("ct", "pet")
+    with pytest.raises(ValueError, match="one input pathway"):
+        ct_model.forward_channels(x, "ct+pet")
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_merged_equals_adapted_in_every_mode(ct_model, kind):
+    model = adapted(ct_model, kind)
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        before = {m: model.forward_channels(x, m) for m in INPUT_MODES}
+        merged = copy.deepcopy(model).merge_adapters()
+        after = {m: merged.forward_channels(x, m) for m in INPUT_MODES}
+    from export.adapters import has_adapters
+
+    assert not has_adapters(merged) and type(merged.unetr.vit).__name__ == "ViT"
+    for m in INPUT_MODES:
+        assert float((before[m] - after[m]).abs().max()) < 1e-5, m
+    # the adapters and the PET pathway change the outputs (they are not idle)
+    with torch.no_grad():
+        assert float((before["ct"] - ct_model.forward_channels(x, "ct")).abs().max()) > 1e-4
+        assert float((before["ct+pet"] - before["ct"]).abs().max()) > 1e-4
+
+
+def test_only_the_pemma_parameters_train(ct_model):
+    model = adapted(ct_model, "lora").train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("pet_") for n in trainable)
+    assert any(".attn.qkv.lora_A" in n for n in trainable) and any(".attn.out_proj.lora_B" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(2, 2, 32, 32, 32)
+    for mode in INPUT_MODES:
+        opt.zero_grad()
+        model.forward_channels(x, mode).square().mean().backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), f"frozen CT weight {name} changed"
+    # full fine-tuning (the baseline) trains everything
+    full = copy.deepcopy(ct_model).add_pet_pathway().freeze_for_adaptation(full=True)
+    assert parameter_counts(full)["trainable"] == parameter_counts(full)["total"]
+
+
+def test_trainable_share_of_the_shipped_size_is_below_ten_percent():
+    """configs/pemma.yaml's model: hidden 192, MLP 768, 16 features, 64³ crops; LoRA and DoRA of rank 8."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    cfg = yaml.safe_load((ROOT / "configs" / "pemma.yaml").read_text())
+    base = PemmaUNETR(UnetrConfig(**cfg["model"]))
+    for kind in ("lora", "dora"):
+        model = copy.deepcopy(base).add_pet_pathway().add_adapters(
+            AdapterConfig(**{**cfg["adapter"], "kind": kind})).freeze_for_adaptation()
+        counts = parameter_counts(model)
+        assert 0.05 < counts["trainable"] / counts["total"] <= 0.10, (kind, counts)
+
+
+def test_early_fusion_starts_from_the_ct_model(ct_model):
+    fused = EarlyFusionUNETR.from_ct(ct_model).eval()
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.forward_channels(x, "ct"), ct_model.forward_channels(x, "ct"))
+
+
+def test_checkpoint_state_round_trip(ct_model):
+    for model in (adapted(ct_model, "dora"), EarlyFusionUNETR.from_ct(ct_model).eval(), ct_model):
+        again = model_from_state(model_state(model))
+        x = torch.randn(1, 2, 32, 32, 32)
+        with torch.no_grad():
+            mode = supported_modes(model)[0]
+            assert torch.equal(again.forward_channels(x, mode), model.forward_channels(x, mode))
+
+
+def test_segment_petct_returns_labels_in_the_reference_geometry(ct_model):
+    from duplus.synth.phantoms import generate_petct
+
+    pair = generate_petct("F", 11)
+    model = adapted(ct_model, "lora")
+    labels, mode = segment_petct(model, pair.ct.image, pair.ct.affine, pair.pet.image, pair.pet.affine)
+    assert mode == "ct+pet" and labels.shape == pair.ct.image.shape and labels.dtype == np.uint8
+    labels, mode = segment_petct(model, pet=pair.pet.image, pet_affine=pair.pet.affine)
+    assert mode == "pet" and labels.shape == pair.pet.image.shape
+    labels, _ = segment_petct(model, pet=pair.pet.image, pet_affine=pair.pet.affine,
+                              reference=(pair.ct.affine, pair.ct.image.shape))
+    assert labels.shape == pair.ct.image.shape
+    with pytest.raises(ValueError, match="runs"):
+        segment_petct(ct_model, pair.ct.image, pair.ct.affine, pair.pet.image, pair.pet.affine)
+
+
+def test_adapter_config_is_checked():
+    with pytest.raises(ValueError, match="lora' or 'dora"):
+        AdapterConfig(kind="ia3")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        UnetrConfig(crop=40)
