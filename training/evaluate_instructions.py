@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from duplus.metrics import bootstrap_mean_interval
 from training.evaluate import case_seed, check_held_out
 
 log = logging.getLogger("evaluate_instructions")
@@ -45,14 +46,6 @@ CONTEXTS = (
     ("PET", "head_neck", {None: "PET of the head and neck"}, ()),
 )
 CONDITIONS = ("name", "instruction", "shuffled")
-
-
-def _interval(values: list[float], seed: int = 0, n: int = 2000) -> tuple[float, float]:
-    """95 % bootstrap interval of the mean over cases (crude with a handful of cases)."""
-    v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n, len(v)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def training_instructions(config: str | Path) -> set[str]:
@@ -115,7 +108,7 @@ def evaluate_instructions(predictor, ckpt: dict, cases: int, seed: int, generato
             for condition in CONDITIONS:
                 v = scores[(t, condition)]
                 row[condition] = round(float(np.mean(v)), 4)
-                row[f"{condition}_ci95"] = [round(x, 4) for x in _interval(v)]
+                row[f"{condition}_ci95"] = [round(x, 4) for x in bootstrap_mean_interval(v)]
             rows.append(row)
     summary = {}
     for label, sel in (("trained", [r for r in rows if not r["zero_shot"]]),

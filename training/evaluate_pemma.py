@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duplus.metrics import dice
+from duplus.metrics import bootstrap_mean_interval, dice
 from duplus.models.pemma import INPUT_MODES, PEMMA_TARGETS, UnetrConfig, labels_on_grid, supported_modes
 from duplus.preprocessing import petct_to_model_space
 from training.config import PemmaConfig
@@ -42,13 +42,6 @@ MODEL_NAMES = {
     "continual_adapters": "PEMMA (LoRA) + centre F, adapters only",
     "continual_full": "PEMMA (LoRA) + centre F, full fine-tuning",
 }
-
-
-def bootstrap_interval(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of the mean of ``values``."""
-    rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(n, len(values)), replace=True).mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def evaluate(cfg: PemmaConfig, heldout: str, stages: list[str]) -> dict:
@@ -98,7 +91,7 @@ def summary_table(result: dict) -> str:
                 if not len(v):
                     cells.append("–")
                     continue
-                lo, hi = bootstrap_interval(v)
+                lo, hi = bootstrap_mean_interval(v)
                 cells.append(f"{v.mean():.3f} ({lo:.3f}–{hi:.3f})")
             lines.append(f"| {MODEL_NAMES.get(stage, stage)} | {mode.upper()} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -115,7 +108,7 @@ def paired_differences(result: dict, comparisons: list[tuple[str, str, str, str]
         for target in PEMMA_TARGETS:
             va, vb = np.asarray(s[a][ma].get(target, [])), np.asarray(s[b][mb].get(target, []))
             if len(va) and len(va) == len(vb):
-                lo, hi = bootstrap_interval(va - vb)
+                lo, hi = bootstrap_mean_interval(va - vb)
                 out.append({"a": f"{a} {ma}", "b": f"{b} {mb}", "target": target,
                             "difference": float((va - vb).mean()), "ci95": [lo, hi]})
     return out

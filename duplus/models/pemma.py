@@ -245,7 +245,7 @@ class EarlyFusionUNETR(nn.Module):
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Trainable and total parameter counts (exact), and the trainable share in per mille."""
+    """Trainable and total parameter counts (exact)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": total}
