@@ -47,7 +47,8 @@ def test_perf_analyzer_short_measurement(triton_server, tmp_path):
     _tool_or_skip()
     data = write_input_data("segment_patch", DEMO_CHECKPOINT, tmp_path / "input.json")
     rows = run("segment_patch", triton_server.grpc_url, data, tmp_path / "pa.csv", concurrency=(1,),
-               shared_memory="system", count_windows=3, max_trials=3, stability_pct=100, timeout_s=600)
+               shared_memory="system", count_windows=3, max_trials=10, stability_pct=100, timeout_s=600)  # 10 trials: 3 missed
+    # stability once in a loaded CI run (a stable run stops after the first trials, so this costs nothing then)
     assert len(rows) == 1 and float(rows[0]["Inferences/Second"]) > 0
     assert int(rows[0]["Concurrency"]) == 1 and float(rows[0]["p50 latency"]) > 0
 
