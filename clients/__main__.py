@@ -5,6 +5,14 @@
 
     python -m clients prognose <nifti-file|dicom-dir> --ehr "63-year-old man, p16-negative ..." [--t1 TEXT]
 
+    python -m clients segment-petct [--ct <nifti-file|dicom-dir>] [--pet <nifti-file|dicom-dir>] --out OUT
+    python -m clients segment-petct --study <dicom-dir with the CT and PET series> --out OUT
+
+``segment-petct`` sends a head-and-neck CT, PET or both (each in its own geometry, one frame of reference) to
+Triton's ``segment_petct`` (PEMMA) and writes ``labels.nii.gz`` (1 primary tumour, 2 lymph node) on the CT's grid
+(the PET's without a CT), ``seg.dcm`` when that image is a DICOM series (referencing the PET series too when it is
+one of the same study), and ``result.json``; ``--study`` pairs a study's CT and PET series by Frame of Reference.
+
 ``segment`` sends the volume to Triton's ``segment_volume`` over gRPC and writes, in OUT:
 ``labels.nii.gz`` (uint8 in the input's own geometry), for a DICOM series also ``seg.dcm``
 (DICOM SEG referencing the source instances), ``overlay.png`` with ``--png``, and
@@ -57,10 +65,26 @@ def _load(path: Path, series_uid: str | None, pet_units: str | None = None):
     return data, img.affine, None
 
 
+def _client(stack: ExitStack, args, log_file: Path | None = None):
+    """A checked ``SegmentationClient`` of ``--url``, or of a local server on ``--repository`` started for the
+    command (stopped when ``stack`` closes)."""
+    from clients.grpc_client import SegmentationClient
+
+    url = args.url
+    if url is None:
+        from serving.serve import TritonServer
+
+        server = stack.enter_context(TritonServer(args.repository, checkpoint=args.checkpoint or None,
+                                                  log_file=log_file))
+        url = server.grpc_url
+    client = stack.enter_context(SegmentationClient(url, timeout_s=args.timeout))
+    client.check_ready()
+    return client
+
+
 def segment(args) -> int:
     import nibabel as nib
 
-    from clients.grpc_client import SegmentationClient
 
     src = Path(args.input)
     if not src.exists():
@@ -79,15 +103,7 @@ def segment(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        url = args.url
-        if url is None:
-            from serving.serve import TritonServer
-
-            server = stack.enter_context(TritonServer(args.repository, checkpoint=args.checkpoint or None,
-                                                      log_file=out / "triton.log"))
-            url = server.grpc_url
-        client = stack.enter_context(SegmentationClient(url, timeout_s=args.timeout))
-        client.check_ready()
+        client = _client(stack, args, out / "triton.log")
         context = None
         if args.instructions == "auto" and series is not None:   # what the DICOM header tells the generator
             from duplus.instructions import ImageContext
@@ -124,8 +140,6 @@ def segment(args) -> int:
 
 
 def prognose(args) -> int:
-    from clients.grpc_client import SegmentationClient
-
     src = Path(args.input)
     if not src.exists():
         log.error("input not found: %s", src)
@@ -146,14 +160,7 @@ def prognose(args) -> int:
         t1, modality = t1 or d_t1, modality or d_mod
     t1, modality = t1 or "PET of the head and neck", modality or "PET"
     with ExitStack() as stack:
-        url = args.url
-        if url is None:
-            from serving.serve import TritonServer
-
-            server = stack.enter_context(TritonServer(args.repository, checkpoint=args.checkpoint or None))
-            url = server.grpc_url
-        client = stack.enter_context(SegmentationClient(url, timeout_s=args.timeout))
-        client.check_ready()
+        client = _client(stack, args)
         t0 = time.perf_counter()
         res = client.prognose(volume, affine, modality, t1, ehr)
         seconds = time.perf_counter() - t0
@@ -165,6 +172,76 @@ def prognose(args) -> int:
         Path(args.out).write_text(json.dumps(dict(out, features=res.features), indent=2))
     print(json.dumps(out))
     return 0
+
+
+def segment_petct(args) -> int:
+    import nibabel as nib
+
+
+    if args.study is not None and (args.ct is not None or args.pet is not None):
+        raise UsageError("give --study, or --ct and/or --pet, not both")
+    if args.ct is None and args.pet is None and args.study is None:
+        raise UsageError("give --ct, --pet or both (or --study with a PET/CT study's DICOM series)")
+    images = {}
+    if args.study is not None:   # the study's CT and PET series that share a Frame of Reference
+        from clients.dicom_io import pair_petct, read_series
+
+        ct_uid, pet_uid = pair_petct(Path(args.study))
+        log.info("paired CT series %s and PET series %s (one Frame of Reference)", ct_uid, pet_uid)
+        for name, uid in (("CT", ct_uid), ("PET", pet_uid)):
+            found = read_series(Path(args.study), uid, pet_units=args.pet_units if name == "PET" else None)
+            images[name] = (found.volume, found.affine, found)
+    for name, path in (("CT", args.ct), ("PET", args.pet)):
+        if path is None:
+            continue
+        src = Path(path)
+        if not src.exists():
+            raise UsageError(f"--{name.lower()} not found: {src}")
+        images[name] = _load(src, None, args.pet_units if name == "PET" else None)
+    series = {k: v[2] for k, v in images.items() if v[2] is not None}
+    if len(series) == 2:   # two DICOM series: their world coordinates agree only within one frame of reference
+        frames = {k: getattr(v.datasets[0], "FrameOfReferenceUID", None) for k, v in series.items()}
+        if frames["CT"] != frames["PET"]:
+            raise UsageError(f"the CT and the PET are in different frames of reference (CT {frames['CT']}, PET "
+                             f"{frames['PET']}): they must come from one PET/CT acquisition")
+    reference = "CT" if "CT" in images else "PET"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        client = _client(stack, args, out / "triton.log")
+        t0 = time.perf_counter()
+        res = client.segment_petct(*(images["CT"][:2] if "CT" in images else (None, None)),
+                                   *(images["PET"][:2] if "PET" in images else (None, None)))
+        seconds = time.perf_counter() - t0
+    volume, affine, ref_series = images[reference]
+    nib.save(nib.Nifti1Image(res.labels, affine), str(out / "labels.nii.gz"))
+    files = ["labels.nii.gz"]
+    targets = list(res.label_names[1:])
+    if ref_series is not None:
+        from clients.dicom_seg import write_seg
+
+        other = series.get("PET") if reference == "CT" else None
+        if other is not None and other.datasets[0].StudyInstanceUID != ref_series.datasets[0].StudyInstanceUID:
+            other = None          # a SEG references series of its own study only
+        write_seg(ref_series, res.labels, targets, targets, out / "seg.dcm", model_name="PEMMA",
+                  further_series=other)
+        files.append("seg.dcm")
+    summary = {"ct": args.ct, "pet": args.pet, "study": args.study, "mode": res.mode, "grid": reference, "labels": targets,
+               "shape": list(volume.shape), "affine": np.round(affine, 6).tolist(),
+               "voxels_per_label": np.bincount(res.labels.ravel(), minlength=len(res.label_names)).tolist(),
+               "seconds": round(seconds, 3), "files": files}
+    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("mode", "voxels_per_label", "seconds", "files")}))
+    return 0
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    """--url, --repository, --checkpoint, --timeout: the server a command talks to (see ``_client``)."""
+    parser.add_argument("--url", default=None, help="gRPC url of a running Triton server (default: start one)")
+    parser.add_argument("--repository", default="model_repository", help="repository to serve when no --url")
+    parser.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt",
+                        help="checkpoint the repository must be built from (stale check) when no --url")
+    parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,11 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: the server's instruction generator writes each target's instruction from the image's "
                         "context (the DICOM header's fields, else the T1 words and the affine) and it conditions the "
                         "head (Zeus); result.json says which text conditioned each target")
-    s.add_argument("--url", default=None, help="gRPC url of a running Triton server (default: start one)")
-    s.add_argument("--repository", default="model_repository", help="repository to serve when no --url")
-    s.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt",
-                   help="checkpoint the repository must be built from (stale check) when no --url")
-    s.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    _server_options(s)
     n = sub.add_parser("dicom-node", help="run the DICOM node (C-STORE SCP -> Triton -> DICOM SEG -> C-STORE)",
                        description="Run the DICOM node until Ctrl-C/SIGTERM; see clients/dicom_node.py.")
     n.add_argument("--config", required=True, help="YAML with the NodeConfig fields (configs/dicom_node.yaml)")
@@ -226,11 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pet-units", choices=("SUV",), default=None,
                    help="the PET series' values are already SUV (default: body-weight SUV from the header)")
     p.add_argument("--out", default=None, help="also write the result with every image feature to this JSON file")
-    p.add_argument("--url", default=None, help="gRPC url of a running Triton server (default: start one)")
-    p.add_argument("--repository", default="model_repository", help="repository to serve when no --url")
-    p.add_argument("--checkpoint", default="checkpoints/duplus_demo.pt",
-                   help="checkpoint the repository must be built from (stale check) when no --url")
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    _server_options(p)
+    q = sub.add_parser("segment-petct", help="head-and-neck tumour and nodes from a CT, a PET or both (Triton "
+                       "segment_petct, PEMMA)", description="Send a CT, a PET or both of one patient (NIfTI files or "
+                       "DICOM series folders, each in its own geometry) to Triton's segment_petct; writes labels "
+                       "(1 primary tumour, 2 lymph node) on the CT's grid, the PET's without a CT.")
+    q.add_argument("--ct", default=None, help="the CT: a NIfTI file or a folder holding one DICOM series")
+    q.add_argument("--pet", default=None, help="the PET: a NIfTI file (SUV) or a folder holding one DICOM series")
+    q.add_argument("--study", default=None, help="instead of --ct/--pet: a folder of DICOM series; its CT and PET "
+                   "series that share a Frame of Reference are paired (the SEG references both)")
+    q.add_argument("--pet-units", choices=("SUV",), default=None,
+                   help="the PET series' values are already SUV (default: body-weight SUV from the header)")
+    q.add_argument("--out", required=True, help="output folder")
+    _server_options(q)
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -309,7 +390,8 @@ def dicom_node(args) -> int:
     return 0
 
 
-COMMANDS = {"segment": segment, "prognose": prognose, "dicom-node": dicom_node, "dicomweb": dicomweb}
+COMMANDS = {"segment": segment, "prognose": prognose, "segment-petct": segment_petct, "dicom-node": dicom_node,
+            "dicomweb": dicomweb}
 
 if __name__ == "__main__":
     sys.exit(main())

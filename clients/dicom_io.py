@@ -62,6 +62,41 @@ def _read_all(folder: Path) -> list:
     return out
 
 
+def pair_petct(folder: str | Path) -> tuple[str, str]:
+    """(CT series UID, PET series UID) of the one CT and one PET series in ``folder`` that share a Frame of
+    Reference (one PET/CT acquisition: their world coordinates agree).  Refused, naming the series found, when
+    there is no such pair or more than one."""
+    import pydicom
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DicomSeriesError(f"{folder} is not a folder")
+    series: dict[str, tuple[str, str, str]] = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True,
+                                 specific_tags=["SeriesInstanceUID", "Modality", "FrameOfReferenceUID",
+                                                "StudyInstanceUID"])
+        except Exception:  # noqa: BLE001 - not DICOM
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if uid and ds.get("Modality") in ("CT", "PT"):
+            series.setdefault(uid, (str(ds.Modality), str(ds.get("FrameOfReferenceUID", "")),
+                                    str(ds.get("StudyInstanceUID", ""))))
+    pairs = [(ct, pt) for ct, (m1, f1, s1) in series.items() if m1 == "CT"
+             for pt, (m2, f2, s2) in series.items() if m2 == "PT" and f1 and f1 == f2 and s1 == s2]
+    if len(pairs) == 1:
+        return pairs[0]
+    found = ", ".join(f"{uid} ({m}, frame of reference {f or 'missing'})" for uid, (m, f, _) in series.items())
+    if not pairs:
+        raise DicomSeriesError(f"{folder} holds no CT and PET series of one study sharing a Frame of Reference "
+                               f"(found: {found or 'no CT or PET series'})")
+    raise DicomSeriesError(f"{folder} holds {len(pairs)} CT/PET pairs sharing a Frame of Reference; give the "
+                           f"series with --ct and --pet (found: {found})")
+
+
 def read_series(folder: str | Path, series_uid: str | None = None, *, spacing_tolerance: float = 0.01,
                 tilt_tolerance: float = 1e-3, pet_units: str | None = None) -> DicomSeries:
     """The one regular volume of a series, in RAS; PET in body-weight SUV.
@@ -346,7 +381,7 @@ SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1
 def write_series(volume: np.ndarray, affine: np.ndarray, folder: str | Path, *, modality: str = "CT",
                  body_part: str = "ABDOMEN", series_description: str = "", patient_id: str = "PHANTOM",
                  study_uid: str | None = None, series_uid: str | None = None,
-                 pet: PetHeader | None = None) -> list[Path]:
+                 pet: PetHeader | None = None, frame_of_reference_uid: str | None = None) -> list[Path]:
     """A volume + RAS affine as a single-frame DICOM series (CT, MR or PET Image Storage), 16-bit signed.
 
     Slices go along array axis 2; ``read_series`` gives back ``normal_ordered(volume, affine)``:
@@ -381,7 +416,7 @@ def write_series(volume: np.ndarray, affine: np.ndarray, folder: str | Path, *, 
     study_uid, series_uid = study_uid or generate_uid(), series_uid or generate_uid()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    frame_uid = generate_uid()
+    frame_uid = frame_of_reference_uid or generate_uid()   # shared by the series of one PET/CT acquisition
     paths = []
     for k in range(volume.shape[2]):
         meta = FileMetaDataset()

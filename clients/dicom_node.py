@@ -12,6 +12,10 @@
   the UI grammar of PS3.5 9.1, e.g. ``../../x``). Only a valid UID ever becomes part of a path, and
   every path is checked to lie inside the node's workdir.
 - **Complete** a series when no instance arrived for ``quiet_period_s``.
+- **PET/CT** (``petct: true``): a head-and-neck PET series goes to ``segment_petct`` (PEMMA) together with the CT
+  series of its study that shares its Frame of Reference (waiting, as a transient retry, while that CT is still
+  arriving); the SEG lies on the CT's grid and references both series. Without such a CT the PET goes alone. The
+  CT series is segmented by itself as well, like any CT.
 - **Segment** it in one of ``workers`` threads (``clients.dicom_io.read_series`` -> T1 from the header
   or the config -> ``segment_volume`` over gRPC) and **send** the DICOM SEG by C-STORE to the
   destination. Claiming a series is one transaction: two workers never take the same series.
@@ -85,6 +89,10 @@ class PacsRefused(ConnectionError):
     """The destination refused the association or the C-STORE (or did not answer): retried later."""
 
 
+class PartnerPending(TimeoutError):
+    """A PET series whose CT of the same acquisition is still arriving (``petct``): retried after the backoff."""
+
+
 # errno values of a network that may come back; other OSErrors (a missing file, a read-only disk) are not transient
 _NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                    errno.ENETDOWN, errno.EHOSTDOWN, errno.ETIMEDOUT, errno.EPIPE}
@@ -153,6 +161,8 @@ class NodeConfig:
     node_id: str | None = None                          # owner of this node's leases; None: host-pid-random
     instructions: str = "names"                         # "auto": the server's generator writes each target's
     #                                                     instruction from the header (Zeus); "names": the names
+    petct: bool = False                                 # a head-and-neck PET series goes to segment_petct (PEMMA)
+    #                                                     with its study's CT of the same Frame of Reference
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -165,6 +175,8 @@ class NodeConfig:
             raise ValueError(f"workers must be an integer 0-64, got {self.workers!r}")
         if not isinstance(self.receive, bool):
             raise ValueError(f"receive must be true or false, got {self.receive!r}")
+        if not isinstance(self.petct, bool):
+            raise ValueError(f"petct must be true or false, got {self.petct!r}")
         if not self.receive and self.workers == 0:
             raise ValueError("a node that does not receive (receive: false) needs workers > 0, got workers=0")
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
@@ -630,15 +642,13 @@ class DicomNode:
         t1, modality, _ = derive_t1(series.datasets[0])
         t1 = self.cfg.t1 or t1
         key = f"{modality}|{derive_region(series.datasets[0])}"
+        if self.cfg.petct and key == "PET|head_neck":
+            return self.segment_petct_series(series)
         if key not in self.cfg.targets:
             raise ValueError(f"no targets configured for {key} (T1 {t1!r})")
         targets = list(self.cfg.targets[key])
 
-        def observe(replica: str, outcome: str, seconds: float) -> None:
-            self.metrics.triton.labels(replica, outcome).inc()
-            self.metrics.triton_seconds.labels(replica).observe(seconds)
-
-        with SegmentationClient(self.cfg.triton_url, observer=observe, timeout_s=self.cfg.triton_timeout_s,
+        with SegmentationClient(self.cfg.triton_url, observer=self._observe, timeout_s=self.cfg.triton_timeout_s,
                                 retry_deadline_s=self.cfg.triton_retry_s) as client:
             instructions, context = None, None
             if self.cfg.instructions == "auto":       # the server's generator writes them from the header's fields
@@ -656,6 +666,58 @@ class DicomNode:
         write_seg(series, res.labels, targets, list(res.resolved), tmp, model_name=MODEL_NAME,
                   model_version=MODEL_VERSION, sop_instance_uid=seg_uid)
         os.replace(tmp, path)                    # a SEG in the outbox is always whole: a retry may re-send it as is
+        return path, seg_uid
+
+    def _observe(self, replica: str, outcome: str, seconds: float) -> None:
+        """The client's per-replica outcome and latency, into the node's metrics."""
+        self.metrics.triton.labels(replica, outcome).inc()
+        self.metrics.triton_seconds.labels(replica).observe(seconds)
+
+    def _petct_partner(self, pet) -> tuple[Path, str] | None:
+        """(spool folder, series UID) of the CT series of ``pet``'s study that shares its Frame of Reference (one
+        PET/CT acquisition), or None; ``PartnerPending`` while that CT is inside its quiet period."""
+        import pydicom
+
+        head = pet.datasets[0]
+        study, frame = str(head.StudyInstanceUID), str(head.get("FrameOfReferenceUID", ""))
+        if not frame:
+            return None
+        for row in self.queue.series():
+            if row["study_uid"] != study or row["series_uid"] == pet.series_uid:
+                continue
+            folder = _inside(self.spool, Path(row["folder"]))
+            first = next(iter(sorted(folder.glob("*.dcm"))), None)
+            if first is None:
+                continue
+            ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["Modality", "FrameOfReferenceUID"])
+            if ds.get("Modality") != "CT" or str(ds.get("FrameOfReferenceUID", "")) != frame:
+                continue
+            if time.time() - float(row["last_received"]) < self.cfg.quiet_period_s:
+                raise PartnerPending(f"the CT series {row['series_uid']} of this PET/CT is still arriving")
+            return folder, str(row["series_uid"])
+        return None
+
+    def segment_petct_series(self, pet) -> tuple[Path, str]:
+        """``petct``: a head-and-neck PET series and its study's CT of the same Frame of Reference through
+        ``segment_petct`` (PEMMA): a SEG on the CT's grid referencing both series; without such a CT, the PET alone
+        (a SEG on its own grid).  The CT series is also segmented by itself, as any CT."""
+        from clients.dicom_io import read_series
+        from clients.dicom_seg import write_seg
+        from clients.grpc_client import SegmentationClient
+
+        partner = self._petct_partner(pet)
+        ct = read_series(partner[0], partner[1]) if partner else None
+        with SegmentationClient(self.cfg.triton_url, observer=self._observe, timeout_s=self.cfg.triton_timeout_s,
+                                retry_deadline_s=self.cfg.triton_retry_s) as client:
+            res = client.segment_petct(ct.volume if ct else None, ct.affine if ct else None, pet.volume, pet.affine)
+        log.info("series %s: PET/CT (%s)%s", pet.series_uid, res.mode, f" with CT series {ct.series_uid}" if ct else "")
+        seg_uid = seg_uid_for(pet.series_uid)
+        path = _inside(self.outbox, self.outbox / f"{pet.series_uid}.seg.dcm")
+        tmp = self.outbox / f".{pet.series_uid}.{uuid.uuid4().hex[:8]}.part"
+        targets = list(res.label_names[1:])
+        write_seg(ct or pet, res.labels, targets, targets, tmp, model_name="PEMMA", model_version=MODEL_VERSION,
+                  sop_instance_uid=seg_uid, further_series=pet if ct else None)
+        os.replace(tmp, path)
         return path, seg_uid
 
     def send(self, path: Path) -> None:

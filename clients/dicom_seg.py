@@ -121,13 +121,14 @@ def _source_for_seg(ds):
 
 def write_seg(series, labels: np.ndarray, targets: list[str], resolved: list[str], path, *,
               model_name: str = "DuPLUS", model_version: str = "0.1.0", series_number: int = 900,
-              sop_instance_uid: str | None = None):
+              sop_instance_uid: str | None = None, further_series=None):
     """A DICOM SEG for ``labels`` (uint8 on the series grid, value k = targets[k-1]); returns the dataset.
 
     Its Series and SOP Instance UIDs are ``seg_uids(source series, model_name, model_version)`` (the SOP
     Instance UID overridden by ``sop_instance_uid`` when given). Type 2 patient/study attributes missing
-    from the source (anonymised exports) are written empty. Raises ``SegWriteError`` naming what is
-    missing or wrong for anything else it cannot write.
+    from the source (anonymised exports) are written empty. ``further_series`` (another series of the same study,
+    e.g. the PET of a PET/CT whose CT grid the labels lie on) is referenced as a source too. Raises
+    ``SegWriteError`` naming what is missing or wrong for anything else it cannot write.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -166,7 +167,8 @@ def write_seg(series, labels: np.ndarray, targets: list[str], resolved: list[str
             sop_instance_uid=sop_instance_uid or sop_uid, instance_number=1, manufacturer="duplus-stack",
             manufacturer_model_name=model_name, software_versions=model_version, device_serial_number="0",
             content_label="DUPLUS", content_description=f"{model_name} text-prompted segmentation"[:64],
-            omit_empty_frames=False)
+            omit_empty_frames=False,
+            further_source_images=[_source_for_seg(ds) for ds in further_series.datasets] if further_series else None)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise SegWriteError(f"series {series.series_uid}: cannot write a DICOM SEG: "
                             f"{type(exc).__name__}: {exc}") from exc

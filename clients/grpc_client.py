@@ -5,6 +5,9 @@
         result = client.segment_volume(volume, affine, "CT", "CT of the abdomen", ["liver", "spleen"])
     result.labels                                  # uint8 on the volume's own grid; value i = targets[i-1]
 
+- **Other models**: ``prognose(volume, affine, modality, t1, ehr)`` (risk) and ``segment_petct(ct, ct_affine,
+  pet, pet_affine)`` (PEMMA: a CT, a PET or both of one patient, labels on the CT's grid); each checks its model's
+  served contract on first use.
 - **Contract check**: ``check_ready`` compares the server's model metadata of ``segment_volume``
   with what this client sends and expects, and raises ``ServerMismatchError`` naming every difference.
 - **Timeouts**: per request (``timeout_s``); a deadline surfaces as ``RequestTimeout``.
@@ -55,6 +58,10 @@ PROGNOSE_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "MODALITY": ("B
                    "EHR": ("BYTES", 1)}
 PROGNOSE_OUTPUTS = {"RISK": ("FP32", 1), "IMAGE_FEATURES": ("FP32", 1), "FEATURE_NAMES": ("BYTES", 1)}
 
+#: segment_petct (PEMMA): every input optional, at least one image with its affine
+PETCT_INPUTS = {"CT": ("FP32", 3), "CT_AFFINE": ("FP64", 2), "PET": ("FP32", 3), "PET_AFFINE": ("FP64", 2)}
+PETCT_OUTPUTS = {"LABELS": ("UINT8", 3), "MODE": ("BYTES", 1), "LABEL_NAMES": ("BYTES", 1)}
+
 
 class ServerMismatchError(RuntimeError):
     """The server's models are not the ones this client was written for."""
@@ -101,6 +108,14 @@ def _status(exc) -> str:
 class PrognosisResult:
     risk: float                   # log hazard ratio (higher = worse prognosis); comparable across patients
     features: dict[str, float]    # the image features the risk used: radiomics of the predicted lesions + pooled
+
+
+@dataclass(frozen=True)
+class PetCtResult:
+    labels: np.ndarray            # uint8 on the CT's grid (the PET's without a CT); value i = label_names[i]
+    affine: np.ndarray            # the affine of that grid
+    mode: str                     # "ct+pet", "ct" or "pet": what the server ran
+    label_names: tuple[str, ...]  # ("background", "primary tumour", "lymph node")
 
 
 def _check_metadata(meta: dict, model: str = "segment_volume", inputs=VOLUME_INPUTS, outputs=VOLUME_OUTPUTS) -> None:
@@ -450,21 +465,58 @@ class SegmentationClient(_Common):
 
         return self._with_retries(call)
 
-    def _check_prognose(self, client) -> None:
-        """prognose is served and matches this client; a prognose being reloaded (its stub died) is retried."""
+    def segment_petct(self, ct: np.ndarray | None = None, ct_affine: np.ndarray | None = None,
+                      pet: np.ndarray | None = None, pet_affine: np.ndarray | None = None) -> PetCtResult:
+        """Head-and-neck tumour and node labels (PEMMA) from a CT, a PET or both of one patient, each in its own
+        geometry (the two must share the frame of reference); labels come back on the CT's grid, the PET's
+        without a CT.  A request the server refuses (neither image, no overlap, an image without its affine)
+        raises at once with the server's INVALID_ARGUMENT message."""
+        if not getattr(self, "_petct_checked", False):
+            for i in range(len(self.clients)):
+                self._with_retries(lambda client: self._check_optional_model(client, "segment_petct", PETCT_INPUTS,
+                                                                             PETCT_OUTPUTS, "--pemma-checkpoint"),
+                                   only=i)
+            self._petct_checked = True
+        g = self._grpc
+        sent = [(name, np.ascontiguousarray(arr, dtype=dtype), wire) for name, arr, dtype, wire in (
+            ("CT", ct, np.float32, "FP32"), ("CT_AFFINE", ct_affine, np.float64, "FP64"),
+            ("PET", pet, np.float32, "FP32"), ("PET_AFFINE", pet_affine, np.float64, "FP64")) if arr is not None]
+        reference = ct_affine if ct is not None else pet_affine
+
+        def call(client) -> PetCtResult:
+            inputs = []
+            for name, arr, wire in sent:
+                t = g.InferInput(name, list(arr.shape), wire)
+                t.set_data_from_numpy(arr)
+                inputs.append(t)
+            res = client.infer("segment_petct", inputs, outputs=[g.InferRequestedOutput(n) for n in PETCT_OUTPUTS],
+                               client_timeout=self.timeout_s)
+            mode = res.as_numpy("MODE").reshape(-1)[0]
+            names = tuple(b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("LABEL_NAMES"))
+            return PetCtResult(res.as_numpy("LABELS"), None if reference is None else np.asarray(reference),
+                               mode.decode() if isinstance(mode, bytes) else str(mode), names)
+
+        return self._with_retries(call)
+
+    def _check_optional_model(self, client, model: str, inputs: dict, outputs: dict, build_flag: str) -> None:
+        """``model`` is served and matches this client; one being reloaded (its stub died) is retried."""
         from tritonclient.utils import InferenceServerException
 
-        if not client.is_model_ready("prognose"):
+        if not client.is_model_ready(model):
             index = client.get_model_repository_index(as_json=True).get("models", [])
             # loading, unloading or unloaded by the server's watchdog to be loaded again: transient; a model the
             # server never loaded has no state
-            if any(m.get("name") == "prognose" and (m.get("state") in ("LOADING", "UNLOADING")
-                                                    or m.get("reason") == "unloaded") for m in index):
-                raise InferenceServerException("prognose is not ready (reloading)", status="StatusCode.UNAVAILABLE")
-            raise ServerMismatchError(f"the server at {self.url} has no prognose model: build the repository "
-                                      "with a prognosis checkpoint (export/build_engines.py --prognosis-checkpoint)")
-        _check_metadata(client.get_model_metadata("prognose", as_json=True), "prognose", PROGNOSE_INPUTS,
-                        PROGNOSE_OUTPUTS)
+            if any(m.get("name") == model and (m.get("state") in ("LOADING", "UNLOADING")
+                                               or m.get("reason") == "unloaded") for m in index):
+                raise InferenceServerException(f"{model} is not ready (reloading)", status="StatusCode.UNAVAILABLE")
+            raise ServerMismatchError(f"the server at {self.url} has no {model} model: build the repository "
+                                      f"with export/build_engines.py {build_flag}")
+        _check_metadata(client.get_model_metadata(model, as_json=True), model, inputs, outputs)
+
+    def _check_prognose(self, client) -> None:
+        """prognose is served and matches this client; a prognose being reloaded (its stub died) is retried."""
+        self._check_optional_model(client, "prognose", PROGNOSE_INPUTS, PROGNOSE_OUTPUTS,
+                                   "--prognosis-checkpoint (a prognosis checkpoint)")
 
     def _segment_cuda_shm(self, client, volume, affine, modality, t1, targets, extra=()) -> VolumeResult:
         """Volume in and labels out through CUDA shared memory on ``cuda_device`` (client and server share the GPU)."""

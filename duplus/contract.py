@@ -208,3 +208,24 @@ def prognosis_contracts(cfg: DuPLUSConfig, image_dim: int, text_dim: int, vocab_
             "late-fusion Cox head: log-risk from standardised image features and the EHR embedding",
             max_sizes=(("n", MAX_UNIT_BATCH),)),
     }
+
+
+#: the label values of ``segment_petct`` and the PEMMA model's output channels (HECKTOR's: 1 GTVp, 2 GTVn)
+PETCT_LABELS = ("background", "primary tumour", "lymph node")
+#: the PEMMA model's input modes, in the order of the unit's ``mode`` index
+PETCT_MODES = ("ct+pet", "ct", "pet")
+
+
+def pemma_contracts(crop: int) -> dict[str, UnitContract]:
+    """The PEMMA unit: UNETR's position table fixes the window at ``crop``³ (a multiple of its 16³ patches)."""
+    return {
+        "pemma_segmenter": UnitContract(
+            "pemma_segmenter",
+            (TensorSpec("image", "float32", ("b", 2, crop, crop, crop)),
+             TensorSpec("mode", "int64", (1,), (0, len(PETCT_MODES)))),
+            (TensorSpec("logits", "float32", ("b", len(PETCT_LABELS), crop, crop, crop)),
+             TensorSpec("probabilities", "float32", ("b", len(PETCT_LABELS), crop, crop, crop))),
+            "PEMMA UNETR, adapters merged: CT and PET windows (zeros where absent) and the input mode "
+            f"({', '.join(f'{i} {m}' for i, m in enumerate(PETCT_MODES))}) -> logits and softmax of "
+            f"{', '.join(PETCT_LABELS)}", max_sizes=(("b", MAX_UNIT_BATCH),)),
+    }

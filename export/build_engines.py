@@ -15,12 +15,14 @@ error, non-zero exit) -> the Triton repository (``export/repository.py``):
     <output>/segment_volume/1/             model.py (BLS) + known_targets.npz
     <output>/image_features|text_encoder_ehr|prognosis/1/model.onnx   with a prognosis checkpoint (LoRA merged)
     <output>/prognose/1/                   model.py (BLS) + the EHR tokenizer
+    <output>/pemma_segmenter/1/model.onnx  with a PEMMA checkpoint (adapters merged, checked): CT and/or PET windows
+    <output>/segment_petct/1/              model.py (BLS): CT, PET or both in their own geometry -> labels
     <output>/<model>/config.pbtxt          generated from typed objects (export/triton_config.py)
 
 Engines: TensorRT where it imports and a GPU exists; else ONNX Runtime (CUDA provider when
 present); or PyTorch (CUDA on a GPU without TensorRT). The torch engine's units run from
 <output>/checkpoint.pt (and prognosis_checkpoint.pt): no ONNX file is written for them, their manifest
-entries name the checkpoint and its sha256. ``--target embedded`` (default) serves the units from
+entries name the checkpoint and its sha256 (pemma_checkpoint.pt for the PEMMA unit). ``--target embedded`` (default) serves the units from
 python-backend models on the Triton server of the nvidia-pytriton wheel; ``--target ngc`` writes native
 onnxruntime_onnx / tensorrt_plan models for the NGC container.
 """
@@ -59,6 +61,7 @@ from export.calibration import PhantomCalibration  # noqa: E402
 from export.onnx_export import ContractError, ParityError  # noqa: E402
 from export.repository import (  # noqa: E402
     CHECKPOINT,
+    PEMMA_CHECKPOINT,
     PROGNOSIS_CHECKPOINT,
     SOURCE_REPOSITORY,
     copy_checkpoint,
@@ -81,6 +84,8 @@ log = logging.getLogger("build_engines")
 
 #: the shipped prognosis checkpoint; built into the repository when present
 DEFAULT_PROGNOSIS = "checkpoints/duplus_prognosis.pt"
+#: the shipped PEMMA checkpoint (PET/CT head-and-neck segmenter); built into the repository when present
+DEFAULT_PEMMA = "checkpoints/pemma_lora.pt"
 __all__ = ["SOURCE_REPOSITORY", "build", "main", "resolve_engine"]
 
 
@@ -156,7 +161,8 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
           precision: str = "fp32", patch_size: tuple[int, int, int] | None = None, max_batch_size: int = 4,
           max_targets: int = 16, instances: int = 1, threads: int = 0, ort_optimization: str = "all",
           units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2,
-          prognosis_checkpoint: Path | None = None, generator_config: Path | None = None) -> dict:
+          prognosis_checkpoint: Path | None = None, generator_config: Path | None = None,
+          pemma_checkpoint: Path | None = None) -> dict:
     """Build the repository at ``output`` from ``checkpoint``; returns the manifest (also written to
     ``output/manifest.json``). Raises ``ParityError`` when a unit is over its tolerances (after building all)."""
     from duplus.inference import Predictor
@@ -213,6 +219,8 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
     if prognosis_checkpoint is not None:
         prognosis = _build_prognosis(Path(prognosis_checkpoint), model, encoder, stage, torch_checkpoint)
         spec = dict(spec, **prognosis["spec"])
+    if pemma_checkpoint is not None:
+        spec = dict(spec, **_build_pemma(Path(pemma_checkpoint), stage))
     predictor = Predictor(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), encoder)
     manifest["models"] = write_triton_repository(output, opts, spec, encoder, predictor, generator_config)
     if prognosis is not None:
@@ -273,6 +281,54 @@ def _build_prognosis(path: Path, model: DuPLUS, encoder: TextEncoder, stage: _Un
     return {"spec": spec, "tokenizer": prog.ehr.tokenizer}
 
 
+def _build_pemma(path: Path, stage: _Units) -> dict:
+    """The PEMMA unit: adapters merged (checked to 1e-5 in every input mode), exported as one graph for CT-only,
+    PET-only and CT+PET; fills the manifest's unit and ``pemma`` record; returns its contract."""
+    from duplus.contract import PETCT_LABELS, PETCT_MODES, pemma_contracts
+    from duplus.models.pemma import load_pemma_checkpoint, merged_for_export, parameter_counts
+    from duplus.models.units import PemmaSegmenterUnit, pemma_example_inputs
+    from export.tensorrt_engine import ShapeProfile
+
+    model, record = load_pemma_checkpoint(path)
+    adapter = (record["model"].get("adapter") or {}).get("kind")
+    merged, diff = merged_for_export(model)
+    log.info("PEMMA %s: %s adapters merged (max abs logit change on a CT+PET window %.1e in float64, %.1e in "
+             "float32)", path.name, adapter or "no", diff["max_abs"], diff["max_abs_float32"])
+    crop = model.cfg.crop
+    spec = pemma_contracts(crop)
+    name, unit = "pemma_segmenter", PemmaSegmenterUnit(merged).eval()
+    onnx = stage.engine != "torch"
+    profile = engine_inputs = None
+    if stage.engine == "tensorrt":
+        window = (2, crop, crop, crop)
+        profile = ShapeProfile({"image": ((1,) + window, (stage.max_batch_size,) + window,
+                                          (stage.max_batch_size,) + window), "mode": ((1,),) * 3})
+        engine_inputs = [pemma_example_inputs(crop, batch=1, mode=1, seed=3000),
+                         pemma_example_inputs(crop, batch=stage.max_batch_size, mode=0, seed=3001)]
+    checkpoint = copy_checkpoint(path, stage.output, PEMMA_CHECKPOINT) if stage.engine == "torch" else None
+    entry = export_unit(
+        name, unit, spec[name], stage.output, engine=stage.engine, precision=stage.precision,
+        example=pemma_example_inputs(crop, batch=2, mode=0, seed=0) if onnx else None,
+        # one parity input per mode: the masked attention and the skip selection of each are checked
+        fresh=[pemma_example_inputs(crop, batch=1 + (i == 0), mode=i, seed=1000 + i)
+               for i in range(len(PETCT_MODES))] if onnx else (),
+        profile=profile, engine_inputs=engine_inputs or (), checkpoint=checkpoint,
+        timing_cache=stage.output / ".timing.cache")
+    stage.manifest["units"][name] = entry
+    failures = parity_failures(name, entry)
+    if failures:
+        raise ParityError("PEMMA parity over tolerance: " + "; ".join(failures))
+    stage.manifest["pemma"] = {
+        "checkpoint": path.name, "source": str(path), "checkpoint_sha256": file_sha256(path),
+        "stage": record.get("stage"), "adapter": adapter, "merge_max_abs": diff["max_abs"],
+        "merge_max_abs_float32": diff["max_abs_float32"], "crop": crop,
+        "spacing": list(model.cfg.spacing), "labels": list(PETCT_LABELS), "modes": list(PETCT_MODES),
+        "parameters": record.get("parameters")}
+    # the merged model has exactly the adapted model's function with plain weights: its size is what is served
+    stage.manifest["pemma"]["served_parameters"] = parameter_counts(merged)["total"]
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python export/build_engines.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -305,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="prognosis checkpoint (python -m training.train_prognosis) whose units and `prognose` model "
                          "are added to the repository; skipped with a log line when the default is absent; "
                          "'none' to leave prognosis out")
+    ap.add_argument("--pemma-checkpoint", default=DEFAULT_PEMMA,
+                    help="PEMMA checkpoint (python -m training.train_pemma) whose unit and `segment_petct` model are "
+                         "added to the repository; skipped with a log line when the default is absent; 'none' to "
+                         "leave PET/CT segmentation out")
     ap.add_argument("--instruction-generator", type=Path, default=None, metavar="YAML",
                     help="duplus.instructions.GeneratorConfig of the served instruction generator (INSTRUCTIONS auto; "
                          "copied to instructions/1/generator.yaml); default: the offline knowledge base")
@@ -319,12 +379,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log.info("no %s: the repository is built without prognosis", prognosis)
         prognosis = None
+    pemma = None if args.pemma_checkpoint.lower() == "none" else Path(args.pemma_checkpoint)
+    if pemma is not None and not pemma.is_file():
+        if args.pemma_checkpoint != DEFAULT_PEMMA:
+            log.error("--pemma-checkpoint %s does not exist", pemma)
+            return 1
+        log.info("no %s: the repository is built without segment_petct", pemma)
+        pemma = None
     try:
         build(Path(args.checkpoint), output, target=args.target, engine=args.engine, precision=args.precision,
               patch_size=tuple(args.patch_size) if args.patch_size else None, max_batch_size=args.max_batch_size,
               max_targets=args.max_targets, instances=args.instances, threads=args.threads,
               ort_optimization=args.ort_optimization, units=tuple(args.units), prognosis_checkpoint=prognosis,
-              generator_config=args.instruction_generator)
+              generator_config=args.instruction_generator, pemma_checkpoint=pemma)
     except (ContractError, ParityError, ValueError, RuntimeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1

@@ -20,6 +20,7 @@ SOURCE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 #: what the torch engine's units run from, beside manifest.json (``serving.runtime.TorchRunner`` reads them)
 CHECKPOINT = "checkpoint.pt"
 PROGNOSIS_CHECKPOINT = "prognosis_checkpoint.pt"
+PEMMA_CHECKPOINT = "pemma_checkpoint.pt"
 
 
 def copy_checkpoint(source: Path, output: Path, name: str) -> Path:

@@ -21,6 +21,11 @@ at build time, and ``pbtxt`` is that message in protobuf text format.
         EHR checks + tokens -> encode_prompts (T1; tumour, node) once -> image_features (one pass at model
         spacing) -> radiomics + pooled features; text_encoder_ehr (LoRA merged) -> prognosis head -> risk
         (present when the repository is built with a prognosis checkpoint)
+    segment_petct (python BLS)  CT + CT_AFFINE and/or PET + PET_AFFINE (each optional) -> LABELS (uint8, the CT's grid,
+        the PET's without a CT), MODE, LABEL_NAMES
+        checks -> PET resampled into the CT's frame at model spacing -> pemma_segmenter on batched windows (the
+        mode index picks CT, PET or both inside the one graph) -> probabilities back on the grid -> argmax
+        (present when the repository is built with a PEMMA checkpoint)
 
 ``embedded`` runs text_encoder / conditioning / segmenter as python-backend models (ONNX Runtime,
 TensorRT or PyTorch inside); ``ngc`` makes them native ``onnxruntime_onnx`` / ``tensorrt_plan`` models.
@@ -40,8 +45,9 @@ KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL")
 FLAVOURS = ("embedded", "ngc")
 ENGINES = ("onnxruntime", "tensorrt", "torch")
 PYTHON_MODELS_EMBEDDED = ("instructions", "tokenizer", "text_encoder", "conditioning", "segmenter", "segment_volume",
-                          "image_features", "text_encoder_ehr", "prognosis", "prognose")
-PYTHON_MODELS_NGC = ("instructions", "tokenizer", "segment_volume", "prognose")
+                          "image_features", "text_encoder_ehr", "prognosis", "prognose", "pemma_segmenter",
+                          "segment_petct")
+PYTHON_MODELS_NGC = ("instructions", "tokenizer", "segment_volume", "prognose", "segment_petct")
 #: the instruction generator's configuration (duplus.instructions.GeneratorConfig) in instructions/1/
 GENERATOR_CONFIG = "generator.yaml"
 PROGNOSIS_UNITS = ("image_features", "text_encoder_ehr", "prognosis")
@@ -305,5 +311,14 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
             inputs=(_t("VOLUME", "float32", -1, -1, -1), _t("AFFINE", "float64", 4, 4), _t("MODALITY", S, 1),
                     _t("T1", S, 1), _t("EHR", S, 1)),
             outputs=(_t("RISK", "float32", 1), _t("IMAGE_FEATURES", "float32", -1), _t("FEATURE_NAMES", S, -1)),
+            instance_groups=(InstanceGroup(1, "KIND_CPU"),), parameters=lim.parameters()))
+    if "pemma_segmenter" in units:
+        models.append(unit_model("pemma_segmenter", None, cache=False))
+        volume = (-1, -1, -1)
+        models.append(ModelConfig(
+            "segment_petct", backend="python",
+            inputs=(_t("CT", "float32", *volume, optional=True), _t("CT_AFFINE", "float64", 4, 4, optional=True),
+                    _t("PET", "float32", *volume, optional=True), _t("PET_AFFINE", "float64", 4, 4, optional=True)),
+            outputs=(_t("LABELS", "uint8", *volume), _t("MODE", S, 1), _t("LABEL_NAMES", S, -1)),
             instance_groups=(InstanceGroup(1, "KIND_CPU"),), parameters=lim.parameters()))
     return models

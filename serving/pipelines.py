@@ -5,6 +5,7 @@ directly and the model.py files under ``model_repository/`` stay thin.
   path as the in-process ``Predictor``) configured from the repository's manifest, with ``encode`` and ``segment``
   callables that are BLS calls in the server.
 - ``Prognoser``: the ``prognose`` model.
+- ``PetCtSegmenter``: the ``segment_petct`` model (PEMMA: CT, PET or both).
 
 The torch-free parts (the tokenizer model, the unit checks) are in ``serving.requests``.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from duplus.cache import LRUCache
-from duplus.checks import check_request_volume
+from duplus.checks import check_request_volume, check_volume
 from duplus.contract import EncodedPrompts, InvalidRequest, ServingLimits, level_factor
 from duplus.inference import EncodeFn, EncodeInstructionsFn, SegmentationPipeline, SegmentFn
 from duplus.vocabulary import PromptVocabulary, normalise_text
@@ -108,3 +109,76 @@ class Prognoser:
         emb = self.encode_ehr(tokens["input_ids"], tokens["attention_mask"])
         risk = self.head(feats.vector[None].astype(np.float32), np.asarray(emb, np.float32))
         return PrognosisOutput(float(np.asarray(risk).reshape(-1)[0]), feats.vector, self.feature_names)
+
+
+@dataclass(frozen=True)
+class PetCtOutput:
+    labels: np.ndarray               # uint8 on the CT's grid (the PET's without a CT); value i = label_names[i]
+    mode: str                        # "ct+pet", "ct" or "pet": what the request held
+    label_names: tuple[str, ...]
+
+
+class PetCtSegmenter:
+    """CT and/or PET of one patient, each with its own affine and grid -> PEMMA labels (the ``segment_petct`` model).
+
+    The same recipe as the in-process ``duplus.models.pemma.segment_petct``: the PET resampled into the CT's frame
+    at model spacing (``duplus.preprocessing.petct_to_model_space``), MONAI's sliding window of the unit's crop
+    with Gaussian blending, probabilities back on the reference grid, argmax.  ``segment`` (windows [b, 2, c, c, c]
+    float32, mode index [1] int64 -> logits [b, 3, c, c, c]) is a BLS call to ``pemma_segmenter`` in the server.
+    """
+
+    def __init__(self, manifest: dict, segment: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                 limits: ServingLimits = ServingLimits()):
+        pemma = manifest["pemma"]
+        self.crop = int(pemma["crop"])
+        self.spacing = tuple(float(s) for s in pemma["spacing"])
+        self.modes = tuple(pemma["modes"])
+        self.label_names = tuple(pemma["labels"])
+        self.segment, self.limits = segment, limits
+
+    def _image(self, name: str, volume, affine) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if volume is None and affine is None:
+            return None, None
+        if volume is None:
+            raise InvalidRequest(f"{name}_AFFINE was given without {name}: send the image with its affine")
+        if affine is None:
+            raise InvalidRequest(f"{name} was given without {name}_AFFINE (its 4x4 voxel-to-world matrix, RAS mm)")
+        volume, affine = np.asarray(volume), np.asarray(affine, dtype=np.float64)
+        try:
+            check_volume(volume, affine, max_voxels=self.limits.max_voxels)
+        except ValueError as exc:
+            raise InvalidRequest(f"{name}: {exc}") from None
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        model_voxels = int(np.prod(np.ceil(np.asarray(volume.shape) * spacing / np.asarray(self.spacing))))
+        if model_voxels > self.limits.max_model_voxels:
+            raise InvalidRequest(f"{name}: {model_voxels} voxels at the model spacing {list(self.spacing)} mm; the "
+                                 f"limit is {self.limits.max_model_voxels}")
+        return volume.astype(np.float32, copy=False), affine
+
+    def __call__(self, ct=None, ct_affine=None, pet=None, pet_affine=None) -> PetCtOutput:
+        import torch
+
+        from duplus.models.pemma import probabilities_to_labels, window_probabilities
+        from duplus.preprocessing import petct_to_model_space
+
+        ct, ct_affine = self._image("CT", ct, ct_affine)
+        pet, pet_affine = self._image("PET", pet, pet_affine)
+        if ct is None and pet is None:
+            raise InvalidRequest("the request holds neither a CT (CT + CT_AFFINE) nor a PET (PET + PET_AFFINE): "
+                                 "give one of them or both")
+        try:
+            image, (has_ct, has_pet), model_affine, ref_shape, _ = petct_to_model_space(
+                ct, ct_affine, pet, pet_affine, self.spacing, check=False)
+        except ValueError as exc:     # the two do not overlap in world space
+            raise InvalidRequest(str(exc)) from None
+        mode = "ct+pet" if has_ct and has_pet else "ct" if has_ct else "pet"
+        mode_index = np.array([self.modes.index(mode)], dtype=np.int64)
+
+        def windows(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(self.segment(np.ascontiguousarray(x.numpy(), dtype=np.float32),
+                                                            mode_index), dtype=np.float32))
+
+        probs = window_probabilities(windows, image, self.crop, overlap=self.limits.overlap,
+                                     sw_batch_size=self.limits.sw_batch_size)
+        labels = probabilities_to_labels(probs, model_affine, ct_affine if has_ct else pet_affine, ref_shape)
+        return PetCtOutput(labels, mode, self.label_names)

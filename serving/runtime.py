@@ -72,6 +72,16 @@ class TorchRunner:
             self.torch = torch
             log.info("%s: PyTorch %s on %s", unit, torch.__version__, self.device)
             return
+        if unit == "pemma_segmenter":   # from the PEMMA checkpoint beside checkpoint.pt, adapters merged
+            from duplus.models.pemma import load_pemma_checkpoint, merged_for_export
+            from duplus.models.units import PemmaSegmenterUnit
+
+            model, _ = load_pemma_checkpoint(Path(checkpoint).parent / "pemma_checkpoint.pt")
+            # the build checked this merge (manifest.json's pemma.merge_max_abs); the same code merges it here
+            self.module = PemmaSegmenterUnit(merged_for_export(model, check=False)[0]).to(self.device).eval()
+            self.contract = contract
+            log.info("%s: PyTorch %s on %s", unit, torch.__version__, self.device)
+            return
         ckpt = load_checkpoint(checkpoint)
         cfg = DuPLUSConfig.from_dict(ckpt["model_config"])
         if unit == "text_encoder":

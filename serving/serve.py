@@ -60,6 +60,7 @@ MODEL_DEPENDENCIES = {
     "encode_instructions": ("instructions", "tokenizer", "text_encoder", "conditioning"),
     "segment_volume": ("encode_prompts", "encode_instructions", "segmenter"),
     "prognose": ("encode_prompts", "image_features", "text_encoder_ehr", "prognosis"),
+    "segment_petct": ("pemma_segmenter",),
 }
 
 
@@ -130,10 +131,10 @@ def check_repository(repository: Path, checkpoint: Path | None = None, targets=(
         if file_sha256(checkpoint) != manifest["checkpoint_sha256"]:
             raise RepositoryError(f"{repository} is stale: it was built from another checkpoint than {checkpoint} "
                                   f"(built from {manifest.get('checkpoint')}); {rebuild} --checkpoint {checkpoint}")
-    prognosis = manifest.get("prognosis")
-    if prognosis and prognosis.get("source") and Path(prognosis["source"]).is_file():
-        if file_sha256(Path(prognosis["source"])) != prognosis["checkpoint_sha256"]:
-            raise RepositoryError(f"{repository} is stale: {prognosis['source']} changed since the build; {rebuild}")
+    for record in (manifest.get("prognosis"), manifest.get("pemma")):   # the other checkpoints the build read
+        if record and record.get("source") and Path(record["source"]).is_file():
+            if file_sha256(Path(record["source"])) != record["checkpoint_sha256"]:
+                raise RepositoryError(f"{repository} is stale: {record['source']} changed since the build; {rebuild}")
     return manifest
 
 

@@ -344,3 +344,42 @@ def encode_prompts_bls(pb):
         return EncodedPrompts(int(out["MODALITY_INDEX"][0]), out["FILM"], out["HEAD_PARAMS"], out["TARGET_EMBEDDING"])
 
     return encode
+
+
+def segment_petct_model(pb):
+    """CT and/or PET (each optional, each with its own affine) -> LABELS on the CT's grid (the PET's without a CT),
+    MODE and LABEL_NAMES (BLS over the ``pemma_segmenter`` unit)."""
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            import duplus.models.pemma  # noqa: F401 - torch and MONAI load now, not on the first request
+            from serving.pipelines import PetCtSegmenter
+
+            config, model_dir, _ = _context(args)
+            manifest = read_manifest(model_dir.parent)
+            self.pipeline = PetCtSegmenter(manifest, self._segment, ServingLimits.from_parameters(
+                config.get("parameters", {})))
+
+        @staticmethod
+        def _segment(image, mode):
+            return _bls(pb, "pemma_segmenter", [pb.Tensor("image", image), pb.Tensor("mode", mode)],
+                        ["logits"])["logits"]
+
+        @staticmethod
+        def _optional(request, name):
+            t = pb.get_input_tensor_by_name(request, name)
+            return None if t is None else t.as_numpy()
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                try:
+                    out = self.pipeline(*(self._optional(request, n) for n in ("CT", "CT_AFFINE", "PET", "PET_AFFINE")))
+                    responses.append(pb.InferenceResponse([
+                        pb.Tensor("LABELS", out.labels), _string_tensor(pb, "MODE", [out.mode]),
+                        _string_tensor(pb, "LABEL_NAMES", out.label_names)]))
+                except Exception as exc:  # noqa: BLE001
+                    responses.append(_error(pb, exc, "segment_petct"))
+            return responses
+
+    return TritonPythonModel

@@ -1,12 +1,14 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "duplus_demo.pt"
 PROGNOSIS_CHECKPOINT = ROOT / "checkpoints" / "duplus_prognosis.pt"
+PEMMA_CHECKPOINT = ROOT / "checkpoints" / "pemma_lora.pt"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,13 +33,16 @@ def demo_predictor():
 
 @pytest.fixture(scope="session")
 def triton_repository(tmp_path_factory):
-    """The embedded repository built from the shipped checkpoints (ONNX Runtime units, prognosis included)."""
+    """The embedded repository built from the shipped checkpoints (ONNX Runtime units, prognosis and PEMMA
+    included)."""
     from export.build_engines import build
 
-    if not PROGNOSIS_CHECKPOINT.is_file():
-        pytest.fail(f"the shipped prognosis checkpoint is missing: {PROGNOSIS_CHECKPOINT}")
+    for shipped in (PROGNOSIS_CHECKPOINT, PEMMA_CHECKPOINT):
+        if not shipped.is_file():
+            pytest.fail(f"a shipped checkpoint is missing: {shipped}")
     out = tmp_path_factory.mktemp("triton") / "model_repository"
-    build(DEMO_CHECKPOINT, out, engine="onnxruntime", prognosis_checkpoint=PROGNOSIS_CHECKPOINT)
+    build(DEMO_CHECKPOINT, out, engine="onnxruntime", prognosis_checkpoint=PROGNOSIS_CHECKPOINT,
+          pemma_checkpoint=PEMMA_CHECKPOINT)
     return out
 
 
@@ -47,7 +52,8 @@ def torch_repository(tmp_path_factory):
     from export.build_engines import build
 
     out = tmp_path_factory.mktemp("triton_torch") / "model_repository"
-    build(DEMO_CHECKPOINT, out, engine="torch", prognosis_checkpoint=PROGNOSIS_CHECKPOINT)
+    build(DEMO_CHECKPOINT, out, engine="torch", prognosis_checkpoint=PROGNOSIS_CHECKPOINT,
+          pemma_checkpoint=PEMMA_CHECKPOINT)
     return out
 
 
@@ -124,3 +130,33 @@ def postgres_url():
             subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
                            capture_output=True, timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- PEMMA: one held-out PET/CT pair, shared by the serving and the DICOM node tests ----
+
+#: a phantom seed used by no training, validation or held-out set of configs/pemma.yaml (3000+, 3100+, 9100+, ...)
+PETCT_SEED = 4242
+
+
+def _crop(image: np.ndarray, affine: np.ndarray, centre_vox, size) -> tuple[np.ndarray, np.ndarray]:
+    """A sub-volume of ``size`` voxels around ``centre_vox`` and its affine (same world positions)."""
+    lo = np.clip(np.round(np.asarray(centre_vox) - np.asarray(size) / 2).astype(int), 0, None)
+    hi = np.minimum(lo + np.asarray(size).astype(int), image.shape)
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+    return np.ascontiguousarray(image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]), shifted
+
+
+@pytest.fixture(scope="session")
+def petct_pair():
+    """(ct, ct_affine, pet, pet_affine): a CT of ~135 x 70 x 70 mm and a PET of ~150 x 90 x 75 mm around the lesions."""
+    from duplus.synth.phantoms import generate_petct
+
+    p = generate_petct("E", PETCT_SEED)
+    centre_world = p.ct.affine @ np.r_[np.argwhere(p.label > 0).mean(axis=0), 1.0]
+    ct, ct_affine = _crop(p.ct.image, p.ct.affine, np.argwhere(p.label > 0).mean(axis=0),
+                          np.round(np.array([135.0, 70.0, 70.0]) / np.linalg.norm(p.ct.affine[:3, :3], axis=0)))
+    pet_centre = np.linalg.solve(p.pet.affine, centre_world)[:3]
+    pet, pet_affine = _crop(p.pet.image, p.pet.affine, pet_centre,
+                            np.round(np.array([150.0, 90.0, 75.0]) / np.linalg.norm(p.pet.affine[:3, :3], axis=0)))
+    return ct.astype(np.float32), ct_affine, pet.astype(np.float32), pet_affine

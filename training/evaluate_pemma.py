@@ -117,6 +117,8 @@ def paired_differences(result: dict, comparisons: list[tuple[str, str, str, str]
 COMPARISONS = [
     ("pemma_lora", "ct+pet", "early_fusion", "ct+pet"),
     ("pemma_dora", "ct+pet", "early_fusion", "ct+pet"),
+    ("pemma_dora", "ct+pet", "pemma_lora", "ct+pet"),
+    ("pemma_dora", "pet", "pemma_lora", "pet"),
     ("pemma_lora", "ct+pet", "full_finetune", "ct+pet"),
     ("pemma_lora", "pet", "pretrain", "pet"),
     ("pemma_lora", "pet", "pet_only", "pet"),

@@ -26,18 +26,21 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from duplus.contract import PETCT_LABELS, PETCT_MODES
+
 log = logging.getLogger(__name__)
 
 #: what the output channels mean (HECKTOR: 1 GTVp, 2 GTVn); channel 0 is background
-PEMMA_TARGETS = ("primary tumour", "lymph node")
+PEMMA_TARGETS = PETCT_LABELS[1:]
 #: the three ways the one adapted model can be run
-INPUT_MODES = ("ct+pet", "ct", "pet")
+INPUT_MODES = PETCT_MODES
 #: the attention projections of MONAI's ViT blocks (``vit.blocks.N.attn.qkv`` / ``attn.out_proj``)
 ATTENTION_MODULES = ("qkv", "out_proj")
 
@@ -179,6 +182,11 @@ class PemmaUNETR(nn.Module):
                 enc1 = enc1 + self.pet_skip_weight * self.pet_encoder1(pet)
         else:
             enc1 = self.pet_encoder1(pet)    # PET alone: its own skip takes the CT skip's place
+        return self._decode(hidden, x, enc1)
+
+    def _decode(self, hidden: list[torch.Tensor], x: torch.Tensor, enc1: torch.Tensor) -> torch.Tensor:
+        """UNETR's decoder: the tokens of blocks 3, 6, 9 and the normed last ones (``x``), and the image skip."""
+        u = self.unetr
         enc2 = u.encoder2(u.proj_feat(hidden[3]))
         enc3 = u.encoder3(u.proj_feat(hidden[6]))
         enc4 = u.encoder4(u.proj_feat(hidden[9]))
@@ -186,6 +194,36 @@ class PemmaUNETR(nn.Module):
         dec2 = u.decoder4(dec3, enc3)
         dec1 = u.decoder3(dec2, enc2)
         return u.out(u.decoder2(dec1, enc1))
+
+    def forward_mode(self, image: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+        """One graph for the three input modes (what is exported): ``image`` [B, 2, D, H, W] (channel 0 CT,
+        channel 1 PET, zeros where absent), ``mode`` an int64 index into INPUT_MODES ([1]).
+
+        Both pathways run; the absent modality's tokens are masked out of every attention as keys (the same
+        softmax as leaving them out of the sequence), the decoder reads the CT tokens when there is a CT and
+        the PET tokens otherwise, and the skip is the CT's, the PET's or their weighted sum.  Equal to
+        ``forward(ct, pet)`` of the same mode up to float rounding (``tests/duplus/models/test_pemma.py``).
+        """
+        if not self.has_pet:
+            raise ValueError("forward_mode needs the PET pathway (a PEMMA model); add_pet_pathway() first")
+        u, vit = self.unetr, self._vit()
+        m = mode.reshape(-1)[:1]
+        has_ct = (m != INPUT_MODES.index("pet")).to(image.dtype)     # [1]
+        has_pet = (m != INPUT_MODES.index("ct")).to(image.dtype)
+        ct, pet = image[:, 0:1], image[:, 1:2]
+        ct_tokens, pet_tokens = vit.patch_embedding(ct), self.pet_embedding(pet)
+        n = ct_tokens.shape[1]
+        x = torch.cat([ct_tokens, pet_tokens], dim=1)
+        keys = torch.cat([has_ct.expand(n), has_pet.expand(n)])[None].expand(x.shape[0], 2 * n)
+        hidden = []
+        for block in vit.blocks:
+            x = block(x, attn_mask=keys)
+            hidden.append(has_ct * x[:, :n] + (1 - has_ct) * x[:, n:])
+        x = vit.norm(x)
+        x = has_ct * x[:, :n] + (1 - has_ct) * x[:, n:]
+        pet_weight = has_ct * self.pet_skip_weight + (1 - has_ct)     # PET alone: its skip at full strength
+        enc1 = has_ct * u.encoder1(ct) + has_pet * pet_weight * self.pet_encoder1(pet)
+        return self._decode(hidden, x, enc1)
 
     def forward_channels(self, image: torch.Tensor, mode: str = "ct+pet") -> torch.Tensor:
         """``image`` [B, 2, D, H, W] (channel 0 CT, channel 1 PET) run in ``mode`` (one of INPUT_MODES).
@@ -285,6 +323,62 @@ def model_from_state(state: dict) -> nn.Module:
     return model.eval()
 
 
+@torch.no_grad()
+def merged_for_export(model: PemmaUNETR, *, tolerance: float = 1e-5, seed: int = 0, check: bool = True
+                      ) -> tuple[PemmaUNETR, dict[str, float]]:
+    """A float32 copy of ``model`` with its LoRA / DoRA adapters merged (peft ``merge_and_unload``, done in float64
+    and rounded once), checked numerically on one random window in CT+PET mode (the merged modules are the
+    attention projections, which every mode runs; the CT+PET sequence passes both pathways through all of them;
+    every mode is compared in ``tests/duplus/models/test_pemma.py``).
+
+    Returns ``(merged, {"max_abs": ..., "max_abs_float32": ...})``: the largest |merged - adapted| logit with both
+    models evaluated in float64 (the merge's own error; over ``tolerance`` raises ``ValueError``), and the same in
+    float32, where the two graphs round differently (DoRA at the shipped size: about 1e-5 on logits of about 10,
+    reported, not gated).  A model without adapters returns zeros; ``check=False`` skips the check (NaNs returned:
+    a server loading a repository whose build already checked it).
+    """
+    model = model.eval()
+    merged64 = copy.deepcopy(model).double().merge_adapters().eval()
+    merged = copy.deepcopy(merged64).float().eval()
+    if model.adapter is None:
+        return merged, {"max_abs": 0.0, "max_abs_float32": 0.0}
+    if not check:
+        return merged, {"max_abs": float("nan"), "max_abs_float32": float("nan")}
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 2, *(model.cfg.crop,) * 3, generator=g)
+    adapted64 = copy.deepcopy(model).double().eval()
+    mode = supported_modes(model)[0]
+    d64 = adapted64.forward_channels(image.double(), mode) - merged64.forward_channels(image.double(), mode)
+    d32 = model.forward_channels(image, mode) - merged.forward_channels(image, mode)
+    worst = {"max_abs": float(d64.abs().max()), "max_abs_float32": float(d32.abs().max())}
+    if worst["max_abs"] > tolerance:
+        raise ValueError(f"merging the {model.adapter.kind} adapters changed the logits by {worst['max_abs']:.2e} "
+                         f"(> {tolerance:.0e}, float64)")
+    return merged, worst
+
+
+#: what ``training/train_pemma.py`` writes
+CHECKPOINT_FORMAT = "pemma-checkpoint/1"
+
+
+def load_pemma_checkpoint(path) -> tuple[PemmaUNETR, dict]:
+    """A PEMMA checkpoint (``python -m training.train_pemma``; float16 weights of a shipped one are cast back to
+    float32) -> (the model in eval mode, the checkpoint's record without the weights).  Refuses a checkpoint of
+    another format, or one without the PET pathway (CT pretraining, the early-fusion baseline): those cannot run
+    the three input modes the served model offers."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a PEMMA checkpoint ({CHECKPOINT_FORMAT}); train one with "
+                         "python -m training.train_pemma")
+    model = model_from_state(state["model"])
+    if not (isinstance(model, PemmaUNETR) and model.has_pet):
+        raise ValueError(f"{path} (stage {state.get('stage')}) has no PET pathway: serve a PEMMA stage "
+                         "(pemma_lora, pemma_dora, full_finetune, continual_*)")
+    record = {k: v for k, v in state.items() if k != "model"}
+    record["model"] = {k: v for k, v in state["model"].items() if k != "state_dict"}
+    return model.float().eval(), record
+
+
 def supported_modes(model: nn.Module) -> tuple[str, ...]:
     """The input modes ``model`` can run: all three with a PET pathway or two channels, else one at a time."""
     if isinstance(model, PemmaUNETR) and not model.has_pet:
@@ -292,18 +386,29 @@ def supported_modes(model: nn.Module) -> tuple[str, ...]:
     return INPUT_MODES
 
 
+#: windows [b, 2, crop, crop, crop] -> logits [b, 1 + len(PEMMA_TARGETS), crop, crop, crop]: the model in
+#: process, or the served ``pemma_segmenter`` unit over BLS
+WindowFn = Callable[[torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
-def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, mode: str, *, overlap: float = 0.25,
-                                 sw_batch_size: int = 2) -> torch.Tensor:
-    """Model-space ``image`` [2, X, Y, Z] -> softmax probabilities [1 + len(PEMMA_TARGETS), X, Y, Z] (sliding
-    window of the model's crop, Gaussian-weighted blending; the volume is padded up to one crop where smaller)."""
+def window_probabilities(windows: WindowFn, image: torch.Tensor, crop: int, *, overlap: float = 0.25,
+                         sw_batch_size: int = 2) -> torch.Tensor:
+    """Model-space ``image`` [2, X, Y, Z] -> softmax probabilities [1 + len(PEMMA_TARGETS), X, Y, Z]: MONAI's
+    sliding window of ``crop``, Gaussian-weighted blending of the logits; a volume smaller than one crop is
+    padded with zeros (what a normalised image has outside the body)."""
     from monai.inferers import sliding_window_inference
 
-    crop = model.cfg.crop
-    logits = sliding_window_inference(image[None].float(), (crop,) * 3, sw_batch_size,
-                                      lambda x: model.forward_channels(x, mode), overlap=overlap, mode="gaussian",
-                                      padding_mode="constant", cval=0.0)
+    logits = sliding_window_inference(image[None].float(), (crop,) * 3, sw_batch_size, windows, overlap=overlap,
+                                      mode="gaussian", padding_mode="constant", cval=0.0)
     return torch.softmax(logits[0].float(), dim=0)
+
+
+def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, mode: str, *, overlap: float = 0.25,
+                                 sw_batch_size: int = 2) -> torch.Tensor:
+    """:func:`window_probabilities` of ``model`` run in ``mode``."""
+    return window_probabilities(lambda x: model.forward_channels(x, mode), image, model.cfg.crop, overlap=overlap,
+                                sw_batch_size=sw_batch_size)
 
 
 def segment_petct(model: nn.Module, ct=None, ct_affine=None, pet=None, pet_affine=None, *,
@@ -332,8 +437,13 @@ def labels_on_grid(model: nn.Module, image: torch.Tensor, mode: str, model_affin
                    affine: np.ndarray, shape, *, overlap: float = 0.25) -> np.ndarray:
     """Model-space ``image`` [2, X, Y, Z] -> uint8 labels on the grid (``affine``, ``shape``): probabilities are
     resampled there (trilinear) and fused by argmax, so masks come back in the geometry asked for."""
+    probs = sliding_window_probabilities(model, image, mode, overlap=overlap)
+    return probabilities_to_labels(probs, model_affine, affine, shape)
+
+
+def probabilities_to_labels(probs: torch.Tensor, model_affine: np.ndarray, affine: np.ndarray, shape) -> np.ndarray:
+    """Model-space probabilities -> uint8 labels on the grid (``affine``, ``shape``): trilinear, then argmax."""
     from duplus.preprocessing import to_input_grid
 
-    probs = sliding_window_probabilities(model, image, mode, overlap=overlap)
     on_grid = to_input_grid(probs, model_affine, affine, tuple(int(v) for v in shape))
     return on_grid.argmax(dim=0).to(torch.uint8).numpy()

@@ -92,3 +92,31 @@ def prognosis_example_inputs(name: str, cfg: DuPLUSConfig, image_dim: int, text_
         return {"image_features": torch.randn(n, image_dim, generator=g),
                 "ehr_embedding": torch.nn.functional.normalize(torch.randn(n, text_dim, generator=g), dim=1)}
     raise ValueError(f"unknown prognosis unit {name!r}")
+
+
+# ---- PEMMA (issue 20: one graph for CT-only, PET-only and CT+PET) ---------------------------
+
+class PemmaSegmenterUnit(nn.Module):
+    """The merged PEMMA UNETR as one unit: windows [b, 2, c, c, c] (CT, PET; zeros where absent) + mode [1]
+    (index into ``duplus.models.pemma.INPUT_MODES``) -> logits and softmax probabilities [b, 3, c, c, c]."""
+
+    def __init__(self, model):
+        super().__init__()
+        if getattr(model, "adapter", None) is not None:
+            raise ValueError("merge the adapters first (duplus.models.pemma.merged_for_export)")
+        self.model = model
+
+    def forward(self, image, mode):
+        logits = self.model.forward_mode(image, mode)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def pemma_example_inputs(crop: int, *, batch: int = 1, mode: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random windows (the absent modality's channel zero, as the pipeline sends it) and a mode index."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 2, crop, crop, crop, generator=g)
+    if mode == 1:
+        image[:, 1] = 0
+    elif mode == 2:
+        image[:, 0] = 0
+    return {"image": image, "mode": torch.tensor([mode], dtype=torch.int64)}

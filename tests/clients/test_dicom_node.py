@@ -138,6 +138,52 @@ def _storescu_to_node_to_orthanc_seg(node, orthanc, triton_server, tmp_path):
 
 
 @needs_peers
+def test_petct_study_goes_to_segment_petct_and_its_seg_references_both(node, orthanc, triton_server, petct_pair,
+                                                                      tmp_path):
+    """``petct: true``: storescu sends a head-and-neck CT and PET of one acquisition (one study, one Frame of
+    Reference); the PET's job sends the pair to segment_petct; the SEG at Orthanc lies on the CT grid, references
+    both series, passes dciodvfy, and its frames equal the client's labels for the same pair."""
+    from pydicom.uid import generate_uid
+
+    ct, ct_affine, pet, pet_affine = petct_pair
+    study, frame = generate_uid(), generate_uid()
+    write_series(ct, ct_affine, tmp_path / "study" / "ct", modality="CT", body_part="HEADNECK", study_uid=study,
+                 frame_of_reference_uid=frame)
+    write_series(pet, pet_affine, tmp_path / "study" / "pet", modality="PT", body_part="HEADNECK", study_uid=study,
+                 frame_of_reference_uid=frame)
+    ct_series = read_series(tmp_path / "study" / "ct")
+    pet_series = read_series(tmp_path / "study" / "pet", pet_units="SUV")
+    node.cfg = replace(node.cfg, petct=True, pet_units="SUV")
+    try:
+        proc = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "DUPLUS", "+sd", "+r", "127.0.0.1",
+                               str(node.cfg.port), str(tmp_path / "study")], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        row = _wait_status(node, pet_series.series_uid)
+        ct_row = _wait_status(node, ct_series.series_uid)
+    finally:
+        node.cfg = replace(node.cfg, petct=False, pet_units=None)
+    assert row["status"] == "done" and ct_row["status"] == "done", (row["error"], ct_row["error"])
+    found = json.loads(urllib.request.urlopen(urllib.request.Request(
+        orthanc["url"] + "/tools/find", data=json.dumps({"Level": "Instance", "Query": {
+            "SOPInstanceUID": row["seg_uid"]}}).encode(), method="POST"), timeout=10).read())
+    assert len(found) == 1
+    seg_file = tmp_path / "seg.dcm"
+    seg_file.write_bytes(_get(f"{orthanc['url']}/instances/{found[0]}/file"))
+    check = subprocess.run([DCIODVFY, str(seg_file)], capture_output=True, text=True)
+    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+    seg = pydicom.dcmread(seg_file)
+    assert {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence} == {ct_series.series_uid,
+                                                                          pet_series.series_uid}
+    from_seg = seg_to_labels(seg, ct_series)
+    with SegmentationClient(triton_server.grpc_url) as client:
+        expected = client.segment_petct(ct_series.volume, ct_series.affine, pet_series.volume, pet_series.affine)
+    assert expected.mode == "ct+pet" and (expected.labels == 1).sum() > 100
+    np.testing.assert_array_equal(from_seg, expected.labels)
+
+
+@needs_peers
 def test_bad_input_gets_a_dimse_failure_and_the_node_keeps_serving(node, tmp_path):
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage, Verification
@@ -248,6 +294,8 @@ def test_node_config_validation(tmp_path):
         NodeConfig.from_yaml(tmp_path / "n.yaml")
     with pytest.raises(ValueError, match="instructions must be one of"):
         NodeConfig(instructions="sometimes")
+    with pytest.raises(ValueError, match="petct must be true or false"):
+        NodeConfig(petct="yes")
 
 
 @needs_peers

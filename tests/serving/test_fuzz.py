@@ -149,6 +149,9 @@ def _good_requests():
         "prognose": {"VOLUME": array(pet, "FP32"), "AFFINE": array(np.diag([4.0, 4.0, 4.0, 1.0]), "FP64"),
                      "MODALITY": strings("PET"), "T1": strings("PET of the head and neck"),
                      "EHR": strings("62-year-old man, HPV positive, smoker, T2 N1.")},
+        "pemma_segmenter": {"image": array(np.zeros((1, 2, 64, 64, 64), np.float32), "FP32"),
+                            "mode": array(np.zeros(1, np.int64), "INT64")},
+        "segment_petct": {"PET": array(pet, "FP32"), "PET_AFFINE": array(np.diag([4.0, 4.0, 4.0, 1.0]), "FP64")},
     }
 
 

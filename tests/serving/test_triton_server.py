@@ -276,7 +276,7 @@ def test_a_model_subset_loads_what_it_calls_and_unknown_names_are_refused(triton
     from serving.serve import TritonServer
 
     full = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT).models()
-    assert len(full) == 13 and "prognose" in full and "encode_instructions" in full
+    assert len(full) == 15 and "prognose" in full and "encode_instructions" in full and "segment_petct" in full
     seg = TritonServer(triton_repository, models=["segment_volume"]).models()
     assert seg == ["tokenizer", "text_encoder", "conditioning", "encode_prompts", "instructions",
                    "encode_instructions", "segmenter", "segment_volume"]

@@ -135,6 +135,32 @@ def test_segment_petct_returns_labels_in_the_reference_geometry(ct_model):
         segment_petct(ct_model, pair.ct.image, pair.ct.affine, pair.pet.image, pair.pet.affine)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_the_exported_graph_equals_each_mode(ct_model, kind):
+    """The unit that is exported (adapters merged, one graph, the mode an input) gives each mode's own forward:
+    the masked attention is the same softmax as a sequence without the absent modality's tokens."""
+    from duplus.models.pemma import merged_for_export
+    from duplus.models.units import PemmaSegmenterUnit, pemma_example_inputs
+
+    model = adapted(ct_model, kind)
+    with torch.no_grad():
+        model.pet_skip_weight.fill_(0.6)        # a skip weight other than 1 tells the CT+PET and PET skips apart
+    merged, diff = merged_for_export(model)
+    assert diff["max_abs"] < 1e-9 and diff["max_abs_float32"] < 1e-5, diff
+    unit = PemmaSegmenterUnit(merged).eval()
+    for i, mode in enumerate(INPUT_MODES):
+        feed = pemma_example_inputs(TINY.crop, batch=2, mode=i, seed=i)
+        with torch.no_grad():
+            logits, probs = unit(**feed)
+            expected = model.forward_channels(feed["image"], mode)
+        assert float((logits - expected).abs().max()) < 1e-5, mode
+        assert torch.allclose(probs.sum(dim=1), torch.ones(()), atol=1e-5)
+    with pytest.raises(ValueError, match="merge the adapters"):
+        PemmaSegmenterUnit(model)
+    with pytest.raises(ValueError, match="PET pathway"):
+        ct_model.forward_mode(feed["image"], feed["mode"])
+
+
 def test_adapter_config_is_checked():
     with pytest.raises(ValueError, match="lora' or 'dora"):
         AdapterConfig(kind="ia3")
