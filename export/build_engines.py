@@ -292,8 +292,8 @@ def _build_pemma(path: Path, stage: _Units) -> dict:
     model, record = load_pemma_checkpoint(path)
     adapter = (record["model"].get("adapter") or {}).get("kind")
     merged, diff = merged_for_export(model)
-    log.info("PEMMA %s: %s adapters merged (max abs logit change on a CT+PET window %.1e in float64, %.1e in "
-             "float32)", path.name, adapter or "no", diff["max_abs"], diff["max_abs_float32"])
+    log.info("PEMMA %s: %s adapters merged (on a CT+PET window: transformer outputs %.1e apart in float64, logits "
+             "%.1e in float32)", path.name, adapter or "no", diff["max_abs"], diff["max_abs_float32"])
     crop = model.cfg.crop
     spec = pemma_contracts(crop)
     name, unit = "pemma_segmenter", PemmaSegmenterUnit(merged).eval()
