@@ -85,7 +85,6 @@ def _client(stack: ExitStack, args, log_file: Path | None = None):
 def segment(args) -> int:
     import nibabel as nib
 
-
     src = Path(args.input)
     if not src.exists():
         log.error("input not found: %s", src)
@@ -176,7 +175,6 @@ def prognose(args) -> int:
 
 def segment_petct(args) -> int:
     import nibabel as nib
-
 
     if args.study is not None and (args.ct is not None or args.pet is not None):
         raise UsageError("give --study, or --ct and/or --pet, not both")
