@@ -85,6 +85,19 @@ def _oblique_series(folder, seed=474747):
     return read_series(folder)
 
 
+def _seg_at_orthanc(orthanc, seg_uid, path):
+    """The one SEG instance ``seg_uid`` stored at Orthanc, fetched to ``path``, dciodvfy-clean; its dataset."""
+    found = json.loads(urllib.request.urlopen(urllib.request.Request(
+        orthanc["url"] + "/tools/find", data=json.dumps({"Level": "Instance", "Query": {
+            "SOPInstanceUID": seg_uid}}).encode(), method="POST"), timeout=10).read())
+    assert len(found) == 1
+    path.write_bytes(_get(f"{orthanc['url']}/instances/{found[0]}/file"))
+    check = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True)
+    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+    return pydicom.dcmread(path)
+
+
 def _wait_status(node, series_uid, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -114,16 +127,7 @@ def _storescu_to_node_to_orthanc_seg(node, orthanc, triton_server, tmp_path):
     row = _wait_status(node, series.series_uid)
     assert row["status"] == "done" and row["attempts"] == 1, row["error"]
     assert row["seg_uid"] == seg_uid_for(series.series_uid) == seg_uids(series.series_uid)[1]
-    found = json.loads(urllib.request.urlopen(urllib.request.Request(
-        orthanc["url"] + "/tools/find", data=json.dumps({"Level": "Instance", "Query": {
-            "SOPInstanceUID": row["seg_uid"]}}).encode(), method="POST"), timeout=10).read())
-    assert len(found) == 1
-    seg_file = tmp_path / "seg.dcm"
-    seg_file.write_bytes(_get(f"{orthanc['url']}/instances/{found[0]}/file"))
-    check = subprocess.run([DCIODVFY, str(seg_file)], capture_output=True, text=True)
-    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
-    assert not errors, errors
-    from_seg = seg_to_labels(pydicom.dcmread(seg_file), series)
+    from_seg = seg_to_labels(_seg_at_orthanc(orthanc, row["seg_uid"], tmp_path / "seg.dcm"), series)
     # this node is configured with instructions: auto (Zeus): the server wrote each target's instruction from the
     # series header (CT, region, slice thickness); the same request through the client gives the same labels
     context = ImageContext.from_dicom(series.datasets[0]).request_fields()
@@ -164,16 +168,7 @@ def test_petct_study_goes_to_segment_petct_and_its_seg_references_both(node, ort
     finally:
         node.cfg = replace(node.cfg, petct=False, pet_units=None)
     assert row["status"] == "done" and ct_row["status"] == "done", (row["error"], ct_row["error"])
-    found = json.loads(urllib.request.urlopen(urllib.request.Request(
-        orthanc["url"] + "/tools/find", data=json.dumps({"Level": "Instance", "Query": {
-            "SOPInstanceUID": row["seg_uid"]}}).encode(), method="POST"), timeout=10).read())
-    assert len(found) == 1
-    seg_file = tmp_path / "seg.dcm"
-    seg_file.write_bytes(_get(f"{orthanc['url']}/instances/{found[0]}/file"))
-    check = subprocess.run([DCIODVFY, str(seg_file)], capture_output=True, text=True)
-    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
-    assert not errors, errors
-    seg = pydicom.dcmread(seg_file)
+    seg = _seg_at_orthanc(orthanc, row["seg_uid"], tmp_path / "seg.dcm")
     assert {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence} == {ct_series.series_uid,
                                                                           pet_series.series_uid}
     from_seg = seg_to_labels(seg, ct_series)
