@@ -182,12 +182,14 @@ def segment_petct(args) -> int:
         raise UsageError("give --ct, --pet or both (or --study with a PET/CT study's DICOM series)")
     images = {}
     if args.study is not None:   # the study's CT and PET series that share a Frame of Reference
-        from clients.dicom_io import pair_petct, read_series
+        from clients.dicom_io import pair_petct, read_images, read_series
 
         ct_uid, pet_uid = pair_petct(Path(args.study))
         log.info("paired CT series %s and PET series %s (one Frame of Reference)", ct_uid, pet_uid)
+        study = read_images(Path(args.study))      # the folder's pixels read once for both series
         for name, uid in (("CT", ct_uid), ("PET", pet_uid)):
-            found = read_series(Path(args.study), uid, pet_units=args.pet_units if name == "PET" else None)
+            found = read_series(Path(args.study), uid, pet_units=args.pet_units if name == "PET" else None,
+                                datasets=study)
             images[name] = (found.volume, found.affine, found)
     for name, path in (("CT", args.ct), ("PET", args.pet)):
         if path is None:

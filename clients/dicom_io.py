@@ -46,6 +46,11 @@ class DicomSeries:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
+def read_images(folder: str | Path) -> list:
+    """Every DICOM image (pixel data and a position) under ``folder``, read once (``read_series(datasets=...)``)."""
+    return _read_all(Path(folder))
+
+
 def _read_all(folder: Path) -> list:
     import pydicom
 
@@ -98,18 +103,21 @@ def pair_petct(folder: str | Path) -> tuple[str, str]:
 
 
 def read_series(folder: str | Path, series_uid: str | None = None, *, spacing_tolerance: float = 0.01,
-                tilt_tolerance: float = 1e-3, pet_units: str | None = None) -> DicomSeries:
+                tilt_tolerance: float = 1e-3, pet_units: str | None = None, datasets: list | None = None
+                ) -> DicomSeries:
     """The one regular volume of a series, in RAS; PET in body-weight SUV.
 
     ``pet_units``: None = compute SUVbw from the PET header (``suv_factors``; refused naming the
     missing attribute); "SUV" = the rescaled values already are SUVbw, used as they are.
+    ``datasets``: the folder's images already read (``read_images``), so that several series of one folder
+    (a PET/CT study) are read from disk once.
     """
     if pet_units not in PET_UNITS:
         raise ValueError(f"pet_units must be None (SUV from the header) or 'SUV', got {pet_units!r}")
     folder = Path(folder)
     if not folder.is_dir():
         raise DicomSeriesError(f"{folder} is not a folder")
-    datasets = _read_all(folder)
+    datasets = _read_all(folder) if datasets is None else datasets
     if not datasets:
         raise DicomSeriesError(f"no DICOM image with ImagePositionPatient in {folder}")
     by_series: dict[str, list] = {}
