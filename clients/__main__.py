@@ -90,19 +90,36 @@ def segment(args) -> int:
         log.error("input not found: %s", src)
         return 2
     volume, affine, series = _load(src, args.series_uid, args.pet_units)
-    t1, modality = args.t1, args.modality
-    if series is not None and (t1 is None or modality is None):
-        from clients.dicom_seg import derive_t1
-
-        d_t1, d_mod, _ = derive_t1(series.datasets[0])
-        t1, modality = t1 or d_t1, modality or d_mod
-    if t1 is None or modality is None:
-        log.error("a NIfTI input needs --t1 and --modality (there is no header to derive them from)")
+    t1, modality, note = args.t1, args.modality, None
+    if series is None and modality is None:
+        log.error("a NIfTI input needs --modality (there is no header to derive it from); --t1 too, unless the "
+                  "server's context classifier may choose it")
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         client = _client(stack, args, out / "triton.log")
+        if t1 is None or modality is None:
+            from clients.dicom_seg import t1_for_series
+
+            def classify():
+                try:
+                    return client.classify_context(volume, affine)
+                except Exception as exc:  # noqa: BLE001 - one line naming what the header lacks and what failed
+                    raise UsageError(f"the header does not say enough for a T1 prompt and the server's context "
+                                     f"classifier could not fill it in ({_one_line(exc, 200)}); give --t1") from None
+
+            if series is not None:   # the header, and where it names no region, the context classifier
+                ctx = t1_for_series(series.datasets[0], classify)
+                t1, modality, note = t1 or ctx.t1, modality or ctx.modality, ctx.note
+            else:                    # a NIfTI with --modality: the classifier's region for that modality
+                from duplus.context.guard import fill_t1
+
+                res = classify()
+                keys = list(res.probabilities)
+                t1, key, p = fill_t1(modality, keys, np.array([res.probabilities[k] for k in keys]))
+                note = f"T1 {t1!r} from the context classifier ({key}, p = {p:.2f} among the {modality} contexts)"
+                log.warning("%s", note)
         context = None
         if args.instructions == "auto" and series is not None:   # what the DICOM header tells the generator
             from duplus.instructions import ImageContext
@@ -111,8 +128,13 @@ def segment(args) -> int:
         t0 = time.perf_counter()
         res = client.segment_volume(volume, affine, modality, t1, args.targets,
                                     instructions=args.instructions if args.instructions != "names" else None,
-                                    context=context)
+                                    context=context, strict_context=args.strict_context)
         seconds = time.perf_counter() - t0
+    from clients.dicom_seg import contradiction_note
+
+    contradiction = contradiction_note(t1, res.context_verdict)
+    if contradiction:
+        log.warning("%s", contradiction)
     nib.save(nib.Nifti1Image(res.labels, affine), str(out / "labels.nii.gz"))
     files = ["labels.nii.gz"]
     if series is not None:
@@ -132,6 +154,7 @@ def segment(args) -> int:
                "conditioned_by": list(res.conditioned_by),
                "shape": list(volume.shape), "affine": np.round(affine, 6).tolist(),
                "voxels_per_label": np.bincount(res.labels.ravel(), minlength=len(args.targets) + 1).tolist(),
+               "t1_note": note, "context_verdict": res.context_verdict,
                "seconds": round(seconds, 3), "files": files}
     (out / "result.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("t1", "resolved", "seconds", "files")}))
@@ -253,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("input", help="a NIfTI file (.nii/.nii.gz) or a folder holding one DICOM series")
     s.add_argument("--targets", nargs="+", required=True, help="target prompts, e.g. liver 'left kidney'")
-    s.add_argument("--t1", default=None, help="context prompt, e.g. 'CT of the abdomen' (default: from the DICOM header)")
+    s.add_argument("--t1", default=None, help="context prompt, e.g. 'CT of the abdomen' (default: from the DICOM header; "
+                   "where the header names no region, or for a NIfTI, the server's context classifier's)")
+    s.add_argument("--strict-context", action="store_true",
+                   help="refuse a T1 that the server's context classifier finds contradicting the image (INVALID_ARGUMENT) "
+                        "instead of segmenting with it and reporting the contradiction")
     s.add_argument("--modality", choices=("CT", "MR", "PET"), default=None,
                    help="what the volume is, which picks its intensity normalisation (default: from the DICOM "
                         "header's Modality); the stem is the modality the T1 names, this one when it names none")

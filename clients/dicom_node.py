@@ -163,6 +163,8 @@ class NodeConfig:
     #                                                     instruction from the header (Zeus); "names": the names
     petct: bool = False                                 # a head-and-neck PET series goes to segment_petct (PEMMA)
     #                                                     with its study's CT of the same Frame of Reference
+    context_fill: bool = True                           # a header naming no body region: the server's context
+    #                                                     classifier (Biomed-DPT) gives the T1; False: such a series fails
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -177,6 +179,8 @@ class NodeConfig:
             raise ValueError(f"receive must be true or false, got {self.receive!r}")
         if not isinstance(self.petct, bool):
             raise ValueError(f"petct must be true or false, got {self.petct!r}")
+        if not isinstance(self.context_fill, bool):
+            raise ValueError(f"context_fill must be true or false, got {self.context_fill!r}")
         if not self.receive and self.workers == 0:
             raise ValueError("a node that does not receive (receive: false) needs workers > 0, got workers=0")
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
@@ -321,6 +325,7 @@ class DicomNode:
         self.queue: JobQueue = open_queue(cfg.queue_url, workdir)
         self.metrics = NodeMetrics(self)
         self.last_error: str | None = None
+        self._notes: dict[str, str | None] = {}      # series UID -> what the context classifier said (job record)
         self._stop = threading.Event()
         self._server = None
         self._workers: list[threading.Thread] = []
@@ -579,6 +584,7 @@ class DicomNode:
                 seg_path, seg_uid = self.segment_series(folder, uid)
             self.send(seg_path)
         except Exception as exc:  # noqa: BLE001 - every failure is classified: retried later or failed for good
+            self._notes.pop(uid, None)
             reason = f"{type(exc).__name__}: {exc}"
             self.last_error = f"series {uid}: {reason}"
             if is_transient_failure(exc) and attempt < self.cfg.max_attempts:
@@ -593,7 +599,7 @@ class DicomNode:
                 kind = "transient, no attempts left" if is_transient_failure(exc) else "deterministic"
                 self._fail(job, f"{reason} ({kind}, attempt {attempt}/{self.cfg.max_attempts})")
         else:
-            if self.queue.finish(uid, "done", owner=owner, seg_uid=seg_uid):
+            if self.queue.finish(uid, "done", owner=owner, seg_uid=seg_uid, note=self._notes.pop(uid, None)):
                 self.metrics.series.labels("done").inc()
                 log.info("series %s: SEG %s sent", uid, seg_uid)
             else:
@@ -634,32 +640,53 @@ class DicomNode:
             log.error("series %s: cannot quarantine its files: %s", uid, exc)
 
     def segment_series(self, folder: Path, series_uid: str) -> tuple[Path, str]:
+        """Segment one series and write its SEG to the outbox. The T1 comes from the header (or the configured
+        ``t1``); a header that names no region gets the context classifier's (``context_fill``), and a T1 that the
+        server's guard finds contradicting the image is logged; both are noted in the job's record."""
         from clients.dicom_io import read_series
-        from clients.dicom_seg import derive_region, derive_t1, seg_uids, write_seg
+        from clients.dicom_seg import (
+            contradiction_note,
+            derive_region,
+            header_modality,
+            seg_uids,
+            t1_for_series,
+            write_seg,
+        )
         from clients.grpc_client import SegmentationClient
 
         series = read_series(folder, series_uid, pet_units=self.cfg.pet_units)
-        t1, modality, _ = derive_t1(series.datasets[0])
-        t1 = self.cfg.t1 or t1
-        key = f"{modality}|{derive_region(series.datasets[0])}"
-        if self.cfg.petct and key == "PET|head_neck":
-            return self.segment_petct_series(series)
-        if key not in self.cfg.targets:
-            raise ValueError(f"no targets configured for {key} (T1 {t1!r})")
-        targets = list(self.cfg.targets[key])
-
+        head = series.datasets[0]
         with SegmentationClient(self.cfg.triton_url, observer=self._observe, timeout_s=self.cfg.triton_timeout_s,
                                 retry_deadline_s=self.cfg.triton_retry_s) as client:
+            if self.cfg.t1:
+                from duplus.context.guard import t1_region
+
+                t1, modality, note = self.cfg.t1, header_modality(head), None
+                key = f"{modality}|{t1_region(t1) or derive_region(head)}"
+            else:
+                ctx = t1_for_series(head, (lambda: client.classify_context(series.volume, series.affine))
+                                    if self.cfg.context_fill else None)
+                t1, modality, note = ctx.t1, ctx.modality, ctx.note
+                key = f"{modality}|{ctx.region}"
+            if self.cfg.petct and key == "PET|head_neck":
+                return self.segment_petct_series(series)
+            if key not in self.cfg.targets:
+                raise ValueError(f"no targets configured for {key} (T1 {t1!r})")
+            targets = list(self.cfg.targets[key])
             instructions, context = None, None
             if self.cfg.instructions == "auto":       # the server's generator writes them from the header's fields
                 from duplus.instructions import ImageContext
 
-                instructions, context = "auto", ImageContext.from_dicom(series.datasets[0]).request_fields()
+                instructions, context = "auto", ImageContext.from_dicom(head).request_fields()
             res = client.segment_volume(series.volume, series.affine, modality, t1, targets,
                                         instructions=instructions, context=context)
             if instructions:
                 for target, text in zip(res.resolved, res.conditioned_by):
                     log.info("series %s: %s conditioned by %r", series_uid, target, text)
+        contradiction = contradiction_note(t1, res.context_verdict)
+        if contradiction:
+            log.warning("series %s: %s", series_uid, contradiction)
+        self._notes[series_uid] = "; ".join(n for n in (note, contradiction) if n) or None
         _, seg_uid = seg_uids(series_uid, MODEL_NAME, MODEL_VERSION)
         path = _inside(self.outbox, self.outbox / f"{series_uid}.seg.dcm")
         tmp = self.outbox / f".{series_uid}.{uuid.uuid4().hex[:8]}.part"

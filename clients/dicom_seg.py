@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,6 +36,10 @@ REGION_WORDS = {"abdomen": ("abdomen", "abdominal", "liver", "abd", "kidney", "p
                 "head_neck": ("head", "neck", "h&n", "hn", "oropharyn", "larynx", "hecktor")}
 
 
+class RegionUnknown(ValueError):
+    """The header names no body region (neither BodyPartExamined nor a SeriesDescription that says)."""
+
+
 def derive_region(ds) -> str:
     """'abdomen' or 'head_neck' from BodyPartExamined, else from SeriesDescription; ValueError if neither says."""
     body = re.sub(r"[^A-Z_]", "", str(ds.get("BodyPartExamined", "")).upper())
@@ -43,9 +48,28 @@ def derive_region(ds) -> str:
     if region is None:
         region = next((r for r, words in REGION_WORDS.items() if any(w in desc for w in words)), None)
     if region is None:
-        raise ValueError(f"cannot tell the body region from BodyPartExamined={ds.get('BodyPartExamined')!r} and "
+        raise RegionUnknown(f"cannot tell the body region from BodyPartExamined={ds.get('BodyPartExamined')!r} and "
                          f"SeriesDescription={ds.get('SeriesDescription')!r}; give --t1")
     return region
+
+
+def header_modality(ds) -> str:
+    """'CT', 'MR' or 'PET' from the header's Modality; ValueError for any other."""
+    modality = {"CT": "CT", "MR": "MR", "PT": "PET"}.get(str(ds.get("Modality", "")).upper())
+    if modality is None:
+        raise ValueError(f"Modality {ds.get('Modality')!r} has no stem in this model (CT, MR, PT); give --t1 and "
+                         "--modality")
+    return modality
+
+
+def header_sequence(ds) -> str | None:
+    """An MR series' sequence ('T1', 'T2') from its SeriesDescription's wording, else None."""
+    desc = str(ds.get("SeriesDescription", "")).lower()
+    if re.search(r"\bt2|t2w|t2-weighted|haste|ssfse", desc):
+        return "T2"
+    if re.search(r"\bt1|t1w|t1-weighted|vibe|lava|thrive|dixon", desc):
+        return "T1"
+    return None
 
 
 def derive_t1(ds) -> tuple[str, str, str | None]:
@@ -53,26 +77,61 @@ def derive_t1(ds) -> tuple[str, str, str | None]:
 
     Zeus-style instruction generation at the metadata level: the modality picks the stem, the body
     part or the description the region, and for MR the description's T1/T2 wording the sequence.
-    Raises ValueError when the header does not say enough; the caller then asks for --t1.
+    Raises ValueError when the header does not say enough (:class:`RegionUnknown` for the region: then
+    :func:`t1_for_series` asks the context classifier); the caller then asks for --t1.
     """
     from duplus.vocabulary import canonical_t1
 
-    modality = {"CT": "CT", "MR": "MR", "PT": "PET"}.get(str(ds.get("Modality", "")).upper())
-    if modality is None:
-        raise ValueError(f"Modality {ds.get('Modality')!r} has no stem in this model (CT, MR, PT); give --t1 and "
-                         "--modality")
-    desc = str(ds.get("SeriesDescription", "")).lower()
+    modality = header_modality(ds)
     region = derive_region(ds)
-    sequence = None
-    if modality == "MR":
-        if re.search(r"\bt2|t2w|t2-weighted|haste|ssfse", desc):
-            sequence = "T2"
-        elif re.search(r"\bt1|t1w|t1-weighted|vibe|lava|thrive|dixon", desc):
-            sequence = "T1"
+    sequence = header_sequence(ds) if modality == "MR" else None
     t1 = canonical_t1(modality, region, sequence)
     log.info("derived T1 %r from Modality=%s BodyPartExamined=%s SeriesDescription=%r", t1, ds.get("Modality"),
              ds.get("BodyPartExamined"), ds.get("SeriesDescription"))
     return t1, modality, sequence
+
+
+@dataclass(frozen=True)
+class SeriesContext:
+    t1: str
+    modality: str
+    sequence: str | None
+    region: str
+    note: str | None = None        # set when the context classifier filled the T1 in
+
+
+def t1_for_series(ds, classify=None) -> SeriesContext:
+    """The series' T1 prompt: :func:`derive_t1`, and when the header names no body region, the context
+    classifier's region for the header's modality (``classify()`` -> a :class:`clients.grpc_client.ContextResult`);
+    ``note`` then says so (logged, kept in the job's record). Without ``classify`` a silent header is
+    :class:`RegionUnknown`, as before."""
+    from duplus.context.classes import parse_key
+    from duplus.context.guard import fill_t1
+
+    try:
+        t1, modality, sequence = derive_t1(ds)
+        return SeriesContext(t1, modality, sequence, derive_region(ds))
+    except RegionUnknown as exc:
+        if classify is None:
+            raise
+        silent = str(exc).split(";")[0]
+    modality = header_modality(ds)
+    sequence = header_sequence(ds) if modality == "MR" else None
+    result = classify()
+    keys = list(result.probabilities)
+    t1, key, p = fill_t1(modality, keys, np.array([result.probabilities[k] for k in keys]), sequence)
+    note = (f"T1 {t1!r} from the context classifier ({key}, p = {p:.2f} among the {modality} contexts; it looks "
+            f"like {result.context}): {silent}")
+    log.warning("%s", note)
+    return SeriesContext(t1, modality, sequence, parse_key(key).region, note)
+
+
+def contradiction_note(t1: str, verdict: dict | None) -> str | None:
+    """A note when the server's T1 guard says the image contradicts ``t1`` (a header that says CT on an MR)."""
+    if not verdict or verdict.get("agrees") is not False:
+        return None
+    return (f"the context (T1) prompt {t1!r} contradicts the image, which looks like {verdict.get('t1')!r} "
+            f"(p = {verdict.get('probability')}): {verdict.get('reason')}")
 
 
 def seg_uids(source_series_uid: str, model_name: str = "DuPLUS", model_version: str = "0.1.0") -> tuple[str, str]:

@@ -5,9 +5,13 @@
         result = client.segment_volume(volume, affine, "CT", "CT of the abdomen", ["liver", "spleen"])
     result.labels                                  # uint8 on the volume's own grid; value i = targets[i-1]
 
-- **Other models**: ``prognose(volume, affine, modality, t1, ehr)`` (risk) and ``segment_petct(ct, ct_affine,
-  pet, pet_affine)`` (PEMMA: a CT, a PET or both of one patient, labels on the CT's grid); each checks its model's
-  served contract on first use.
+- **Other models**: ``prognose(volume, affine, modality, t1, ehr)`` (risk), ``segment_petct(ct, ct_affine,
+  pet, pet_affine)`` (PEMMA: a CT, a PET or both of one patient, labels on the CT's grid) and
+  ``classify_context(volume, affine, t1=None)`` (Biomed-DPT: what the image looks like, a T1 prompt for it and
+  whether ``t1`` agrees); each checks its model's served contract on first use.
+- **T1 guard**: every ``segment_volume`` result carries ``context_verdict`` (the request's T1 against what the
+  image looks like; ``agrees`` None when the repository has no context classifier); ``strict_context=True`` makes
+  the server refuse a contradicting T1 (INVALID_ARGUMENT naming both).
 - **Contract check**: ``check_ready`` compares the server's model metadata of ``segment_volume``
   with what this client sends and expects, and raises ``ServerMismatchError`` naming every difference.
 - **Timeouts**: per request (``timeout_s``); a deadline surfaces as ``RequestTimeout``.
@@ -33,6 +37,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import threading
@@ -51,7 +56,7 @@ EXPECTED_MODELS = ("tokenizer", "text_encoder", "conditioning", "segmenter", "en
 VOLUME_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "MODALITY": ("BYTES", 1), "T1": ("BYTES", 1),
                  "TARGETS": ("BYTES", 1)}
 VOLUME_OUTPUTS = {"LABELS": ("UINT8", 3), "RESOLVED_TARGETS": ("BYTES", 1), "SIMILARITY": ("FP32", 1),
-                  "STEM": ("BYTES", 1), "CONDITIONING_TEXTS": ("BYTES", 1)}
+                  "STEM": ("BYTES", 1), "CONDITIONING_TEXTS": ("BYTES", 1), "CONTEXT_VERDICT": ("BYTES", 1)}
 
 
 PROGNOSE_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "MODALITY": ("BYTES", 1), "T1": ("BYTES", 1),
@@ -61,6 +66,11 @@ PROGNOSE_OUTPUTS = {"RISK": ("FP32", 1), "IMAGE_FEATURES": ("FP32", 1), "FEATURE
 #: segment_petct (PEMMA): every input optional, at least one image with its affine
 PETCT_INPUTS = {"CT": ("FP32", 3), "CT_AFFINE": ("FP64", 2), "PET": ("FP32", 3), "PET_AFFINE": ("FP64", 2)}
 PETCT_OUTPUTS = {"LABELS": ("UINT8", 3), "MODE": ("BYTES", 1), "LABEL_NAMES": ("BYTES", 1)}
+
+#: classify_context (Biomed-DPT): a volume [+ a T1 prompt to check] -> what it looks like
+CONTEXT_INPUTS = {"VOLUME": ("FP32", 3), "AFFINE": ("FP64", 2), "T1": ("BYTES", 1)}
+CONTEXT_OUTPUTS = {"PROBABILITIES": ("FP32", 1), "CLASSES": ("BYTES", 1), "CONTEXT": ("BYTES", 1),
+                   "CONTEXT_T1": ("BYTES", 1), "VERDICT": ("BYTES", 1)}
 
 
 class ServerMismatchError(RuntimeError):
@@ -80,6 +90,9 @@ class VolumeResult:
     similarity: tuple[float, ...]
     stem: str = ""                # the stem the volume ran through: the modality T1 names, else MODALITY
     conditioned_by: tuple[str, ...] = ()  # the text that conditioned each target: its name or its instruction
+    # the T1 guard: {"looks_like", "probability", "t1", "agrees", "reason"} (duplus.context.guard.ContextVerdict);
+    # agrees None when the T1 names neither modality nor region, or the server has no context classifier
+    context_verdict: dict | None = None
 
 
 def instruction_inputs(instructions: str | None, context) -> tuple[tuple[str, str], ...]:
@@ -96,6 +109,10 @@ def instruction_inputs(instructions: str | None, context) -> tuple[tuple[str, st
     return tuple(extra)
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _strings(values) -> np.ndarray:
     return np.array([v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values], dtype=np.object_)
 
@@ -108,6 +125,14 @@ def _status(exc) -> str:
 class PrognosisResult:
     risk: float                   # log hazard ratio (higher = worse prognosis); comparable across patients
     features: dict[str, float]    # the image features the risk used: radiomics of the predicted lesions + pooled
+
+
+@dataclass(frozen=True)
+class ContextResult:
+    probabilities: dict[str, float]   # per context key ('CT|abdomen', 'MR:T1|head_neck', ...)
+    context: str                      # the most probable key
+    t1: str                           # that context as a T1 prompt ('CT of the abdomen')
+    verdict: dict                     # the request's T1 against the image (agrees None without a T1)
 
 
 @dataclass(frozen=True)
@@ -260,11 +285,13 @@ class _Common:
         return False, self._retryable(exc, started, attempt)
 
     def _inputs(self, g, volume, affine, modality, t1, targets, region=None, extra=()):
+        """segment_volume's inputs; ``extra``: (name, value) of the optional ones, a bool sent as BOOL [1]."""
         inputs = []
         for name, arr, dtype in (("VOLUME", volume, "FP32"), ("AFFINE", affine, "FP64"),
                                  ("MODALITY", _strings([modality]), "BYTES"), ("T1", _strings([t1]), "BYTES"),
                                  ("TARGETS", _strings(targets), "BYTES"),
-                                 *((n, _strings([v]), "BYTES") for n, v in extra)):
+                                 *((n, np.array([v], dtype=np.bool_), "BOOL") if isinstance(v, bool) else
+                                   (n, _strings([v]), "BYTES") for n, v in extra)):
             t = g.InferInput(name, list(arr.shape), dtype)
             if name == "VOLUME" and region is not None:
                 t.set_shared_memory(region, arr.nbytes)
@@ -278,7 +305,8 @@ class _Common:
         if region is not None:
             labels.set_shared_memory(region, nbytes)
         return [labels, g.InferRequestedOutput("RESOLVED_TARGETS"), g.InferRequestedOutput("SIMILARITY"),
-                g.InferRequestedOutput("STEM"), g.InferRequestedOutput("CONDITIONING_TEXTS")]
+                g.InferRequestedOutput("STEM"), g.InferRequestedOutput("CONDITIONING_TEXTS"),
+                g.InferRequestedOutput("CONTEXT_VERDICT")]
 
     @staticmethod
     def _result(res, affine, targets, labels=None) -> VolumeResult:
@@ -286,9 +314,11 @@ class _Common:
         resolved = tuple(b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("RESOLVED_TARGETS"))
         stem = res.as_numpy("STEM").reshape(-1)[0]
         texts = tuple(b.decode() if isinstance(b, bytes) else str(b) for b in res.as_numpy("CONDITIONING_TEXTS"))
+        verdict = res.as_numpy("CONTEXT_VERDICT")
         return VolumeResult(labels, affine, tuple(targets), resolved,
                             tuple(float(s) for s in res.as_numpy("SIMILARITY")),
-                            stem.decode() if isinstance(stem, bytes) else str(stem), texts)
+                            stem.decode() if isinstance(stem, bytes) else str(stem), texts,
+                            None if verdict is None else json.loads(_text(verdict.reshape(-1)[0])))
 
     def _retryable(self, exc, started: float, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or None to raise."""
@@ -341,12 +371,14 @@ class SegmentationClient(_Common):
 
     def segment_volume(self, volume: np.ndarray, affine: np.ndarray, modality: str, t1: str,
                        targets: list[str] | tuple[str, ...], *, instructions: str | None = None,
-                       context=None) -> VolumeResult:
+                       context=None, strict_context: bool = False) -> VolumeResult:
         """``instructions='auto'``: each target is conditioned by the instruction the server's generator writes for
-        it and ``context`` (see ``instruction_inputs``); the result's ``conditioned_by`` holds them."""
+        it and ``context`` (see ``instruction_inputs``); the result's ``conditioned_by`` holds them.
+        ``strict_context``: a T1 that contradicts what the image looks like is refused (INVALID_ARGUMENT naming
+        both) instead of only reported in ``context_verdict``."""
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
-        extra = instruction_inputs(instructions, context)
+        extra = instruction_inputs(instructions, context) + ((("STRICT_CONTEXT", True),) if strict_context else ())
 
         def call(client) -> VolumeResult:
             if self.shared_memory == "system":
@@ -498,6 +530,36 @@ class SegmentationClient(_Common):
 
         return self._with_retries(call)
 
+    def classify_context(self, volume: np.ndarray, affine: np.ndarray, t1: str | None = None) -> ContextResult:
+        """What a volume looks like (the context classifier, Biomed-DPT): probabilities per context, the most
+        probable one and a T1 prompt for it; with ``t1``, whether that prompt agrees (``verdict['agrees']``)."""
+        if not getattr(self, "_context_checked", False):
+            for i in range(len(self.clients)):
+                self._with_retries(lambda client: self._check_optional_model(
+                    client, "classify_context", CONTEXT_INPUTS, CONTEXT_OUTPUTS, "--context-checkpoint"), only=i)
+            self._context_checked = True
+        g = self._grpc
+        sent = [("VOLUME", np.ascontiguousarray(volume, dtype=np.float32), "FP32"),
+                ("AFFINE", np.ascontiguousarray(affine, dtype=np.float64), "FP64")]
+        if t1 is not None:
+            sent.append(("T1", _strings([t1]), "BYTES"))
+
+        def call(client) -> ContextResult:
+            inputs = []
+            for name, arr, wire in sent:
+                t = g.InferInput(name, list(arr.shape), wire)
+                t.set_data_from_numpy(arr)
+                inputs.append(t)
+            res = client.infer("classify_context", inputs,
+                               outputs=[g.InferRequestedOutput(n) for n in CONTEXT_OUTPUTS], client_timeout=self.timeout_s)
+            keys = [_text(k) for k in res.as_numpy("CLASSES")]
+            return ContextResult(dict(zip(keys, (float(p) for p in res.as_numpy("PROBABILITIES")))),
+                                 _text(res.as_numpy("CONTEXT").reshape(-1)[0]),
+                                 _text(res.as_numpy("CONTEXT_T1").reshape(-1)[0]),
+                                 json.loads(_text(res.as_numpy("VERDICT").reshape(-1)[0])))
+
+        return self._with_retries(call)
+
     def _check_optional_model(self, client, model: str, inputs: dict, outputs: dict, build_flag: str) -> None:
         """``model`` is served and matches this client; one being reloaded (its stub died) is retried."""
         from tritonclient.utils import InferenceServerException
@@ -589,10 +651,10 @@ class AsyncSegmentationClient(_Common):
             _check_metadata(await client.get_model_metadata("segment_volume", as_json=True))
 
     async def segment_volume(self, volume, affine, modality: str, t1: str, targets, *, instructions: str | None = None,
-                             context=None) -> VolumeResult:
+                             context=None, strict_context: bool = False) -> VolumeResult:
         from tritonclient.utils import InferenceServerException
 
-        extra = instruction_inputs(instructions, context)
+        extra = instruction_inputs(instructions, context) + ((("STRICT_CONTEXT", True),) if strict_context else ())
         volume = np.ascontiguousarray(volume, dtype=np.float32)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
         started, attempt, tried = time.monotonic(), 0, set()

@@ -86,9 +86,11 @@ class JobQueue(ABC):
 
     @abstractmethod
     def finish(self, series_uid: str, status: str, *, owner: str, seg_uid: str | None = None,
-               error: str | None = None, retry_in_s: float | None = None) -> bool:
+               error: str | None = None, retry_in_s: float | None = None, note: str | None = None) -> bool:
         """Record the outcome of ``owner``'s attempt: 'done', 'failed', or 'receiving' (a retry, due in
-        ``retry_in_s``). False, and nothing changed, when ``owner`` no longer holds the series."""
+        ``retry_in_s``), with an optional ``note`` (what the context classifier said of the series: a T1 it filled
+        in, a header that contradicts the image). False, and nothing changed, when ``owner`` no longer holds the
+        series."""
 
     @abstractmethod
     def requeue_expired(self, max_attempts: int) -> tuple[int, list[dict]]:
@@ -127,12 +129,12 @@ CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY, study_uid TEXT, calling_ae TEXT, folder TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'receiving',          -- receiving | processing | done | failed
     instances INTEGER NOT NULL DEFAULT 0, last_received REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    seg_uid TEXT, error TEXT, updated REAL, next_attempt REAL, owner TEXT, lease_until REAL);
+    seg_uid TEXT, error TEXT, updated REAL, next_attempt REAL, owner TEXT, lease_until REAL, note TEXT);
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, path TEXT NOT NULL, received REAL NOT NULL);
 """
 # columns added after the first release: (name, declaration), added to an existing queue.sqlite at open
-MIGRATIONS = (("next_attempt", "REAL"), ("owner", "TEXT"), ("lease_until", "REAL"))
+MIGRATIONS = (("next_attempt", "REAL"), ("owner", "TEXT"), ("lease_until", "REAL"), ("note", "TEXT"))
 
 
 class SqliteJobQueue(JobQueue):
@@ -218,15 +220,15 @@ class SqliteJobQueue(JobQueue):
                                    "AND status = 'processing'", (now + lease_s, series_uid, owner)).rowcount == 1
 
     def finish(self, series_uid: str, status: str, *, owner: str, seg_uid: str | None = None,
-               error: str | None = None, retry_in_s: float | None = None) -> bool:
+               error: str | None = None, retry_in_s: float | None = None, note: str | None = None) -> bool:
         self._check_finish(status, retry_in_s)
         now = time.time()
         due = None if retry_in_s is None else now + retry_in_s
         with self._lock:
             return self.db.execute(
                 "UPDATE series SET status = ?, seg_uid = ?, error = ?, next_attempt = ?, lease_until = NULL, "
-                "updated = ? WHERE series_uid = ? AND owner = ? AND status = 'processing'",
-                (status, seg_uid, error, due, now, series_uid, owner)).rowcount == 1
+                "updated = ?, note = COALESCE(?, note) WHERE series_uid = ? AND owner = ? AND status = 'processing'",
+                (status, seg_uid, error, due, now, note, series_uid, owner)).rowcount == 1
 
     def _requeue(self, where: str, params: tuple, max_attempts: int, why: str) -> tuple[int, list[dict]]:
         """'processing' rows matching ``where``: failed when they used all attempts, else back to 'receiving'."""
@@ -283,7 +285,8 @@ PG_SCHEMA = (
             CHECK (status IN ('receiving', 'processing', 'done', 'failed')),
         instances integer NOT NULL DEFAULT 0, last_received float8 NOT NULL, attempts integer NOT NULL DEFAULT 0,
         seg_uid text, error text, updated float8, next_attempt float8,
-        owner text, lease_until float8)""",                   # owner: '<node id>/worker-<n>' that holds or held it
+        owner text, lease_until float8, note text)""",        # owner: '<node id>/worker-<n>' that holds or held it
+    "ALTER TABLE series ADD COLUMN IF NOT EXISTS note text",   # a database written before notes existed
     """CREATE TABLE IF NOT EXISTS instances (
         sop_uid text PRIMARY KEY, series_uid text NOT NULL, path text NOT NULL, received float8 NOT NULL)""",
     # the unfinished rows, for claims, expiry and depth (finished rows accumulate)
@@ -441,15 +444,16 @@ class PostgresJobQueue(JobQueue):
         return self._run(work)
 
     def finish(self, series_uid: str, status: str, *, owner: str, seg_uid: str | None = None,
-               error: str | None = None, retry_in_s: float | None = None) -> bool:
+               error: str | None = None, retry_in_s: float | None = None, note: str | None = None) -> bool:
         self._check_finish(status, retry_in_s)
 
         def work(cur):
             cur.execute(
                 f"UPDATE series SET status = %(status)s, seg_uid = %(seg)s, error = %(error)s, "
-                f"next_attempt = {_NOW} + %(retry)s::float8, lease_until = NULL, updated = {_NOW} "
+                f"next_attempt = {_NOW} + %(retry)s::float8, lease_until = NULL, updated = {_NOW}, "
+                "note = COALESCE(%(note)s, note) "
                 "WHERE series_uid = %(uid)s AND owner = %(owner)s AND status = 'processing'",
-                {"status": status, "seg": seg_uid, "error": error, "uid": series_uid, "owner": owner,
+                {"status": status, "seg": seg_uid, "error": error, "uid": series_uid, "owner": owner, "note": note,
                  "retry": None if retry_in_s is None else float(retry_in_s)})   # NULL + now: NULL, no backoff
             return cur.rowcount == 1
 

@@ -229,3 +229,22 @@ def pemma_contracts(crop: int) -> dict[str, UnitContract]:
             f"({', '.join(f'{i} {m}' for i, m in enumerate(PETCT_MODES))}) -> logits and softmax of "
             f"{', '.join(PETCT_LABELS)}", max_sizes=(("b", MAX_UNIT_BATCH),)),
     }
+
+
+#: the context classifier's input channels: three orthogonal views (axial, coronal, sagittal) of a volume
+#: (``duplus.context.views.context_views``), intensities scaled to [0, 1] per volume
+CONTEXT_VIEWS = 3
+
+
+def context_contracts(keys, size: int) -> dict[str, UnitContract]:
+    """The context classifier (Biomed-DPT, issue 21): views [b, 3, size, size] -> probabilities over ``keys``
+    (the prompt-tuned text features of the classes are constants of the graph)."""
+    keys = tuple(keys)
+    return {
+        "context_classifier": UnitContract(
+            "context_classifier",
+            (TensorSpec("views", "float32", ("b", CONTEXT_VIEWS, size, size)),),
+            (TensorSpec("probabilities", "float32", ("b", len(keys))),),
+            f"prompt-tuned ViT: axial, coronal and sagittal views of a volume -> softmax over the {len(keys)} "
+            f"contexts ({', '.join(keys)})", max_sizes=(("b", MAX_UNIT_BATCH),)),
+    }

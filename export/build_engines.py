@@ -17,12 +17,15 @@ error, non-zero exit) -> the Triton repository (``export/repository.py``):
     <output>/prognose/1/                   model.py (BLS) + the EHR tokenizer
     <output>/pemma_segmenter/1/model.onnx  with a PEMMA checkpoint (adapters merged, checked): CT and/or PET windows
     <output>/segment_petct/1/              model.py (BLS): CT, PET or both in their own geometry -> labels
+    <output>/context_classifier/1/model.onnx  with a context checkpoint (Biomed-DPT): three views -> probabilities
+    <output>/classify_context/1/           model.py (BLS): volume + affine [+ T1] -> context, its T1, the T1 verdict
     <output>/<model>/config.pbtxt          generated from typed objects (export/triton_config.py)
 
 Engines: TensorRT where it imports and a GPU exists; else ONNX Runtime (CUDA provider when
 present); or PyTorch (CUDA on a GPU without TensorRT). The torch engine's units run from
 <output>/checkpoint.pt (and prognosis_checkpoint.pt): no ONNX file is written for them, their manifest
-entries name the checkpoint and its sha256 (pemma_checkpoint.pt for the PEMMA unit). ``--target embedded`` (default) serves the units from
+entries name the checkpoint and its sha256 (pemma_checkpoint.pt for the PEMMA unit, context_checkpoint.pt for
+the context classifier). ``--target embedded`` (default) serves the units from
 python-backend models on the Triton server of the nvidia-pytriton wheel; ``--target ngc`` writes native
 onnxruntime_onnx / tensorrt_plan models for the NGC container.
 """
@@ -61,6 +64,7 @@ from export.calibration import PhantomCalibration  # noqa: E402
 from export.onnx_export import ContractError, ParityError  # noqa: E402
 from export.repository import (  # noqa: E402
     CHECKPOINT,
+    CONTEXT_CHECKPOINT,
     PEMMA_CHECKPOINT,
     PROGNOSIS_CHECKPOINT,
     SOURCE_REPOSITORY,
@@ -86,6 +90,9 @@ log = logging.getLogger("build_engines")
 DEFAULT_PROGNOSIS = "checkpoints/duplus_prognosis.pt"
 #: the shipped PEMMA checkpoint (PET/CT head-and-neck segmenter); built into the repository when present
 DEFAULT_PEMMA = "checkpoints/pemma_lora.pt"
+#: the shipped context classifier (Biomed-DPT, python -m training.train_context); built into the repository when
+#: present: the classify_context model and segment_volume's T1 guard
+DEFAULT_CONTEXT = "checkpoints/context_dpt.pt"
 __all__ = ["SOURCE_REPOSITORY", "build", "main", "resolve_engine"]
 
 
@@ -162,7 +169,7 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
           max_targets: int = 16, instances: int = 1, threads: int = 0, ort_optimization: str = "all",
           units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2,
           prognosis_checkpoint: Path | None = None, generator_config: Path | None = None,
-          pemma_checkpoint: Path | None = None) -> dict:
+          pemma_checkpoint: Path | None = None, context_checkpoint: Path | None = None) -> dict:
     """Build the repository at ``output`` from ``checkpoint``; returns the manifest (also written to
     ``output/manifest.json``). Raises ``ParityError`` when a unit is over its tolerances (after building all)."""
     from duplus.inference import Predictor
@@ -221,6 +228,8 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
         spec = dict(spec, **prognosis["spec"])
     if pemma_checkpoint is not None:
         spec = dict(spec, **_build_pemma(Path(pemma_checkpoint), stage))
+    if context_checkpoint is not None:
+        spec = dict(spec, **_build_context(Path(context_checkpoint), stage))
     predictor = Predictor(model, PromptVocabulary.from_dict(ckpt["vocabulary"]), encoder)
     manifest["models"] = write_triton_repository(output, opts, spec, encoder, predictor, generator_config)
     if prognosis is not None:
@@ -329,6 +338,59 @@ def _build_pemma(path: Path, stage: _Units) -> dict:
     return spec
 
 
+def _build_context(path: Path, stage: _Units) -> dict:
+    """The context classifier unit (views -> probabilities over the checkpoint's classes), parity-checked like
+    every unit; fills the manifest's unit and ``context`` record (classes, their T1 prompts, the view sampling, the
+    guard's alpha, the checkpoint's meta, the parity); returns its contract."""
+    from duplus.context.classes import parse_key
+    from duplus.context.guard import DEFAULT_ALPHA
+    from duplus.context.model import load_classifier
+    from duplus.context.views import VIEW_SIZE, VIEW_SLAB, VIEW_SPACING_MM
+    from duplus.contract import CONTEXT_VIEWS, context_contracts
+    from duplus.models.units import context_example_inputs
+    from export.tensorrt_engine import ShapeProfile
+
+    model, meta = load_classifier(path)
+    size = model.cfg.image_size
+    if size != VIEW_SIZE or model.cfg.channels != CONTEXT_VIEWS:
+        raise ValueError(f"{path}: the classifier reads {model.cfg.channels} views of {size} px; the served views "
+                         f"are {CONTEXT_VIEWS} of {VIEW_SIZE} px (duplus.context.views)")
+    keys = list(model.keys)
+    names = [parse_key(k).name for k in keys]      # an unknown key fails the build, not a request
+    spec = context_contracts(keys, size)
+    name = "context_classifier"
+    onnx = stage.engine != "torch"
+    profile = engine_inputs = None
+    if stage.engine == "tensorrt":
+        view = (CONTEXT_VIEWS, size, size)
+        profile = ShapeProfile({"views": ((1,) + view, (1,) + view, (stage.max_batch_size,) + view)})
+        engine_inputs = [context_example_inputs(size, batch=1, seed=3000),
+                         context_example_inputs(size, batch=stage.max_batch_size, seed=3001)]
+    checkpoint = copy_checkpoint(path, stage.output, CONTEXT_CHECKPOINT) if stage.engine == "torch" else None
+    entry = export_unit(
+        name, model, spec[name], stage.output, engine=stage.engine, precision=stage.precision,
+        example=context_example_inputs(size, batch=2, seed=0) if onnx else None,
+        fresh=[context_example_inputs(size, batch=1 + 2 * i, seed=1000 + i) for i in range(stage.parity_runs)]
+        if onnx else (),
+        profile=profile, engine_inputs=engine_inputs or (), checkpoint=checkpoint,
+        timing_cache=stage.output / ".timing.cache")
+    stage.manifest["units"][name] = entry
+    failures = parity_failures(name, entry)
+    if failures:
+        raise ParityError("context classifier parity over tolerance: " + "; ".join(failures))
+    rows = entry.get("parity", [])
+    stage.manifest["context"] = {
+        "checkpoint": path.name, "source": str(path), "checkpoint_sha256": file_sha256(path),
+        "keys": keys, "t1": names, "config": model.cfg.to_dict(), "alpha": float(meta.get("guard_alpha", DEFAULT_ALPHA)),
+        "views": {"size": VIEW_SIZE, "spacing_mm": VIEW_SPACING_MM, "slab": VIEW_SLAB},
+        # JSON-safe copy of the training metadata (validation accuracy, minutes, steps)
+        "meta": json.loads(json.dumps(meta, default=str)),
+        "parity_max_abs": max((r["max_abs"] for r in rows), default=None)}
+    log.info("context classifier %s: %d classes, ONNX Runtime vs PyTorch max abs %s", path.name, len(keys),
+             stage.manifest["context"]["parity_max_abs"])
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python export/build_engines.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="PEMMA checkpoint (python -m training.train_pemma) whose unit and `segment_petct` model are "
                          "added to the repository; skipped with a log line when the default is absent; 'none' to "
                          "leave PET/CT segmentation out")
+    ap.add_argument("--context-checkpoint", default=DEFAULT_CONTEXT,
+                    help="context classifier checkpoint (python -m training.train_context) whose unit and "
+                         "`classify_context` model are added to the repository, with segment_volume's T1 guard; "
+                         "skipped with a log line when the default is absent; 'none' to leave them out")
     ap.add_argument("--instruction-generator", type=Path, default=None, metavar="YAML",
                     help="duplus.instructions.GeneratorConfig of the served instruction generator (INSTRUCTIONS auto; "
                          "copied to instructions/1/generator.yaml); default: the offline knowledge base")
@@ -386,12 +452,21 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log.info("no %s: the repository is built without segment_petct", pemma)
         pemma = None
+    context = None if args.context_checkpoint.lower() == "none" else Path(args.context_checkpoint)
+    if context is not None and not context.is_file():
+        if args.context_checkpoint != DEFAULT_CONTEXT:
+            log.error("--context-checkpoint %s does not exist", context)
+            return 1
+        log.info("no %s: the repository is built without classify_context (segment_volume's T1 guard says so)",
+                 context)
+        context = None
     try:
         build(Path(args.checkpoint), output, target=args.target, engine=args.engine, precision=args.precision,
               patch_size=tuple(args.patch_size) if args.patch_size else None, max_batch_size=args.max_batch_size,
               max_targets=args.max_targets, instances=args.instances, threads=args.threads,
               ort_optimization=args.ort_optimization, units=tuple(args.units), prognosis_checkpoint=prognosis,
-              generator_config=args.instruction_generator, pemma_checkpoint=pemma)
+              generator_config=args.instruction_generator, pemma_checkpoint=pemma,
+              context_checkpoint=context)
     except (ContractError, ParityError, ValueError, RuntimeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1

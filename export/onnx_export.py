@@ -68,10 +68,17 @@ def export_onnx(module: nn.Module, contract: UnitContract, example: dict[str, to
         raise ContractError(f"{contract.name}: example inputs lack {missing}")
     dynamic = {t.name: t.dynamic_axes for t in contract.inputs + contract.outputs if t.dynamic_axes}
     t0 = time.perf_counter()
-    with torch.no_grad():
-        torch.onnx.export(module, tuple(example[n] for n in names_in), str(path), input_names=names_in,
-                          output_names=[t.name for t in contract.outputs], dynamic_axes=dynamic,
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    # nn.MultiheadAttention (the context classifier's ViT) takes a fused fast path under no_grad in eval mode, an
+    # op ONNX does not have: trace the plain path (the same function)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, tuple(example[n] for n in names_in), str(path), input_names=names_in,
+                              output_names=[t.name for t in contract.outputs], dynamic_axes=dynamic,
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     log.info("exported %s -> %s (%.1f MB, %.1f s)", contract.name, path, path.stat().st_size / 2**20,
              time.perf_counter() - t0)
     return path

@@ -21,6 +21,7 @@ SOURCE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 CHECKPOINT = "checkpoint.pt"
 PROGNOSIS_CHECKPOINT = "prognosis_checkpoint.pt"
 PEMMA_CHECKPOINT = "pemma_checkpoint.pt"
+CONTEXT_CHECKPOINT = "context_checkpoint.pt"
 
 
 def copy_checkpoint(source: Path, output: Path, name: str) -> Path:

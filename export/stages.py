@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: max abs / max relative tolerances per unit for fp32 ONNX Runtime vs PyTorch eager
 TOLERANCES = {"text_encoder": (1e-4, 1e-3), "conditioning": (1e-4, 1e-3), "segmenter": (2e-3, 1e-2),
               "image_features": (2e-3, 1e-2), "text_encoder_ehr": (1e-4, 1e-3), "prognosis": (1e-4, 1e-3),
-              "pemma_segmenter": (2e-3, 1e-2)}
+              "pemma_segmenter": (2e-3, 1e-2), "context_classifier": (1e-4, 1e-3)}
 #: TensorRT vs ONNX Runtime: at least these per precision (fp32 engines use TF32 where the GPU has it; fp16,
 #: bf16 and int8 round much more). An output passes when its max abs OR its max relative error is within.
 ENGINE_TOLERANCES = {"fp32": (1e-3, 1e-2), "fp16": (5e-2, 5e-2), "bf16": (1e-1, 1e-1), "int8": (2.5e-1, 2.5e-1)}

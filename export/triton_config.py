@@ -13,10 +13,11 @@ at build time, and ``pbtxt`` is that message in protobuf text format.
         tokenizer -> text_encoder x2 -> conditioning -> segmenter
     encode_instructions (ensemble)  MODALITY, T1, TARGETS (canonical), CONTEXT -> encode_prompts' outputs + INSTRUCTIONS
         instructions (Zeus's generator, before the tokenizer) -> tokenizer -> text_encoder x2 -> conditioning
-    segment_volume (python BLS) VOLUME + AFFINE + MODALITY, T1, TARGETS [+ INSTRUCTIONS, CONTEXT] -> LABELS (uint8,
-        input grid), RESOLVED_TARGETS, SIMILARITY, STEM, CONDITIONING_TEXTS
-        preprocessing -> encode_prompts once (matching) [-> encode_instructions once with INSTRUCTIONS auto]
-        -> segmenter on batched windows -> inverse -> labels
+    segment_volume (python BLS) VOLUME + AFFINE + MODALITY, T1, TARGETS [+ INSTRUCTIONS, CONTEXT, STRICT_CONTEXT]
+        -> LABELS (uint8, input grid), RESOLVED_TARGETS, SIMILARITY, STEM, CONDITIONING_TEXTS, CONTEXT_VERDICT
+        checks -> T1 guard (views once -> context_classifier, when built; STRICT_CONTEXT refuses a contradicting
+        T1) -> preprocessing -> encode_prompts once (matching) [-> encode_instructions once with INSTRUCTIONS
+        auto] -> segmenter on batched windows -> inverse -> labels
     prognose (python BLS)       VOLUME + AFFINE + MODALITY, T1, EHR -> RISK, IMAGE_FEATURES, FEATURE_NAMES
         EHR checks + tokens -> encode_prompts (T1; tumour, node) once -> image_features (one pass at model
         spacing) -> radiomics + pooled features; text_encoder_ehr (LoRA merged) -> prognosis head -> risk
@@ -26,6 +27,9 @@ at build time, and ``pbtxt`` is that message in protobuf text format.
         checks -> PET resampled into the CT's frame at model spacing -> pemma_segmenter on batched windows (the
         mode index picks CT, PET or both inside the one graph) -> probabilities back on the grid -> argmax
         (present when the repository is built with a PEMMA checkpoint)
+    classify_context (python BLS) VOLUME + AFFINE [+ T1] -> PROBABILITIES, CLASSES, CONTEXT, CONTEXT_T1, VERDICT
+        checks -> three world-space views -> context_classifier -> the best context, its T1 prompt, and the
+        verdict on the request's T1 (present when the repository is built with a context checkpoint)
 
 ``embedded`` runs text_encoder / conditioning / segmenter as python-backend models (ONNX Runtime,
 TensorRT or PyTorch inside); ``ngc`` makes them native ``onnxruntime_onnx`` / ``tensorrt_plan`` models.
@@ -46,8 +50,8 @@ FLAVOURS = ("embedded", "ngc")
 ENGINES = ("onnxruntime", "tensorrt", "torch")
 PYTHON_MODELS_EMBEDDED = ("instructions", "tokenizer", "text_encoder", "conditioning", "segmenter", "segment_volume",
                           "image_features", "text_encoder_ehr", "prognosis", "prognose", "pemma_segmenter",
-                          "segment_petct")
-PYTHON_MODELS_NGC = ("instructions", "tokenizer", "segment_volume", "prognose", "segment_petct")
+                          "segment_petct", "context_classifier", "classify_context")
+PYTHON_MODELS_NGC = ("instructions", "tokenizer", "segment_volume", "prognose", "segment_petct", "classify_context")
 #: the instruction generator's configuration (duplus.instructions.GeneratorConfig) in instructions/1/
 GENERATOR_CONFIG = "generator.yaml"
 PROGNOSIS_UNITS = ("image_features", "text_encoder_ehr", "prognosis")
@@ -294,12 +298,16 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
                EnsembleStep("segmenter", (("image", "IMAGE"), ("modality", "MODALITY_INDEX"), ("film", "film"),
                                           ("head_params", "head_params")),
                             (("logits", "LOGITS"), ("probabilities", "PROBABILITIES"))))))
+    context = "context_classifier" in units
+    if context:   # segment_volume's T1 guard calls it: loaded before it
+        models.append(unit_model("context_classifier", None, cache=False))
     models.append(ModelConfig(
         "segment_volume", backend="python",
         inputs=(_t("VOLUME", "float32", -1, -1, -1), _t("AFFINE", "float64", 4, 4)) + prompt_inputs +
-               (_t("INSTRUCTIONS", S, 1, optional=True), _t("CONTEXT", S, 1, optional=True)),
+               (_t("INSTRUCTIONS", S, 1, optional=True), _t("CONTEXT", S, 1, optional=True),
+                _t("STRICT_CONTEXT", "bool", 1, optional=True)),
         outputs=(_t("LABELS", "uint8", -1, -1, -1), _t("RESOLVED_TARGETS", S, -1), _t("SIMILARITY", "float32", -1),
-                 _t("STEM", S, 1), _t("CONDITIONING_TEXTS", S, -1)),
+                 _t("STEM", S, 1), _t("CONDITIONING_TEXTS", S, -1), _t("CONTEXT_VERDICT", S, 1)),
         instance_groups=(InstanceGroup(1, "KIND_CPU"),),
         parameters=lim.parameters() + (("patch_size", ",".join(map(str, opts.patch_size))),)))
     if all(u in units for u in PROGNOSIS_UNITS):
@@ -320,5 +328,13 @@ def repository_models(units: dict[str, UnitContract], opts: RepositoryOptions) -
             inputs=(_t("CT", "float32", *volume, optional=True), _t("CT_AFFINE", "float64", 4, 4, optional=True),
                     _t("PET", "float32", *volume, optional=True), _t("PET_AFFINE", "float64", 4, 4, optional=True)),
             outputs=(_t("LABELS", "uint8", *volume), _t("MODE", S, 1), _t("LABEL_NAMES", S, -1)),
+            instance_groups=(InstanceGroup(1, "KIND_CPU"),), parameters=lim.parameters()))
+    if context:
+        c = units["context_classifier"].outputs[0].shape[-1]
+        models.append(ModelConfig(
+            "classify_context", backend="python",
+            inputs=(_t("VOLUME", "float32", -1, -1, -1), _t("AFFINE", "float64", 4, 4), _t("T1", S, 1, optional=True)),
+            outputs=(_t("PROBABILITIES", "float32", c), _t("CLASSES", S, c), _t("CONTEXT", S, 1),
+                     _t("CONTEXT_T1", S, 1), _t("VERDICT", S, 1)),
             instance_groups=(InstanceGroup(1, "KIND_CPU"),), parameters=lim.parameters()))
     return models

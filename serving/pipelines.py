@@ -6,6 +6,8 @@ directly and the model.py files under ``model_repository/`` stay thin.
   callables that are BLS calls in the server.
 - ``Prognoser``: the ``prognose`` model.
 - ``PetCtSegmenter``: the ``segment_petct`` model (PEMMA: CT, PET or both).
+- ``VolumeContextClassifier``: the ``classify_context`` model (Biomed-DPT: what a volume looks like, and whether a
+  T1 prompt agrees), also segment_volume's T1 guard (``ContextGuard``).
 
 The torch-free parts (the tokenizer model, the unit checks) are in ``serving.requests``.
 
@@ -24,20 +26,22 @@ import numpy as np
 from duplus.cache import LRUCache
 from duplus.checks import check_request_volume, check_volume
 from duplus.contract import EncodedPrompts, InvalidRequest, ServingLimits, level_factor
-from duplus.inference import EncodeFn, EncodeInstructionsFn, SegmentationPipeline, SegmentFn
-from duplus.vocabulary import PromptVocabulary, normalise_text
-from serving.requests import EHRTokenizer
+from duplus.inference import EncodeFn, EncodeInstructionsFn, Prediction, SegmentationPipeline, SegmentFn
+from duplus.vocabulary import PromptVocabulary, normalise_text, validate_prompt
+from serving.requests import EHRTokenizer, short
 
 log = logging.getLogger(__name__)
 
 
 class VolumeSegmenter(SegmentationPipeline):
-    """The ``segment_volume`` model: the one pipeline, configured from a built repository's manifest."""
+    """The ``segment_volume`` model: the one pipeline, configured from a built repository's manifest, and the T1
+    guard (``guarded``)."""
 
     def __init__(self, manifest: dict, known_targets: dict[str, np.ndarray], encode: EncodeFn, segment: SegmentFn,
                  limits: ServingLimits = ServingLimits(), cache_entries: int = 256,
                  count_tokens: Callable[[str], int] | None = None,
-                 encode_instructions: EncodeInstructionsFn | None = None):
+                 encode_instructions: EncodeInstructionsFn | None = None, guard: ContextGuard | None = None):
+        self.guard = guard or ContextGuard(None)
         cfg = manifest["model_config"]
         spacing = cfg["spacing"]
         super().__init__(modalities=cfg["modalities"],
@@ -46,6 +50,15 @@ class VolumeSegmenter(SegmentationPipeline):
                          known_names=known_targets["names"], known_embeddings=known_targets["embeddings"],
                          encode=encode, segment=segment, limits=limits, count_tokens=count_tokens,
                          cache_entries=cache_entries, encode_instructions=encode_instructions)
+
+    def guarded(self, volume, affine, modality: str, t1: str, targets, *, strict_context: bool = False,
+                **kwargs) -> tuple[Prediction, dict]:
+        """(the prediction, CONTEXT_VERDICT): the request's checks first (a bad request is refused as without the
+        guard), then the T1 against the image (``strict_context``: a contradiction is refused before any
+        segmentation), then the segmentation."""
+        volume, affine = self.check(volume, affine, modality, t1, list(targets))
+        verdict = self.guard(volume, affine, t1, strict=strict_context)
+        return self(volume, affine, modality, t1, targets, **kwargs), verdict
 
     @staticmethod
     def load_known_targets(path: Path) -> dict[str, np.ndarray]:
@@ -182,3 +195,116 @@ class PetCtSegmenter:
                                      sw_batch_size=self.limits.sw_batch_size)
         labels = probabilities_to_labels(probs, model_affine, ct_affine if has_ct else pet_affine, ref_shape)
         return PetCtOutput(labels, mode, self.label_names)
+
+
+# ---- context classifier (Biomed-DPT) and segment_volume's T1 guard ----------------------------------------------
+
+#: segment_volume's CONTEXT_VERDICT when the repository was built without a context checkpoint
+NO_CONTEXT_CLASSIFIER = "no context classifier in this model repository"
+
+
+def no_verdict(reason: str = NO_CONTEXT_CLASSIFIER) -> dict:
+    """A CONTEXT_VERDICT that checked nothing (the keys of ``duplus.context.guard.ContextVerdict.to_dict``)."""
+    return {"looks_like": None, "probability": None, "t1": None, "agrees": None, "reason": reason}
+
+
+@dataclass(frozen=True)
+class ContextOutput:
+    probabilities: np.ndarray      # [C] float32, in the order of ``keys``
+    keys: tuple[str, ...]          # 'CT|abdomen', 'MR:T1|head_neck', ...
+    verdict: object                # duplus.context.guard.ContextVerdict: the best key, its T1 prompt, agrees/reason
+
+
+class VolumeContextClassifier:
+    """Volume + affine [+ T1] -> what the image looks like, and whether the T1 prompt agrees (``classify_context``).
+
+    The views are ``duplus.context.views.context_views`` here in process (three world-space slabs through the
+    volume's centre, not the whole volume resampled); ``classify`` (views [1, 3, s, s] float32 -> probabilities
+    [1, C]) is a BLS call to ``context_classifier`` in the server; the verdict is ``duplus.context.guard.verdict``
+    with the build's alpha. ``manifest["context"]`` (written by ``export/build_engines.py``) holds the classes, the
+    view sampling and alpha.
+    """
+
+    def __init__(self, manifest: dict, classify: Callable[[np.ndarray], np.ndarray],
+                 limits: ServingLimits = ServingLimits()):
+        ctx = manifest["context"]
+        self.keys = tuple(ctx["keys"])
+        self.alpha = float(ctx["alpha"])
+        views = ctx["views"]
+        self.size, self.spacing, self.slab = int(views["size"]), float(views["spacing_mm"]), int(views["slab"])
+        self.classify, self.limits = classify, limits
+
+    def check_t1(self, t1: str | None) -> str | None:
+        if t1 is None:
+            return None
+        try:
+            return validate_prompt(t1, "T1 (context)", self.limits.max_prompt_chars)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    def check(self, volume, affine) -> tuple[np.ndarray, np.ndarray]:
+        volume, affine = np.asarray(volume), np.asarray(affine, dtype=np.float64)
+        try:
+            check_volume(volume, affine, max_voxels=self.limits.max_voxels)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return volume, affine
+
+    def views(self, volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """[1, 3, s, s] float32 views of a checked volume."""
+        from duplus.context.views import context_views
+
+        return context_views(volume, affine, size=self.size, spacing=self.spacing, slab=self.slab,
+                             check=False).numpy()[None].astype(np.float32, copy=False)
+
+    def probabilities(self, views: np.ndarray) -> np.ndarray:
+        probs = np.asarray(self.classify(np.ascontiguousarray(views, dtype=np.float32)), dtype=np.float32).reshape(-1)
+        if probs.shape != (len(self.keys),) or not np.isfinite(probs).all():
+            raise RuntimeError(f"context_classifier returned {probs.shape} values (finite: "
+                               f"{bool(np.isfinite(probs).all())}); expected {len(self.keys)} probabilities")
+        return probs
+
+    def __call__(self, volume, affine, t1: str | None = None) -> ContextOutput:
+        from duplus.context.guard import verdict
+
+        t1 = self.check_t1(t1)
+        volume, affine = self.check(volume, affine)
+        probs = self.probabilities(self.views(volume, affine))
+        return ContextOutput(probs, self.keys, verdict(list(self.keys), probs, t1, self.alpha))
+
+
+class ClassifierNotLoaded(RuntimeError):
+    """The repository has a context classifier that this server did not load (a model subset of an object-store
+    repository): the guard says so instead of failing the request."""
+
+
+class ContextContradiction(InvalidRequest):
+    """STRICT_CONTEXT: the request's T1 prompt contradicts what the image looks like."""
+
+
+class ContextGuard:
+    """segment_volume's T1 guard: the request's T1 against the image (one view computation and one classifier call
+    per request), as the JSON of CONTEXT_VERDICT; ``strict`` refuses a contradicting T1 (``ContextContradiction``,
+    INVALID_ARGUMENT naming both). Without a classifier (``classifier`` None) every verdict says so."""
+
+    def __init__(self, classifier: VolumeContextClassifier | None):
+        self.classifier = classifier
+
+    def __call__(self, volume: np.ndarray, affine: np.ndarray, t1: str, *, strict: bool = False) -> dict:
+        """The verdict of a request whose volume, affine and T1 segment_volume's checks passed."""
+        from duplus.context.guard import verdict
+
+        if self.classifier is None:
+            return no_verdict()
+        c = self.classifier
+        try:
+            probs = c.probabilities(c.views(np.asarray(volume), np.asarray(affine, dtype=np.float64)))
+        except ClassifierNotLoaded as exc:
+            return no_verdict(str(exc))
+        v = verdict(list(c.keys), probs, t1, c.alpha)
+        if strict and v.agrees is False:
+            raise ContextContradiction(
+                f"context (T1) prompt {short(t1)!r} contradicts the image, which looks like {v.t1} "
+                f"(p={v.probability:.2f}): {v.reason}; send a T1 prompt for what the image shows (e.g. {v.t1!r}) "
+                "or leave STRICT_CONTEXT off")
+        return v.to_dict()

@@ -82,6 +82,13 @@ class TorchRunner:
             self.contract = contract
             log.info("%s: PyTorch %s on %s", unit, torch.__version__, self.device)
             return
+        if unit == "context_classifier":   # from the context classifier checkpoint beside checkpoint.pt
+            from duplus.context.model import load_classifier
+
+            self.module = load_classifier(Path(checkpoint).parent / "context_checkpoint.pt")[0].to(self.device).eval()
+            self.contract = contract
+            log.info("%s: PyTorch %s on %s", unit, torch.__version__, self.device)
+            return
         ckpt = load_checkpoint(checkpoint)
         cfg = DuPLUSConfig.from_dict(ckpt["model_config"])
         if unit == "text_encoder":

@@ -61,15 +61,21 @@ MODEL_DEPENDENCIES = {
     "segment_volume": ("encode_prompts", "encode_instructions", "segmenter"),
     "prognose": ("encode_prompts", "image_features", "text_encoder_ehr", "prognosis"),
     "segment_petct": ("pemma_segmenter",),
+    "classify_context": ("context_classifier",),
 }
+# what a model calls only where the repository has it: segment_volume's T1 guard (a repository built without a
+# context checkpoint serves segment_volume without it, and the verdict says so)
+OPTIONAL_DEPENDENCIES = {"segment_volume": ("context_classifier",)}
 
 
-def with_dependencies(models) -> list[str]:
-    """``models`` and everything they call, each once, dependencies first."""
+def with_dependencies(models, available=()) -> list[str]:
+    """``models`` and everything they call, each once, dependencies first; an optional dependency only when it is
+    in ``available`` (the repository's models)."""
     out: list[str] = []
 
     def add(name: str) -> None:
-        for dep in MODEL_DEPENDENCIES.get(name, ()):
+        for dep in MODEL_DEPENDENCIES.get(name, ()) + tuple(d for d in OPTIONAL_DEPENDENCIES.get(name, ())
+                                                            if d in available):
             add(dep)
         if name not in out:
             out.append(name)
@@ -131,7 +137,7 @@ def check_repository(repository: Path, checkpoint: Path | None = None, targets=(
         if file_sha256(checkpoint) != manifest["checkpoint_sha256"]:
             raise RepositoryError(f"{repository} is stale: it was built from another checkpoint than {checkpoint} "
                                   f"(built from {manifest.get('checkpoint')}); {rebuild} --checkpoint {checkpoint}")
-    for record in (manifest.get("prognosis"), manifest.get("pemma")):   # the other checkpoints the build read
+    for record in (manifest.get("prognosis"), manifest.get("pemma"), manifest.get("context")):   # other checkpoints
         if record and record.get("source") and Path(record["source"]).is_file():
             if file_sha256(Path(record["source"])) != record["checkpoint_sha256"]:
                 raise RepositoryError(f"{repository} is stale: {record['source']} changed since the build; {rebuild}")
@@ -534,7 +540,7 @@ class TritonServer:
             if unknown or not models:
                 raise ValueError(f"cannot serve {unknown or 'no models'}: the repository {self.repository} has "
                                  f"{built}")
-            built = [m for m in with_dependencies(models) if m in built]
+            built = [m for m in with_dependencies(models, built) if m in built]
         self.served = built
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
@@ -688,7 +694,7 @@ class TritonServer:
             states = self.model_states()
             if states.get(model) == "READY" or model in busy:
                 continue
-            deps = with_dependencies([model])[:-1]
+            deps = with_dependencies([model], self.served)[:-1]
             if any(d in busy or states.get(d) != "READY" for d in deps):
                 continue
             log.warning("loading %s again (%s)", model, states.get(model) or "absent")

@@ -83,6 +83,17 @@ def _one_string(pb, request, name: str, optional: bool = False) -> str | None:
     return values[0]
 
 
+def _flag(pb, request, name: str) -> bool:
+    """An optional BOOL [1] input (False when absent)."""
+    t = pb.get_input_tensor_by_name(request, name)
+    if t is None:
+        return False
+    x = np.asarray(t.as_numpy())
+    if x.size != 1:
+        raise InvalidRequest(f"input {name} must hold exactly one boolean, got {x.size} values")
+    return bool(x.reshape(-1)[0])
+
+
 def _volume_request(pb, request) -> tuple[np.ndarray, np.ndarray, str, str]:
     """VOLUME, AFFINE, MODALITY and T1 of a segment_volume / prognose request."""
     return (_input(pb, request, "VOLUME"), _input(pb, request, "AFFINE"), _one_string(pb, request, "MODALITY"),
@@ -221,7 +232,8 @@ def _bls(pb, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarr
 def segment_volume_model(pb):
     class TritonPythonModel:
         def initialize(self, args):
-            from serving.pipelines import VolumeSegmenter  # torch and MONAI load now, not on the first request
+            # torch and MONAI load now, not on the first request
+            from serving.pipelines import ContextGuard, VolumeContextClassifier, VolumeSegmenter
 
             config, model_dir, version_dir = _context(args)
             params = _params(config)
@@ -233,9 +245,14 @@ def segment_volume_model(pb):
             # prompt is INVALID_ARGUMENT (an error inside an ensemble reaches BLS without its code)
             tokenizer = PromptTokenizer(model_dir.parent / "tokenizer" / args["model_version"] / "tokenizer",
                                         manifest["model_config"]["modalities"], limits)
+            # the T1 guard: the repository's context classifier over BLS, or a verdict saying there is none
+            classifier = None
+            if "context" in manifest and "context_classifier" in manifest.get("units", {}):
+                classifier = VolumeContextClassifier(manifest, self._classify, limits)
             self.segmenter = VolumeSegmenter(manifest, known, self._encode, self._segment, limits,
                                              count_tokens=tokenizer.count_tokens,
-                                             encode_instructions=self._encode_instructions)
+                                             encode_instructions=self._encode_instructions,
+                                             guard=ContextGuard(classifier))
 
         @staticmethod
         def _encode(modality: str, t1: str, targets: list[str]) -> EncodedPrompts:
@@ -257,20 +274,33 @@ def segment_volume_model(pb):
         def _segment(image, modality, film, head_params) -> np.ndarray:
             return _bls(pb, "segmenter", _image_feed(pb, image, modality, film, head_params), ["logits"])["logits"]
 
+        @staticmethod
+        def _classify(views) -> np.ndarray:
+            from serving.pipelines import ClassifierNotLoaded
+
+            try:
+                return classify_views_bls(pb)(views)
+            except RuntimeError as exc:   # Triton: "Request for unknown model: 'context_classifier' is not found"
+                if "is not found" in str(exc):
+                    raise ClassifierNotLoaded("the context classifier is not loaded on this server") from None
+                raise
+
         def execute(self, requests):
             responses = []
             for request in requests:
                 try:
                     volume, affine, modality, t1 = _volume_request(pb, request)
                     targets = decode_strings(_input(pb, request, "TARGETS"), "TARGETS")
-                    pred = self.segmenter(volume, affine, modality, t1, targets,
-                                          instructions=_one_string(pb, request, "INSTRUCTIONS", optional=True),
-                                          context=_one_string(pb, request, "CONTEXT", optional=True))
+                    pred, verdict = self.segmenter.guarded(
+                        volume, affine, modality, t1, targets, strict_context=_flag(pb, request, "STRICT_CONTEXT"),
+                        instructions=_one_string(pb, request, "INSTRUCTIONS", optional=True),
+                        context=_one_string(pb, request, "CONTEXT", optional=True))
                     responses.append(pb.InferenceResponse([
                         pb.Tensor("LABELS", pred.labels), _string_tensor(pb, "RESOLVED_TARGETS", pred.resolved),
                         pb.Tensor("SIMILARITY", np.asarray(pred.similarity, dtype=np.float32)),
                         _string_tensor(pb, "STEM", [pred.stem]),
-                        _string_tensor(pb, "CONDITIONING_TEXTS", pred.conditioned_by)]))
+                        _string_tensor(pb, "CONDITIONING_TEXTS", pred.conditioned_by),
+                        _string_tensor(pb, "CONTEXT_VERDICT", [json.dumps(verdict)])]))
                 except Exception as exc:  # noqa: BLE001
                     responses.append(_error(pb, exc, "segment_volume"))
             return responses
@@ -380,6 +410,50 @@ def segment_petct_model(pb):
                         _string_tensor(pb, "LABEL_NAMES", out.label_names)]))
                 except Exception as exc:  # noqa: BLE001
                     responses.append(_error(pb, exc, "segment_petct"))
+            return responses
+
+    return TritonPythonModel
+
+
+def classify_views_bls(pb):
+    """context_classifier over BLS: views [1, 3, s, s] float32 -> probabilities [1, C] (shared by classify_context
+    and segment_volume's T1 guard)."""
+
+    def classify(views: np.ndarray) -> np.ndarray:
+        return _bls(pb, "context_classifier", [pb.Tensor("views", np.ascontiguousarray(views, dtype=np.float32))],
+                    ["probabilities"])["probabilities"]
+
+    return classify
+
+
+def classify_context_model(pb):
+    """VOLUME + AFFINE [+ T1] -> PROBABILITIES [C], CLASSES [C], CONTEXT (the best class), CONTEXT_T1 (its T1 prompt)
+    and VERDICT (JSON: the T1 against the image; agrees null without a T1) (BLS over ``context_classifier``)."""
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            import duplus.context.views  # noqa: F401 - torch loads now, not on the first request
+            from serving.pipelines import VolumeContextClassifier
+
+            config, model_dir, _ = _context(args)
+            manifest = read_manifest(model_dir.parent)
+            self.pipeline = VolumeContextClassifier(manifest, classify_views_bls(pb),
+                                                    ServingLimits.from_parameters(config.get("parameters", {})))
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                try:
+                    out = self.pipeline(_input(pb, request, "VOLUME"), _input(pb, request, "AFFINE"),
+                                        _one_string(pb, request, "T1", optional=True))
+                    v = out.verdict
+                    responses.append(pb.InferenceResponse([
+                        pb.Tensor("PROBABILITIES", out.probabilities.astype(np.float32)),
+                        _string_tensor(pb, "CLASSES", out.keys), _string_tensor(pb, "CONTEXT", [v.key]),
+                        _string_tensor(pb, "CONTEXT_T1", [v.t1]),
+                        _string_tensor(pb, "VERDICT", [json.dumps(v.to_dict())])]))
+                except Exception as exc:  # noqa: BLE001
+                    responses.append(_error(pb, exc, "classify_context"))
             return responses
 
     return TritonPythonModel

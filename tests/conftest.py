@@ -9,6 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "duplus_demo.pt"
 PROGNOSIS_CHECKPOINT = ROOT / "checkpoints" / "duplus_prognosis.pt"
 PEMMA_CHECKPOINT = ROOT / "checkpoints" / "pemma_lora.pt"
+#: the shipped context classifier (Biomed-DPT); DUPLUS_CONTEXT_CHECKPOINT points the session builds at another one
+#: (e.g. a development checkpoint of python -m training.train_context)
+CONTEXT_CHECKPOINT = Path(os.environ.get("DUPLUS_CONTEXT_CHECKPOINT") or ROOT / "checkpoints" / "context_dpt.pt")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,16 +36,16 @@ def demo_predictor():
 
 @pytest.fixture(scope="session")
 def triton_repository(tmp_path_factory):
-    """The embedded repository built from the shipped checkpoints (ONNX Runtime units, prognosis and PEMMA
-    included)."""
+    """The embedded repository built from the shipped checkpoints (ONNX Runtime units, prognosis, PEMMA and the
+    context classifier included)."""
     from export.build_engines import build
 
-    for shipped in (PROGNOSIS_CHECKPOINT, PEMMA_CHECKPOINT):
+    for shipped in (PROGNOSIS_CHECKPOINT, PEMMA_CHECKPOINT, CONTEXT_CHECKPOINT):
         if not shipped.is_file():
             pytest.fail(f"a shipped checkpoint is missing: {shipped}")
     out = tmp_path_factory.mktemp("triton") / "model_repository"
     build(DEMO_CHECKPOINT, out, engine="onnxruntime", prognosis_checkpoint=PROGNOSIS_CHECKPOINT,
-          pemma_checkpoint=PEMMA_CHECKPOINT)
+          pemma_checkpoint=PEMMA_CHECKPOINT, context_checkpoint=CONTEXT_CHECKPOINT)
     return out
 
 
@@ -53,7 +56,7 @@ def torch_repository(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("triton_torch") / "model_repository"
     build(DEMO_CHECKPOINT, out, engine="torch", prognosis_checkpoint=PROGNOSIS_CHECKPOINT,
-          pemma_checkpoint=PEMMA_CHECKPOINT)
+          pemma_checkpoint=PEMMA_CHECKPOINT, context_checkpoint=CONTEXT_CHECKPOINT)
     return out
 
 

@@ -120,3 +120,16 @@ def pemma_example_inputs(crop: int, *, batch: int = 1, mode: int = 0, seed: int 
     elif mode == 2:
         image[:, 0] = 0
     return {"image": image, "mode": torch.tensor([mode], dtype=torch.int64)}
+
+
+# ---- context classifier (issue 21: Biomed-DPT) -------------------------------------------------------------
+# ``duplus.context.model.ContextClassifier`` is itself the unit (views -> probabilities; the prompt-tuned text
+# features are a buffer, the visual prompts run without dropout in eval mode): no wrapper is needed.
+
+def context_example_inputs(size: int, *, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random views in [0, 1] (what ``duplus.context.views.context_views`` gives), some pixels 0 as outside a
+    field of view."""
+    g = torch.Generator().manual_seed(seed)
+    views = torch.rand(batch, 3, size, size, generator=g)
+    views[..., : size // 8, :] = 0
+    return {"views": views}

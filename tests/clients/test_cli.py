@@ -2,6 +2,7 @@
 an image, a missing header field, an unreachable server, an error answered by the server. Each ends in one
 line naming the problem and exit code 2; an unexpected error (a bug) in one line and exit code 1."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -67,9 +68,26 @@ def test_missing_header_field(small_ct, caplog, tmp_path):
     _, volume, _ = small_ct
     series = tmp_path / "anonymous"
     write_series(volume, AFFINE, series, body_part="", series_description="")   # nothing says which region
+    # the server's context classifier would fill the T1 in: without a server, one line that says so
     code, message = _run(caplog, ["segment", str(series), "--targets", "liver", "--out", str(tmp_path / "o"),
                                   "--url", "127.0.0.1:1"])
-    assert code == 2 and "cannot tell the body region" in message and "--t1" in message
+    assert code == 2 and "127.0.0.1:1" in message
+
+
+@pytest.mark.server
+def test_silent_header_gets_the_context_classifiers_t1(triton_server, small_ct, caplog, tmp_path):
+    _, volume, _ = small_ct
+    series = tmp_path / "anonymous"
+    write_series(volume, AFFINE, series, body_part="", series_description="")
+    with caplog.at_level(logging.INFO):
+        code = clients_main(["segment", str(series), "--targets", "liver", "--out", str(tmp_path / "o"),
+                             "--url", triton_server.grpc_url])
+    assert code == 0
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["t1"] in ("CT of the abdomen", "CT of the head and neck")   # the header's modality, the image's region
+    assert "from the context classifier" in result["t1_note"] and "cannot tell the body region" in result["t1_note"]
+    assert result["context_verdict"]["agrees"] in (True, False)
+    assert any("from the context classifier" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
 def test_pet_without_the_attributes_for_suv(small_ct, caplog, tmp_path):

@@ -179,6 +179,39 @@ def test_petct_study_goes_to_segment_petct_and_its_seg_references_both(node, ort
 
 
 @needs_peers
+def test_silent_header_gets_the_classifiers_t1_and_a_contradicting_header_is_noted(node, orthanc, triton_server,
+                                                                                     tmp_path):
+    """A head-and-neck CT whose header names no region (no BodyPartExamined, no SeriesDescription) is segmented with
+    the context classifier's T1, end to end to Orthanc, and the job's record says so; the same volume sent as a PET
+    (a header that contradicts the image; shifted to positive values, which the classifier's per-volume scaling does
+    not see) is segmented as the header says, and the record notes the contradiction."""
+    from duplus.synth.phantoms import AcquisitionSpec
+
+    ph = generate_phantom("head_neck", "CT", 494949, acquisition=AcquisitionSpec(
+        spacing=(2.5, 2.5, 3.0), axis_order=(0, 1, 2), flips=(True, True, False), noise=1.0))
+    write_series(ph.image, ph.affine, tmp_path / "silent", body_part="", series_description="")
+    write_series(ph.image + 1024.0, ph.affine, tmp_path / "as_pet", modality="PT", body_part="HEADNECK")
+    silent, as_pet = read_series(tmp_path / "silent"), read_series(tmp_path / "as_pet")
+    for folder in ("silent", "as_pet"):
+        proc = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "DUPLUS", "+sd", "127.0.0.1",
+                               str(node.cfg.port), str(tmp_path / folder)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    row = _wait_status(node, silent.series_uid)
+    assert row["status"] == "done", row["error"]
+    assert "'CT of the head and neck' from the context classifier" in row["note"]
+    assert "cannot tell the body region" in row["note"]
+    from_seg = seg_to_labels(_seg_at_orthanc(orthanc, row["seg_uid"], tmp_path / "seg.dcm"), silent)
+    with SegmentationClient(triton_server.grpc_url) as client:   # what a header naming the region would have given
+        expected = client.segment_volume(silent.volume, silent.affine, "CT", "CT of the head and neck",
+                                         ["primary tumour", "lymph node"])
+    assert expected.context_verdict["agrees"] is True
+    np.testing.assert_array_equal(from_seg, expected.labels)
+    row = _wait_status(node, as_pet.series_uid)
+    assert row["status"] == "done", row["error"]
+    assert "'PET of the head and neck' contradicts the image" in row["note"] and "looks like CT" in row["note"]
+
+
+@needs_peers
 def test_bad_input_gets_a_dimse_failure_and_the_node_keeps_serving(node, tmp_path):
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage, Verification

@@ -62,9 +62,11 @@ def test_every_config_parses_and_matches_the_onnx_files(repositories, flavour):
         assert cfg.max_batch_size == 0  # K targets and windows are not a batch axis Triton may split
     for name in ("instructions", "tokenizer", "segment_volume"):
         assert configs[name].backend == "python" and (repo / name / "1" / "model.py").is_file()
-    # INSTRUCTIONS and CONTEXT are optional inputs of segment_volume: clients that send names only are unchanged
+    # INSTRUCTIONS, CONTEXT and STRICT_CONTEXT are optional inputs of segment_volume: clients that send names only
+    # are unchanged; CONTEXT_VERDICT is an output even without a context classifier (the verdict then says so)
     optional = {t.name for t in configs["segment_volume"].input if t.optional}
-    assert optional == {"INSTRUCTIONS", "CONTEXT"}
+    assert optional == {"INSTRUCTIONS", "CONTEXT", "STRICT_CONTEXT"}
+    assert "CONTEXT_VERDICT" in [t.name for t in configs["segment_volume"].output]
     # the response cache only on native units: Triton 2.51 caches a python-backend error response as an empty success
     cached = flavour == "ngc"
     assert configs["text_encoder"].response_cache.enable == cached and configs["conditioning"].response_cache.enable == cached

@@ -152,6 +152,8 @@ def _good_requests():
         "pemma_segmenter": {"image": array(np.zeros((1, 2, 64, 64, 64), np.float32), "FP32"),
                             "mode": array(np.zeros(1, np.int64), "INT64")},
         "segment_petct": {"PET": array(pet, "FP32"), "PET_AFFINE": array(np.diag([4.0, 4.0, 4.0, 1.0]), "FP64")},
+        "context_classifier": {"views": array(np.zeros((1, 3, 64, 64), np.float32), "FP32")},
+        "classify_context": dict(volume, T1=strings("MRI of the abdomen")),
     }
 
 

@@ -71,6 +71,9 @@ def test_segment_volume_equals_in_process_and_evaluation(client, demo_predictor,
     np.testing.assert_array_equal(served.affine, affine)
     assert served.resolved == tuple(TARGETS) and served.conditioned_by == tuple(TARGETS)
     assert served.stem == "CT"
+    # the T1 guard ran on it (every response carries its verdict) and the labels below still equal the in-process
+    # pipeline's, which has no guard
+    assert set(served.context_verdict) == {"looks_like", "probability", "t1", "agrees", "reason"}
 
     # in process: the evaluation command's function on the same case (its phantom is this fixture's), keeping
     # its prediction, so one in-process pass serves both comparisons
@@ -276,10 +279,12 @@ def test_a_model_subset_loads_what_it_calls_and_unknown_names_are_refused(triton
     from serving.serve import TritonServer
 
     full = TritonServer(triton_repository, checkpoint=DEMO_CHECKPOINT).models()
-    assert len(full) == 15 and "prognose" in full and "encode_instructions" in full and "segment_petct" in full
+    assert len(full) == 17 and "prognose" in full and "encode_instructions" in full and "segment_petct" in full
+    assert "classify_context" in full and "context_classifier" in full
     seg = TritonServer(triton_repository, models=["segment_volume"]).models()
+    # the context classifier (segment_volume's T1 guard) comes with it where the repository has one
     assert seg == ["tokenizer", "text_encoder", "conditioning", "encode_prompts", "instructions",
-                   "encode_instructions", "segmenter", "segment_volume"]
+                   "encode_instructions", "segmenter", "context_classifier", "segment_volume"]
     prog = TritonServer(triton_repository, models=["prognose", "segmenter"]).models()
     assert set(prog) == {"tokenizer", "text_encoder", "conditioning", "encode_prompts", "image_features",
                          "text_encoder_ehr", "prognosis", "prognose", "segmenter"} and len(prog) == 9

@@ -124,12 +124,12 @@ class ScannerProfile:
 # --------------------------------------------------------------------------------------
 
 
-def _check_combination(region: str, modality: str) -> None:
+def _check_combination(region: str, modality: str, any_modality: bool = False) -> None:
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
-    if modality not in REGION_MODALITIES[region]:
+    if not any_modality and modality not in REGION_MODALITIES[region]:
         raise ValueError(
             f"unsupported combination: modality {modality!r} for region {region!r} "
             f"(supported for {region}: {REGION_MODALITIES[region]})"

@@ -13,6 +13,7 @@ from duplus.synth.phantoms.abdomen import AbdomenAnatomy
 from duplus.synth.phantoms.acquisition import (
     HARD_MAX_VOXELS,
     MR_SEQUENCES,
+    REGION_MODALITIES,
     STRUCTURES,
     AcquisitionSpec,
     ScannerProfile,
@@ -70,6 +71,7 @@ def generate_phantom(
     acquisition: AcquisitionSpec | None = None,
     anatomy_seed: int | None = None,
     scanner: ScannerProfile | None = None,
+    any_modality: bool = False,
 ) -> Phantom:
     """Draw one labelled case.
 
@@ -78,8 +80,13 @@ def generate_phantom(
     different modalities or acquisitions therefore image the same, co-registered patient.
     ``scanner`` (default: none) sets what a scanner and protocol change beyond grid and noise
     (:class:`ScannerProfile`; the PET/CT centres of :mod:`~duplus.synth.phantoms.petct` use it).
+    ``any_modality`` renders the region in any modality, beyond :data:`REGION_MODALITIES` (an abdominal
+    PET, a head-and-neck MR): the renderers' physics covers every tissue, and the context classifier
+    (:mod:`duplus.context`) needs these combinations as its novel classes; ``acquisition`` is then required.
     """
-    _check_combination(region, modality)
+    _check_combination(region, modality, any_modality)
+    if any_modality and acquisition is None and modality not in REGION_MODALITIES[region]:
+        raise ValueError(f"any_modality=True for {modality} of {region} needs an explicit acquisition")
     seed = _check_seed("seed", seed)
     anatomy_seed = seed if anatomy_seed is None else _check_seed("anatomy_seed", anatomy_seed)
     acq_rng, render_rng = _acquisition_rngs(seed)
