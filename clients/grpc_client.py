@@ -503,12 +503,7 @@ class SegmentationClient(_Common):
         geometry (the two must share the frame of reference); labels come back on the CT's grid, the PET's
         without a CT.  A request the server refuses (neither image, no overlap, an image without its affine)
         raises at once with the server's INVALID_ARGUMENT message."""
-        if not getattr(self, "_petct_checked", False):
-            for i in range(len(self.clients)):
-                self._with_retries(lambda client: self._check_optional_model(client, "segment_petct", PETCT_INPUTS,
-                                                                             PETCT_OUTPUTS, "--pemma-checkpoint"),
-                                   only=i)
-            self._petct_checked = True
+        self._check_optional_once("segment_petct", PETCT_INPUTS, PETCT_OUTPUTS, "--pemma-checkpoint")
         g = self._grpc
         sent = [(name, np.ascontiguousarray(arr, dtype=dtype), wire) for name, arr, dtype, wire in (
             ("CT", ct, np.float32, "FP32"), ("CT_AFFINE", ct_affine, np.float64, "FP64"),
@@ -516,11 +511,7 @@ class SegmentationClient(_Common):
         reference = ct_affine if ct is not None else pet_affine
 
         def call(client) -> PetCtResult:
-            inputs = []
-            for name, arr, wire in sent:
-                t = g.InferInput(name, list(arr.shape), wire)
-                t.set_data_from_numpy(arr)
-                inputs.append(t)
+            inputs = self._infer_inputs(sent)
             res = client.infer("segment_petct", inputs, outputs=[g.InferRequestedOutput(n) for n in PETCT_OUTPUTS],
                                client_timeout=self.timeout_s)
             mode = res.as_numpy("MODE").reshape(-1)[0]
@@ -533,11 +524,7 @@ class SegmentationClient(_Common):
     def classify_context(self, volume: np.ndarray, affine: np.ndarray, t1: str | None = None) -> ContextResult:
         """What a volume looks like (the context classifier, Biomed-DPT): probabilities per context, the most
         probable one and a T1 prompt for it; with ``t1``, whether that prompt agrees (``verdict['agrees']``)."""
-        if not getattr(self, "_context_checked", False):
-            for i in range(len(self.clients)):
-                self._with_retries(lambda client: self._check_optional_model(
-                    client, "classify_context", CONTEXT_INPUTS, CONTEXT_OUTPUTS, "--context-checkpoint"), only=i)
-            self._context_checked = True
+        self._check_optional_once("classify_context", CONTEXT_INPUTS, CONTEXT_OUTPUTS, "--context-checkpoint")
         g = self._grpc
         sent = [("VOLUME", np.ascontiguousarray(volume, dtype=np.float32), "FP32"),
                 ("AFFINE", np.ascontiguousarray(affine, dtype=np.float64), "FP64")]
@@ -545,11 +532,7 @@ class SegmentationClient(_Common):
             sent.append(("T1", _strings([t1]), "BYTES"))
 
         def call(client) -> ContextResult:
-            inputs = []
-            for name, arr, wire in sent:
-                t = g.InferInput(name, list(arr.shape), wire)
-                t.set_data_from_numpy(arr)
-                inputs.append(t)
+            inputs = self._infer_inputs(sent)
             res = client.infer("classify_context", inputs,
                                outputs=[g.InferRequestedOutput(n) for n in CONTEXT_OUTPUTS], client_timeout=self.timeout_s)
             keys = [_text(k) for k in res.as_numpy("CLASSES")]
@@ -559,6 +542,25 @@ class SegmentationClient(_Common):
                                  json.loads(_text(res.as_numpy("VERDICT").reshape(-1)[0])))
 
         return self._with_retries(call)
+
+    def _check_optional_once(self, model: str, inputs: dict, outputs: dict, build_flag: str) -> None:
+        """:meth:`_check_optional_model` on every replica, the first time ``model`` is asked for."""
+        checked = self.__dict__.setdefault("_optional_checked", set())
+        if model in checked:
+            return
+        for i in range(len(self.clients)):
+            self._with_retries(lambda client: self._check_optional_model(client, model, inputs, outputs, build_flag),
+                               only=i)
+        checked.add(model)
+
+    def _infer_inputs(self, sent: list[tuple[str, np.ndarray, str]]) -> list:
+        """Triton InferInputs of (name, array, wire dtype) triples."""
+        inputs = []
+        for name, arr, wire in sent:
+            t = self._grpc.InferInput(name, list(arr.shape), wire)
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
+        return inputs
 
     def _check_optional_model(self, client, model: str, inputs: dict, outputs: dict, build_flag: str) -> None:
         """``model`` is served and matches this client; one being reloaded (its stub died) is retried."""
