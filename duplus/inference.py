@@ -147,15 +147,20 @@ class SegmentationPipeline:
 
     def __call__(self, volume, affine, modality: str, t1: str, targets: Sequence[str], *,
                  return_probabilities: bool = False, instructions: str | None = None,
-                 context: str | dict | None = None) -> Prediction:
+                 context: str | dict | None = None,
+                 on_checked: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Prediction:
         """``instructions``: 'names' (default) or 'auto' (each resolved target's head is conditioned by the
-        instruction the generator writes for it and this image's ``context``, see ``request_context``)."""
+        instruction the generator writes for it and this image's ``context``, see ``request_context``).
+        ``on_checked(volume, affine)`` runs once the request passed its checks, before any model call (the
+        server's T1 guard)."""
         from duplus.instructions import instruction_mode, request_context
 
         t0 = time.perf_counter()
         targets = list(targets)
         mode = instruction_mode(instructions)
         volume, affine = self.check(volume, affine, modality, t1, targets)
+        if on_checked is not None:
+            on_checked(volume, affine)
         image_context = None
         if mode == "auto":
             if self.encode_instructions is None:

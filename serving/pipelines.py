@@ -56,9 +56,12 @@ class VolumeSegmenter(SegmentationPipeline):
         """(the prediction, CONTEXT_VERDICT): the request's checks first (a bad request is refused as without the
         guard), then the T1 against the image (``strict_context``: a contradiction is refused before any
         segmentation), then the segmentation."""
-        volume, affine = self.check(volume, affine, modality, t1, list(targets))
-        verdict = self.guard(volume, affine, t1, strict=strict_context)
-        return self(volume, affine, modality, t1, targets, **kwargs), verdict
+        verdict: dict = {}
+
+        def guard(volume, affine):             # the checks run once, in the pipeline, before this
+            verdict.update(self.guard(volume, affine, t1, strict=strict_context))
+
+        return self(volume, affine, modality, t1, targets, on_checked=guard, **kwargs), verdict
 
     @staticmethod
     def load_known_targets(path: Path) -> dict[str, np.ndarray]:
