@@ -70,13 +70,14 @@ def normalise_intensity(image: torch.Tensor, modality: str) -> torch.Tensor:
 
 def to_model_space(image: np.ndarray | torch.Tensor, affine: np.ndarray, modality: str,
                    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5), *,
-                   label: np.ndarray | torch.Tensor | None = None, check: bool = True
-                   ) -> tuple[MetaTensor, MetaTensor | None]:
-    """Input grid -> RAS, model spacing, normalised intensities. Returns [1, X, Y, Z] MetaTensors."""
+                   label: np.ndarray | torch.Tensor | None = None, check: bool = True,
+                   device: str | torch.device | None = None) -> tuple[MetaTensor, MetaTensor | None]:
+    """Input grid -> RAS, model spacing, normalised intensities. Returns [1, X, Y, Z] MetaTensors (the image on
+    ``device``, where the resampling runs: a GPU resamples a 512x512x300 CT many times faster than the host)."""
     if check:
         check_volume(np.asarray(image), affine)
     affine_t = torch.as_tensor(np.asarray(affine, dtype=np.float64))
-    img = MetaTensor(torch.as_tensor(np.asarray(image, dtype=np.float32))[None], affine=affine_t)
+    img = MetaTensor(torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)[None], affine=affine_t)
     img = Orientation(axcodes="RAS", labels=RAS_LABELS)(img)
     img = Spacing(pixdim=spacing, mode="bilinear", padding_mode="border")(img)
     img = MetaTensor(normalise_intensity(img, modality), meta=img.meta)
@@ -90,11 +91,53 @@ def to_model_space(image: np.ndarray | torch.Tensor, affine: np.ndarray, modalit
     return img, lab
 
 
+#: CT body outline: tissue denser than this (fat is about -100 HU, lung and air far below it); the body's box in
+#: model space is where the segmenter runs, everything outside it is background (organs and lesions are in the body)
+BODY_HU = -300.0
+#: a slice of the box holds at least this many body voxels (a speck of noise in the air does not widen the box)
+BODY_MIN_VOXELS = 16
+#: the box grows by this many model-space voxels on every side (the Gaussian window's context at the skin)
+BODY_MARGIN = 8
+
+
+def body_box(x: torch.Tensor, modality: str, *, min_voxels: int = BODY_MIN_VOXELS,
+             margin: int = BODY_MARGIN) -> tuple[slice, slice, slice] | None:
+    """The box around the patient's body in a normalised model-space CT ``x`` [1, X, Y, Z] (or [X, Y, Z]), as
+    slices, or None where there is nothing to crop: not a CT (MR and PET have no absolute air level), no body
+    found, or a body that fills the field of view.  A CT's field of view is mostly air around the body (a whole
+    abdomen at 512x512 in-plane); the segmenter never saw air-only windows and must not be asked about them."""
+    if modality != "CT":
+        return None
+    policy = INTENSITY_POLICIES["CT"]
+    level = policy.out_low + (BODY_HU - policy.low) / (policy.high - policy.low) * (policy.out_high - policy.out_low)
+    body = torch.as_tensor(x).reshape(x.shape[-3:]) > level
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        counts = body.sum(dim=others)
+        idx = torch.nonzero(counts >= min_voxels).flatten()
+        if idx.numel() == 0:
+            return None
+        n = body.shape[axis]
+        box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, n)))
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, body.shape)):
+        return None
+    return tuple(box)
+
+
+def _affine64(affine) -> torch.Tensor:
+    """A 4x4 affine as a float64 CPU tensor, from numpy or a tensor on any device (a MetaTensor's, resampled on a
+    GPU)."""
+    if isinstance(affine, torch.Tensor):
+        affine = affine.detach().cpu().numpy()
+    return torch.as_tensor(np.asarray(affine, dtype=np.float64))
+
+
 def to_input_grid(values: torch.Tensor, model_affine: np.ndarray | torch.Tensor, input_affine: np.ndarray,
                   input_shape: tuple[int, int, int], mode: str = "bilinear") -> torch.Tensor:
     """Model-space [C, X, Y, Z] -> the input's own grid [C, I, J, K] (same shape and affine as the input)."""
     plain = values.as_tensor() if isinstance(values, MetaTensor) else values
-    src = MetaTensor(plain.float(), affine=torch.as_tensor(np.asarray(model_affine, dtype=np.float64)))
+    src = MetaTensor(plain.float(), affine=_affine64(model_affine))
     out = SpatialResample(mode=mode, padding_mode="border" if mode != "nearest" else "zeros", dtype=torch.float32)(
         src, dst_affine=torch.as_tensor(np.asarray(input_affine, dtype=np.float64)), spatial_size=tuple(input_shape))
     out = out.as_tensor() if isinstance(out, MetaTensor) else out

@@ -5,7 +5,7 @@ run of ``repeats`` after ``warmup``); per unit: one 96³ patch through the segme
 (eager, ONNX Runtime, Triton ``segmenter`` over gRPC) and through the ``segment_patch`` ensemble;
 text-prompt cost through Triton with fresh prompts (uncached) vs repeated ones (response cache);
 Triton throughput vs client concurrency; GPU utilisation over the whole run (pynvml, where NVML
-exists). On a GPU also fp32 vs bfloat16-autocast eager and ``ct_512`` end to end.
+exists). On a GPU also fp32 vs bfloat16-autocast eager and ``ct_512x300`` (a 512x512x300 CT) end to end.
 
 :func:`run` returns the :class:`perf.raw.Results` and writes ``raw.json`` (and ``gpu.csv`` /
 ``gpu.png`` where a GPU was monitored); :mod:`perf.report` makes the report from them.
@@ -310,6 +310,6 @@ def _throughput(cfg, res, server, case: _Case) -> None:
 
 
 def _ct512(predictor) -> float:
-    case = _case("ct_512")
+    case = _case("ct_512x300")
     times, _ = time_calls(lambda: predictor.predict_array(*case.args()), 1, 1, "ct512")
     return round(times[0], 3)

@@ -133,7 +133,7 @@ def write_report(res: Results, out: Path, label: str) -> Path:
     if "half_vs_fp32_eager" in s:
         lines.append(f"| half_vs_fp32_eager | {s['half_vs_fp32_eager']:.2f} | eager fp32 / eager bf16 autocast |")
     if "ct512_end_to_end_s" in s:
-        lines.append(f"| ct512_end_to_end_s | {s['ct512_end_to_end_s']:.2f} | 512x512 CT, eager, end to end |")
+        lines.append(f"| ct512_end_to_end_s | {s['ct512_end_to_end_s']:.2f} | 512x512x300 CT (ct_512x300), eager, end to end |")
     lines += ["", "## One 96³ patch, median ms", "", "| path | ms |", "|---|---|"]
     lines += [f"| {p} | {v:.1f} |" for p, v in s["patch_latency_median_ms"].items()]
     lines += ["", "## Prompt encoding through Triton (encode_prompts), median ms", "", "| prompts | ms |", "|---|---|"]

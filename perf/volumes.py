@@ -8,7 +8,9 @@ perf_analyzer input data. The seeds are held out of training (the demo's held-ou
   the size of a whole clinical CT;
 * ``ct_abdomen``, ``ct_head_neck``, ``pet_head_neck``: phantoms at their seed's own acquisition;
 * ``small_ct_head_neck``: a head-and-neck CT at 3 mm, small enough for short load tests;
-* ``ct_512``: an abdomen CT at 0.78 x 0.78 x 1.5 mm (512x512 in-plane), the GPU end-to-end figure.
+* ``ct_512``: an abdomen CT at 0.78 x 0.78 x 1.5 mm (423x291x128, the body at a 512x512 scan's resolution);
+* ``ct_512x300``: the same abdomen at 0.78 x 0.78 x 0.7 mm in a 512x512x300 field of view (air around the body),
+  a thin-slice clinical CT: the GPU end-to-end figure.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ VOLUMES = {
     "pet_head_neck": BenchVolume("head_neck", "PET", 444444),
     "small_ct_head_neck": BenchVolume("head_neck", "CT", 454545, spacing=(3.0, 3.0, 3.0)),
     "ct_512": BenchVolume("abdomen", "CT", 515151, spacing=(0.78, 0.78, 1.5)),
+    "ct_512x300": BenchVolume("abdomen", "CT", 515151, spacing=(0.78, 0.78, 0.7), fov=(512, 512, 300)),
 }
 
 

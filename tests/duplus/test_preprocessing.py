@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from duplus.preprocessing import check_volume, fuse_labels, normalise_intensity, to_input_grid, to_model_space
+from duplus.preprocessing import (
+    BODY_MARGIN,
+    body_box,
+    check_volume,
+    fuse_labels,
+    normalise_intensity,
+    to_input_grid,
+    to_model_space,
+)
 
 
 def _affine(perm, flips, spacing, origin=(10.0, -20.0, 30.0)):
@@ -125,3 +133,29 @@ def test_largest_component_is_kept_for_single_structures_only():
     assert labels[12, 12, 12] == 1   # the input is not modified
     np.testing.assert_array_equal(keep_largest_components(labels, ("liver", "lymph node", "spleen"), frozenset()),
                                   labels)
+
+
+def _ct_in_air(shape=(80, 70, 40), body=((20, 50), (15, 45), (0, 40)), seed=0):
+    """A CT field of view: air (-1000 HU, noise 20 HU) around a soft-tissue block (40 HU)."""
+    rng = np.random.default_rng(seed)
+    image = (-1000.0 + rng.normal(0, 20, shape)).astype(np.float32)
+    image[tuple(slice(lo, hi) for lo, hi in body)] = 40.0
+    return image
+
+
+def test_body_box_is_the_body_plus_a_margin_and_ignores_specks():
+    image = _ct_in_air()
+    image[75, 5, 3] = 500.0                       # a bright speck in the air (a cable, a noise spike)
+    x, _ = to_model_space(image, np.eye(4), "CT", (1.0, 1.0, 1.0))
+    box = body_box(x, "CT")
+    assert box == (slice(20 - BODY_MARGIN, 50 + BODY_MARGIN), slice(15 - BODY_MARGIN, 45 + BODY_MARGIN), slice(0, 40))
+
+
+@pytest.mark.parametrize("modality,image", [
+    ("MR", _ct_in_air() + 1000.0),                # no absolute air level in MR: never cropped
+    ("CT", np.full((30, 30, 20), 40.0, np.float32)),   # the body fills the field of view
+    ("CT", np.full((30, 30, 20), -1000.0, np.float32)),  # no body at all: nothing to crop to
+])
+def test_body_box_leaves_the_volume_whole(modality, image):
+    x, _ = to_model_space(image, np.eye(4), modality, (1.0, 1.0, 1.0))
+    assert body_box(x, modality) is None
