@@ -195,7 +195,7 @@ class PetCtSegmenter:
                                                             mode_index), dtype=np.float32))
 
         probs = window_probabilities(windows, image, self.crop, overlap=self.limits.overlap,
-                                     sw_batch_size=self.limits.sw_batch_size)
+                                     sw_batch_size=self.limits.sw_batch_size, ct_body=has_ct)
         labels = probabilities_to_labels(probs, model_affine, ct_affine if has_ct else pet_affine, ref_shape)
         return PetCtOutput(labels, mode, self.label_names)
 

@@ -403,22 +403,36 @@ WindowFn = Callable[[torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def window_probabilities(windows: WindowFn, image: torch.Tensor, crop: int, *, overlap: float = 0.25,
-                         sw_batch_size: int = 2) -> torch.Tensor:
+                         sw_batch_size: int = 2, ct_body: bool = False) -> torch.Tensor:
     """Model-space ``image`` [2, X, Y, Z] -> softmax probabilities [1 + len(PEMMA_TARGETS), X, Y, Z]: MONAI's
     sliding window of ``crop``, Gaussian-weighted blending of the logits; a volume smaller than one crop is
-    padded with zeros (what a normalised image has outside the body)."""
+    padded with zeros (what a normalised image has outside the body).
+
+    ``ct_body``: the windows cover only the box of the body in the CT channel (``duplus.preprocessing.body_box``)
+    and everything outside it is background, as in ``segment_volume``: with 40 mm of air added around a held-out
+    CT, the CT-only nodes' Dice fell from 0.47 to 0.27 without it (2026-12-04)."""
     from monai.inferers import sliding_window_inference
 
-    logits = sliding_window_inference(image[None].float(), (crop,) * 3, sw_batch_size, windows, overlap=overlap,
-                                      mode="gaussian", padding_mode="constant", cval=0.0)
-    return torch.softmax(logits[0].float(), dim=0)
+    from duplus.preprocessing import body_box
+
+    box = body_box(image[0:1], "CT") if ct_body else None
+    inner = image if box is None else image[(slice(None), *box)]
+    logits = sliding_window_inference(inner[None].float().contiguous(), (crop,) * 3, sw_batch_size, windows,
+                                      overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0)
+    probs = torch.softmax(logits[0].float(), dim=0)
+    if box is None:
+        return probs
+    out = torch.zeros((probs.shape[0], *image.shape[1:]), dtype=probs.dtype)
+    out[0] = 1.0                                    # background outside the body
+    out[(slice(None), *box)] = probs
+    return out
 
 
 def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, mode: str, *, overlap: float = 0.25,
-                                 sw_batch_size: int = 2) -> torch.Tensor:
+                                 sw_batch_size: int = 2, ct_body: bool = False) -> torch.Tensor:
     """:func:`window_probabilities` of ``model`` run in ``mode``."""
     return window_probabilities(lambda x: model.forward_channels(x, mode), image, model.cfg.crop, overlap=overlap,
-                                sw_batch_size=sw_batch_size)
+                                sw_batch_size=sw_batch_size, ct_body=ct_body)
 
 
 def segment_petct(model: nn.Module, ct=None, ct_affine=None, pet=None, pet_affine=None, *,
@@ -446,8 +460,9 @@ def segment_petct(model: nn.Module, ct=None, ct_affine=None, pet=None, pet_affin
 def labels_on_grid(model: nn.Module, image: torch.Tensor, mode: str, model_affine: np.ndarray,
                    affine: np.ndarray, shape, *, overlap: float = 0.25) -> np.ndarray:
     """Model-space ``image`` [2, X, Y, Z] -> uint8 labels on the grid (``affine``, ``shape``): probabilities are
-    resampled there (trilinear) and fused by argmax, so masks come back in the geometry asked for."""
-    probs = sliding_window_probabilities(model, image, mode, overlap=overlap)
+    resampled there (trilinear) and fused by argmax, so masks come back in the geometry asked for. With a CT
+    (modes ct+pet and ct) the windows cover the CT's body only, as the served ``segment_petct`` does."""
+    probs = sliding_window_probabilities(model, image, mode, overlap=overlap, ct_body=mode != "pet")
     return probabilities_to_labels(probs, model_affine, affine, shape)
 
 
