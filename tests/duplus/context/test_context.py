@@ -138,3 +138,18 @@ def test_shipped_classifier_on_fresh_renderings():
     assert torch.allclose(probs.sum(1), torch.ones(len(labels)), atol=1e-5)
     acc = float((probs.argmax(1) == torch.tensor(labels)).float().mean())
     assert acc >= 0.8, acc
+
+
+def test_shipped_classifier_reads_a_ct_in_a_wide_field_of_view_of_air():
+    """The views are a fixed 256 mm window in world space, so air around the body (the abdomen of ``ct_abdomen``'s
+    benchmark series centred in a 256x256x160 field of view, ``ct_256``) does not change what the guard reads: the
+    segmenter needed a body box for such volumes (2026-12-04), the guard not (``ct_512x300``, 512x512x300, reads
+    CT|abdomen 0.971 too; left out here: 7 s to generate)."""
+    from duplus.context.model import load_classifier
+    from perf.volumes import make_volume
+
+    model, _ = load_classifier(CHECKPOINT)
+    ph = make_volume("ct_256")
+    with torch.no_grad():
+        probs = model(context_views(ph.image, ph.affine)[None])[0]
+    assert model.keys[int(probs.argmax())] == "CT|abdomen" and float(probs.max()) >= 0.9, probs
