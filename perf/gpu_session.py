@@ -460,7 +460,9 @@ def report(raw_paths: list[Path], out: Path, labels: list[str] | None = None) ->
              "", "No Triton server ran on this machine: the embedded server (the nvidia-pytriton wheel) and the "
              "packaged text encoder do not fit in what travels to a lent GPU machine, so the prompt embeddings were "
              "computed by the real encoder on the CPU machine (`prepare`) and looked up here. Every other number "
-             "is the shipped checkpoints on the GPU.", ""]
+             "runs the shipped checkpoints, on the GPU or, where a column says CPU, on the host's cores. The "
+             "monitor's utilisation is spiky because a run interleaves host work (phantoms, the CPU columns) with "
+             "short GPU bursts.", ""]
     if "patch" in b:
         lines += ["## DuPLUS segmenter, one 96³ patch batch (GPU)" + run_of("patch"), "", "| batch | fp32 ms | bf16 ms | fp32 patches/s "
                   "| bf16 patches/s | bf16 speed-up |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
