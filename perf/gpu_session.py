@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -173,27 +172,22 @@ def _ms(times: list[float]) -> dict:
 
 
 def machine() -> dict:
+    """perf.measure.machine_info (the CPU, Python, torch, ONNX Runtime) with the GPU's driver, CUDA, cuDNN and
+    whether TF32 is on; no Triton server runs in this session."""
     import torch
 
-    smi = ""
+    from perf.measure import machine_info
+
+    info = machine_info()
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError) as exc:
         smi = f"nvidia-smi: {exc}"
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import onnxruntime as ort
-
-    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "nvidia_smi": smi,
-            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "onnxruntime": ort.__version__,
-            "ort_providers": ort.get_available_providers(),
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+    return {"gpu": info["gpu"], "nvidia_smi": smi, "cpu": info["cpu"], "cores": info["cores"],
+            "python": info["python"], "torch": info["torch"], "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "onnxruntime": info["onnxruntime"],
+            "ort_providers": info["onnxruntime_providers"], "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
@@ -403,12 +397,11 @@ def _stage_times(pipe, case, enc, resolved, sync) -> tuple[dict, dict]:
 
 def _volume_case(name: str):
     """(the benchmark case as perf.bench runs it, the phantom's truth labels, their names): one generation."""
-    from perf.measure import _Case
-    from perf.volumes import VOLUMES, make_volume, t1_prompt
+    from perf.measure import case_of
+    from perf.volumes import make_volume
 
     ph = make_volume(name)
-    return _Case(ph.image, ph.affine, ph.modality, t1_prompt(name, ph.sequence), VOLUMES[name].targets), \
-        ph.label, list(ph.label_names)
+    return case_of(name, ph), ph.label, list(ph.label_names)
 
 
 # -------------------------------------------------------------------------------------------- the report --

@@ -142,7 +142,11 @@ class _Case:
 
 
 def _case(name: str) -> _Case:
-    ph = make_volume(name)
+    return case_of(name, make_volume(name))
+
+
+def case_of(name: str, ph) -> _Case:
+    """The benchmark case of volume ``name`` from its generated phantom ``ph`` (perf.volumes.make_volume)."""
     log.info("volume %s: %s voxels, spacing %s mm", name, ph.image.shape, np.round(ph.spacing, 2).tolist())
     return _Case(ph.image, ph.affine, ph.modality, t1_prompt(name, ph.sequence), VOLUMES[name].targets)
 
