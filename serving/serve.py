@@ -204,10 +204,52 @@ def stub_site_packages() -> Path:
     return site
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_HANDED_OUT: set[int] = set()
+_PORT_LOCK = threading.Lock()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; IANA's 49152-65535 elsewhere)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now, below the kernel's ephemeral range where one fits, never the same twice in a
+    process.
+
+    A port the kernel hands out for ``bind(0)`` lies in the ephemeral range, so between this call and the server's
+    own bind an outgoing connection of any process (a gRPC client, a health probe) may take it as its local port:
+    tritonserver then exits with "Socket ... already in use" (seen once in a full test run, 2026-12-04).  Ports
+    from 20000 up to the range's start are not used for outgoing connections.
+    """
+    import random
+
+    low, _ = _ephemeral_range()
+    with _PORT_LOCK:
+        if low - 1 > 20000:
+            rng = random.Random()
+            for _ in range(200):
+                port = rng.randint(20000, low - 1)
+                if port in _HANDED_OUT:
+                    continue
+                with socket.socket() as s:
+                    try:
+                        s.bind((host, port))
+                    except OSError:
+                        continue
+                _HANDED_OUT.add(port)
+                return port
+        while True:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 STUB_BINARY = "triton_python_backend_stub"
@@ -542,6 +584,9 @@ class TritonServer:
                                  f"{built}")
             built = [m for m in with_dependencies(models, built) if m in built]
         self.served = built
+        # the ports this launcher picked itself: picked again if tritonserver finds one taken at start
+        self._auto_ports = [name for name, given in (("grpc_port", grpc_port), ("http_port", http_port),
+                                                     ("metrics_port", metrics_port)) if not given]
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -564,6 +609,8 @@ class TritonServer:
             raise ValueError(f"no tritonserver binary at {self.tritonserver}")
         self.process: subprocess.Popen | None = None
         self._log_handle = None
+        self._spawn_args: tuple = ()
+        self._respawns = 0
         self.watchdog = StubWatchdog(self, poll_s=watchdog_poll_s) if watchdog else None
         # alive-but-unhealthy stubs (hung): probe requests every probe_s seconds (0: off; needs the watchdog)
         self.prober = StubProber(self, self.watchdog, interval_s=probe_s) if watchdog and probe_s > 0 else None
@@ -628,13 +675,9 @@ class TritonServer:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        cmd = self.command(binary, backends)
-        log.info("starting %s", " ".join(cmd))
-        if self.log_file:
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._log_handle = open(self.log_file, "w")
-        out = self._log_handle or (None if self.log_to_stdout else subprocess.DEVNULL)
-        self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self._spawn_args = (env, binary, backends)
+        self._respawns = 0
+        self._spawn()
         try:
             self._health = HealthServer(self, self.health_address, self.health_port)
             threading.Thread(target=self._health.serve_forever, name="triton-health", daemon=True).start()
@@ -650,6 +693,41 @@ class TritonServer:
         log.info("Triton ready: gRPC %s, HTTP %s, metrics %s, health %s/health/ready", self.grpc_url, self.http_url,
                  self.metrics_url, self.health_url)
         return self
+
+    def _spawn(self) -> None:
+        env, binary, backends = self._spawn_args
+        cmd = self.command(binary, backends)
+        log.info("starting %s", " ".join(cmd))
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self.log_file:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(self.log_file, "w")
+        out = self._log_handle or (None if self.log_to_stdout else subprocess.DEVNULL)
+        self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _lost_a_port(self) -> bool:
+        """Whether tritonserver, exited before it was ready, found a port this launcher picked taken meanwhile (its
+        log says "already in use"); if so, those ports are picked again and the caller starts it again (twice at
+        most).  False without a log file to read."""
+        if not self._auto_ports or self.log_file is None or self._respawns >= 2:
+            return False
+        if "already in use" not in self._log_text():
+            return False
+        self._respawns += 1
+        old = {name: getattr(self, name) for name in self._auto_ports}
+        for name in self._auto_ports:
+            setattr(self, name, free_port())
+        log.warning("tritonserver found a port taken at start (%s); starting it again on %s", old,
+                    {name: getattr(self, name) for name in self._auto_ports})
+        return True
+
+    def _log_text(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def _http(self, path: str, method: str = "GET", timeout: float = 2.0) -> tuple[int, bytes]:
         """(status, body) of a request to Triton's HTTP API; status 0 when it cannot be reached."""
@@ -754,6 +832,9 @@ class TritonServer:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
+                if self._lost_a_port():
+                    self._spawn()
+                    continue
                 hint = f"; see {self.log_file}" if self.log_file else " (pass --log-file to see why)"
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} before it was ready{hint}")
             if self.is_ready():
