@@ -10,6 +10,10 @@ needs (``duplus.context.model.ContextClassifier``).
 
     python -m training.train_context --out checkpoints/context_dpt.pt
 
+With ``--hf-clip PATH`` the same Biomed-DPT tuning runs on a CLIP checkpoint on disk in Hugging Face format
+(:mod:`duplus.context.hf_clip`) instead of the stack's own backbone; it writes the tuned prompts and their
+validation accuracy (the served classifier needs the stack's image tower, so this is for study, not serving).
+
 :func:`prompt_tune` is the method itself, shared with ``training.evaluate_context`` (few-shot and
 base-to-novel protocols, ablation); it sees the towers only through their interfaces.
 """
@@ -186,7 +190,7 @@ def prompt_tune(image: ImageTower, tower, keys, views: torch.Tensor, labels: tor
     g = torch.Generator().manual_seed(seed)
     names = [c.name for c in classes_of(keys)]
     learner = PromptLearner(tower, names, cfg.n_ctx, cfg.ctx_init)
-    visual = (VisualPrompts(cfg.depth, cfg.n_visual_prompts, cfg.dim, cfg.visual_prompt_dropout)
+    visual = (VisualPrompts(image.depth, cfg.n_visual_prompts, image.width, cfg.visual_prompt_dropout)
               if weights.visual_prompts else None)
     teacher = teacher_features(tower, keys, descriptions) if weights.l1 > 0 else None
     zs_text = tower.encode_text(zero_shot_texts(names, cfg.ctx_init))
@@ -311,18 +315,28 @@ def save_classifier(path: Path, model: ContextCLIP, tuned: TunedPrompts, meta: d
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("checkpoints/context_dpt.pt"), help="classifier checkpoint")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="classifier checkpoint (default checkpoints/context_dpt.pt; with --hf-clip "
+                         "runs/context/hf_clip_dpt.pt)")
     ap.add_argument("--backbone", type=Path, default=Path("runs/context/clip.pt"),
                     help="aligned model (written by the align stage when absent)")
     ap.add_argument("--align-steps", type=int, default=600)
     ap.add_argument("--corpus", choices=("pretrain", "pretrain_clinical"), default="pretrain",
                     help="the alignment corpus (training.context_data): figure-like phantoms (the few-shot study's "
                          "backbone) or clinical ones (the shipped classifier's)")
+    ap.add_argument("--hf-clip", type=Path, default=None, metavar="PATH",
+                    help="tune on a CLIP checkpoint folder in Hugging Face format (config.json, weights, tokenizer; "
+                         "read from disk only) instead of the stack's backbone; writes prompts, not a served model "
+                         "(default --out runs/context/hf_clip_dpt.pt)")
     ap.add_argument("--tune-steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.hf_clip is not None:
+        tune_hf_clip(args.hf_clip, args.out or Path("runs/context/hf_clip_dpt.pt"), args.tune_steps, args.seed)
+        return
+    args.out = args.out or Path("checkpoints/context_dpt.pt")
     from duplus.text_encoder import TextEncoder
 
     t0 = time.time()
@@ -355,6 +369,38 @@ def main(argv=None) -> None:
                                              "corpus": args.corpus,
                                              "guard_alpha": alpha, "guard_val": rates})
     log.info("wrote %s (%.1f min in all)", args.out, (time.time() - t0) / 60)
+
+
+def tune_hf_clip(path: Path, out: Path, steps: int, seed: int = 0, *, pool: dict | None = None,
+                 val: dict | None = None, progress: bool = True) -> dict:
+    """Biomed-DPT on a CLIP checkpoint in Hugging Face format: prompts tuned on the ``pool`` split, accuracy on
+    ``val`` against the same backbone's zero-shot template prompt; writes ``out`` and returns its record."""
+    from duplus.context.hf_clip import load_hf_clip
+
+    t0 = time.time()
+    image, tower, scale = load_hf_clip(path)
+    cfg = ContextConfig(embed_dim=tower.dim)
+    pool = pool if pool is not None else load_split("pool")
+    val = val if val is not None else load_split("val")
+    keys = list(CONTEXT_KEYS)
+    tuned = prompt_tune(image, tower, keys, pool["views"], pool["labels"], METHODS["DPT (+visual prompts)"], cfg,
+                        scale, TuneConfig(steps=steps), seed=seed, descriptions=load_descriptions(),
+                        progress=progress)
+    names = [c.name for c in classes_of(keys)]
+    zero_shot = tower.encode_text(zero_shot_texts(names, cfg.ctx_init))
+    acc = {}
+    for name, text, visual in (("zero_shot", zero_shot, None), ("dpt", tuned.text_features(), tuned.visual)):
+        probs = predict(image, text, val["views"], visual, scale)
+        acc[name] = float((probs.argmax(1) == val["labels"]).float().mean())
+    record = {"kind": "context_prompts_hf_clip", "backbone": str(path), "keys": keys, "ctx": tuned.learner.ctx.data,
+              "visual_prompts": tuned.visual.state_dict() if tuned.visual is not None else None,
+              "text_features": tuned.text_features(), "logit_scale": scale, "losses": tuned.losses,
+              "val_accuracy": acc, "tune_steps": steps, "minutes": (time.time() - t0) / 60}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(record, out)
+    log.info("Biomed-DPT on %s: validation accuracy zero-shot %.3f, tuned %.3f (%.1f min) -> %s", path,
+             acc["zero_shot"], acc["dpt"], record["minutes"], out)
+    return record
 
 
 def load_backbone(path: Path, tower) -> ContextCLIP:

@@ -11,7 +11,8 @@
 
 The prompt-tuning code (:class:`PromptLearner`, :class:`DPTLoss`, training/train_context.py) talks to the
 towers only through :class:`TextTower` (``tokenize``, ``embed_tokens``, ``encode_embeds``, ``encode_text``)
-and ``ImageTower.forward(views, prompts)``, so another backbone with the same four text methods can be used.
+and an image tower's ``forward(views, prompts)``, ``depth`` and ``width``, so another backbone with the same
+methods can be used: :mod:`duplus.context.hf_clip` reads a CLIP checkpoint in Hugging Face format that way.
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ class ImageTower(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.embed_dim, bias=False)
+
+    @property
+    def depth(self) -> int:
+        """Transformer blocks (one set of deep visual prompts each)."""
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        """Token width (the visual prompts' size)."""
+        return self.cfg.dim
 
     def forward(self, views: torch.Tensor, prompts: VisualPrompts | None = None) -> torch.Tensor:
         """[B, 3, H, W] views -> [B, embed_dim] L2-normalised image features."""
