@@ -41,6 +41,7 @@ MODEL_NAMES = {
     "pet_only": "PET-only UNETR",
     "continual_adapters": "PEMMA (LoRA) + centre F, adapters only",
     "continual_full": "PEMMA (LoRA) + centre F, full fine-tuning",
+    "continual_early_fusion": "early fusion + centre F, full fine-tuning",
 }
 
 
@@ -131,6 +132,9 @@ COMPARISONS = [
     ("continual_full", "pet", "pemma_lora", "pet"),
     ("continual_adapters", "ct", "pemma_lora", "ct"),
     ("continual_full", "ct", "pemma_lora", "ct"),
+    ("continual_early_fusion", "ct+pet", "early_fusion", "ct+pet"),
+    ("continual_early_fusion", "pet", "early_fusion", "pet"),
+    ("continual_early_fusion", "ct", "early_fusion", "ct"),
 ]
 
 

@@ -10,7 +10,11 @@ Stages (``configs/pemma.yaml``), each a run of its own that writes ``OUTPUT/<sta
 * ``pet_only``      baseline: the CT-pretrained UNETR fine-tuned on PET alone;
 * ``continual_adapters``: continual learning: the PEMMA (LoRA) model of centre E updated on centre F with
   CT only, only the adapters training (the PET pathway and every CT weight stay as they are);
-* ``continual_full``: the same update with every weight training (the forgetting baseline).
+* ``continual_full``: the same update with every weight training (the PEMMA architecture's forgetting
+  baseline: its PET pathway gets no gradient from CT-only data);
+* ``continual_early_fusion``: the early-fusion model of centre E updated on centre F with CT only (the PET
+  channel zeroed), every weight training: what a single multi-channel model does when a new centre has one
+  modality.
 
 All baselines start from the ``pretrain`` checkpoint and get the same data and steps as PEMMA.  The
 validation curve uses the last ``val_cases`` cases of the stage's own training data; the held-out
@@ -54,7 +58,7 @@ from training.train_segmentation import native_bf16
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "pemma_lora", "pemma_dora", "early_fusion", "full_finetune", "pet_only",
-          "continual_adapters", "continual_full")
+          "continual_adapters", "continual_full", "continual_early_fusion")
 
 
 # --------------------------------------------------------------------------------------
@@ -171,6 +175,11 @@ def build_stage_model(cfg: PemmaConfig, stage: str) -> tuple[torch.nn.Module, tu
         model = load_stage_model(cfg, "pemma_lora")
         for name, p in model.named_parameters():
             p.requires_grad = stage == "continual_full" or "lora_" in name
+        return model, ("ct",)
+    if stage == "continual_early_fusion":
+        model = load_stage_model(cfg, "early_fusion")
+        for p in model.parameters():
+            p.requires_grad = True
         return model, ("ct",)
     base = load_stage_model(cfg, "pretrain")
     assert isinstance(base, PemmaUNETR)
@@ -319,6 +328,29 @@ def ship(cfg: PemmaConfig, stage: str, path: Path) -> Path:
     return path
 
 
+def backbone_from(cfg: PemmaConfig, shipped: Path) -> Path:
+    """Write ``OUTPUT/pretrain.pt`` from a PEMMA checkpoint's frozen CT backbone (its adapters unloaded, not
+    merged, and its PET pathway dropped) instead of training it: PEMMA never changes those weights, so this is the
+    pretrained UNETR the checkpoint was adapted from (in the checkpoint's precision: float16 for a shipped one)."""
+    from peft import PeftModel
+
+    state = torch.load(shipped, weights_only=False)
+    if state.get("stage") not in ("pemma_lora", "pemma_dora"):
+        raise ValueError(f"{shipped} is not a PEMMA checkpoint (stage {state.get('stage')!r})")
+    adapted = model_from_state(state["model"])
+    if isinstance(adapted.unetr.vit, PeftModel):
+        adapted.unetr.vit = adapted.unetr.vit.unload()
+    ct = PemmaUNETR(adapted.cfg)
+    ct.unetr.load_state_dict(adapted.unetr.state_dict())
+    out = Path(cfg.output) / "pretrain.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "pemma-checkpoint/1", "stage": "pretrain", "model": model_state(ct),
+                "parameters": parameter_counts(ct), "modes": ["ct"], "extracted_from": str(shipped),
+                "history": {"loss": [], "val": []}}, out)
+    log.info("wrote %s: the CT backbone of %s", out, shipped)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m training.train_pemma", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -329,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
                     "to PATH with float16 weights, e.g. checkpoints/pemma_lora.pt")
     ap.add_argument("--output", help="override the output folder of the configuration")
     ap.add_argument("--steps", type=int, help="override the stage's steps (e.g. a quick smoke run)")
+    ap.add_argument("--backbone-from", metavar="PEMMA_CHECKPOINT", type=Path,
+                    help="before the stages, write OUTPUT/pretrain.pt from this PEMMA checkpoint's frozen CT backbone "
+                         "(e.g. the shipped checkpoints/pemma_lora.pt) instead of training the pretrain stage")
     ap.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -341,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--ship takes exactly one --stage")
         ship(cfg, args.stage[0], Path(args.ship))
         return
+    if args.backbone_from:
+        backbone_from(cfg, args.backbone_from)
     for stage in args.stage:
         train_stage(cfg, stage)
 
