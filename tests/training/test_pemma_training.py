@@ -53,6 +53,30 @@ def test_two_stages_and_the_heldout_scoring(config_path, tmp_path, capsys):
         assert all(0.0 <= v <= 1.0 for values in by_target.values() for v in values)
     assert "PEMMA (LoRA)" in (run / "eval_e.md").read_text()
     assert json.loads((run / "heldout_looks.json").read_text()) == {"e": 1}
+    _backbone_from_and_the_early_fusion_update(config_path, tmp_path)
+
+
+def _backbone_from_and_the_early_fusion_update(config_path, tmp_path):
+    """--backbone-from gives back the very pretrained UNETR a PEMMA checkpoint was adapted from (adapters unloaded,
+    PET pathway dropped), and continual_early_fusion updates every weight of the early-fusion model on CT alone
+    (part of the test above: it reuses that test's two trained stages)."""
+    from duplus.models.pemma import EarlyFusionUNETR, model_state
+
+    run = tmp_path / "run"
+    trained = torch.load(run / "pretrain.pt", weights_only=False)["model"]["state_dict"]
+    cfg = PemmaConfig.from_yaml(config_path, output=str(tmp_path / "other"))
+    train_pemma.backbone_from(cfg, run / "pemma_lora.pt")
+    extracted = torch.load(tmp_path / "other" / "pretrain.pt", weights_only=False)
+    assert extracted["stage"] == "pretrain" and set(extracted["model"]["state_dict"]) == set(trained)
+    for key, value in trained.items():
+        assert torch.equal(extracted["model"]["state_dict"][key], value), key
+    with pytest.raises(ValueError, match="not a PEMMA checkpoint"):
+        train_pemma.backbone_from(cfg, run / "pretrain.pt")
+    base = train_pemma.load_stage_model(cfg, "pretrain")
+    torch.save({"model": model_state(EarlyFusionUNETR.from_ct(base))}, tmp_path / "other" / "early_fusion.pt")
+    model, modes = train_pemma.build_stage_model(cfg, "continual_early_fusion")
+    assert isinstance(model, EarlyFusionUNETR) and modes == ("ct",)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_configuration_errors_are_named(tmp_path):
