@@ -46,6 +46,7 @@ from training.train_context import (
     predict,
     prompt_tune,
     subset,
+    wrong_t1,
     zero_shot_texts,
 )
 
@@ -178,6 +179,55 @@ def guard_protocol(checkpoint: Path, on: str, full_size: int) -> dict:
     return out
 
 
+#: real images available offline: (name, package, file inside it, the context key it truly is)
+REAL_IMAGES = (
+    ("MNI152 2009c T1 template (nilearn)", "nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+     "MR:T1|head_neck"),
+)
+
+
+def real_images() -> list[tuple[str, np.ndarray, np.ndarray, str]]:
+    """(name, volume, affine, true key) of each real image whose package is installed (its file read from the
+    package's own folder: nothing is downloaded)."""
+    import importlib.util
+
+    import nibabel as nib
+
+    out = []
+    for name, package, rel, key in REAL_IMAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            log.warning("%s: package %s is not installed", name, package)
+            continue
+        img = nib.load(Path(spec.submodule_search_locations[0]) / rel)
+        out.append((name, np.asarray(img.dataobj, dtype=np.float32), img.affine, key))
+    return out
+
+
+def real_protocol(checkpoint: Path) -> dict:
+    """The served classifier on real images: its top classes, and the guard's verdict on the image's true T1
+    (a false alarm if it disagrees) and on DuPLUS's mismatch T1 (should be flagged)."""
+    from duplus.context.guard import verdict
+    from duplus.context.model import load_classifier
+    from duplus.context.views import context_views
+
+    clf, meta = load_classifier(checkpoint)
+    alpha = float(meta.get("guard_alpha", 0.1))
+    out = []
+    for name, volume, affine, key in real_images():
+        with torch.no_grad():
+            probs = clf(context_views(volume, affine)[None])[0].numpy()
+        true_t1 = classes_of([key])[0].name
+        right, wrong = verdict(clf.keys, probs, true_t1, alpha), verdict(clf.keys, probs, wrong_t1(key), alpha)
+        top = np.argsort(-probs)[:3]
+        out.append({"image": name, "shape": list(volume.shape), "truth": key, "predicted": clf.keys[int(top[0])],
+                    "top3": {clf.keys[int(i)]: round(float(probs[i]), 4) for i in top},
+                    "p_truth": round(float(probs[clf.keys.index(key)]), 4),
+                    "true_t1": true_t1, "true_t1_flagged": right.agrees is False, "true_t1_reason": right.reason,
+                    "wrong_t1": wrong_t1(key), "wrong_t1_flagged": wrong.agrees is False})
+    return {"alpha": alpha, "images": out}
+
+
 # --------------------------------------------------------------------------------------
 # Attention maps, plots, tables
 # --------------------------------------------------------------------------------------
@@ -306,7 +356,9 @@ def main(argv=None) -> None:
     ap.add_argument("--l1", type=float, default=None, help="lambda_1 (default: training.train_context.L1_WEIGHT)")
     ap.add_argument("--kl", type=float, default=None, help="lambda_2 (default: training.train_context.KL_WEIGHT)")
     ap.add_argument("--full-size", type=int, default=25, help="full-size phantoms per context for the guard")
-    ap.add_argument("--protocols", default="few_shot,ablation,base_to_novel,guard,attention")
+    ap.add_argument("--protocols", default="few_shot,ablation,base_to_novel,guard,attention",
+                    help="comma-separated: few_shot, ablation, base_to_novel, guard, attention, and real (the "
+                         "--checkpoint on the real images installed packages ship: nilearn's MNI152 T1)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -315,8 +367,11 @@ def main(argv=None) -> None:
     from training.train_context import KL_WEIGHT, L1_WEIGHT
 
     l1, kl = (L1_WEIGHT if args.l1 is None else args.l1), (KL_WEIGHT if args.kl is None else args.kl)
-    ev = Evaluator(args.backbone, args.on, TuneConfig(steps=args.steps, lr=args.lr), methods(l1, kl))
     res: dict = {"on": args.on, "steps": args.steps, "lr": args.lr, "l1": l1, "kl": kl}
+    ev = (Evaluator(args.backbone, args.on, TuneConfig(steps=args.steps, lr=args.lr), methods(l1, kl))
+          if protocols & {"few_shot", "ablation", "base_to_novel", "attention"} else None)
+    if "real" in protocols:
+        res["real"] = real_protocol(args.checkpoint)
     if "few_shot" in protocols:
         res["few_shot"] = few_shot_protocol(ev)
     if "ablation" in protocols:
