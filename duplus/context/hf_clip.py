@@ -33,12 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duplus.context.model import FrozenTextTower
+
 #: the pixel mean and std of OpenAI's CLIP (``CLIPImageProcessor``'s defaults)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class HFClipTextTower(nn.Module):
+class HFClipTextTower(FrozenTextTower):
     """The frozen text side of a ``transformers.CLIPModel`` as a :class:`~duplus.context.model.TextTower`."""
 
     def __init__(self, clip_model, tokenizer, max_tokens: int | None = None):
@@ -51,14 +53,6 @@ class HFClipTextTower(nn.Module):
         for p in [*self.text_model.parameters(), *self.projection.parameters()]:
             p.requires_grad_(False)
         self.text_model.eval()
-
-    def train(self, mode: bool = True) -> HFClipTextTower:  # frozen: dropout stays off
-        return super().train(False)
-
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                           return_tensors="pt")
-        return b["input_ids"], b["attention_mask"]
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_model.embeddings.token_embedding(ids)
@@ -74,14 +68,6 @@ class HFClipTextTower(nn.Module):
         finally:
             handle.remove()
         return F.normalize(self.projection(pooled), dim=-1)
-
-    @torch.no_grad()
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            ids, mask = self.tokenize(texts[i:i + batch_size])
-            out.append(self.encode_embeds(self.embed_tokens(ids), ids, mask))
-        return torch.cat(out)
 
 
 class HFClipImageTower(nn.Module):

@@ -133,7 +133,38 @@ class TextTower(Protocol):
     def encode_text(self, texts: list[str]) -> torch.Tensor: ...
 
 
-class HFTextTower(nn.Module):
+class FrozenTextTower(nn.Module):
+    """What every frozen :class:`TextTower` shares: no training mode (dropout stays off), a Hugging Face tokenizer
+    (``self.tokenizer``, ``self.max_tokens``) and batched ``encode_text``; subclasses give ``embed_tokens`` and
+    ``encode_embeds``."""
+
+    tokenizer = None
+    max_tokens: int = 64
+
+    def train(self, mode: bool = True) -> FrozenTextTower:  # frozen: dropout stays off
+        return super().train(False)
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                           return_tensors="pt")
+        return b["input_ids"], b["attention_mask"]
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_embeds(self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids, mask = self.tokenize(texts[i:i + batch_size])
+            out.append(self.encode_embeds(self.embed_tokens(ids), ids, mask))
+        return torch.cat(out)
+
+
+class HFTextTower(FrozenTextTower):
     """A frozen Hugging Face encoder (BERT family) as a :class:`TextTower`: mean-pooled, L2-normalised last
     hidden state, the same sentence embedding as :class:`duplus.text_encoder.TextEncoder`."""
 
@@ -147,14 +178,6 @@ class HFTextTower(nn.Module):
             p.requires_grad_(False)
         self.model.eval()
 
-    def train(self, mode: bool = True) -> HFTextTower:  # frozen: dropout stays off
-        return super().train(False)
-
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                           return_tensors="pt")
-        return b["input_ids"], b["attention_mask"]
-
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
@@ -162,14 +185,6 @@ class HFTextTower(nn.Module):
         hidden = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
-
-    @torch.no_grad()
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            ids, mask = self.tokenize(texts[i:i + batch_size])
-            out.append(self.encode_embeds(self.embed_tokens(ids), ids, mask))
-        return torch.cat(out)
 
 
 class PromptLearner(nn.Module):
