@@ -228,7 +228,7 @@ def prompt_tune(image: ImageTower, tower, keys, views: torch.Tensor, labels: tor
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     if visual is not None:
         visual.eval()
     for p in image.parameters():

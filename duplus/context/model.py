@@ -269,17 +269,17 @@ class DPTLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
                 frozen_image: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         ce = F.cross_entropy(logits, labels)
-        parts = {"ce": float(ce)}
+        parts = {"ce": float(ce.detach())}
         loss = ce
         if self.w.l1 > 0:
             l1 = F.l1_loss(text, self.teacher, reduction="sum") / text.shape[0]
             loss = loss + self.w.l1 * l1
-            parts["l1"] = float(l1)
+            parts["l1"] = float(l1.detach())
         if self.w.kl > 0:
             zs = scale * frozen_image @ self.zs_text.T
             kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(zs, 1), log_target=True, reduction="batchmean")
             loss = loss + self.w.kl * kl
-            parts["kl"] = float(kl)
+            parts["kl"] = float(kl.detach())
         return loss, parts
 
 
