@@ -44,6 +44,13 @@ def patients():
 
 
 @pytest.fixture(scope="module")
+def eager(in_process, patients):
+    """Each patient's PET volume and in-process PyTorch features, computed once for the module's parity tests."""
+    _, extractor, _ = in_process
+    return [(ph, extractor(ph.image, ph.affine)) for ph in (pet_volume(p) for p in patients)]
+
+
+@pytest.fixture(scope="module")
 def torch_server(torch_repository):
     """A second server whose units run PyTorch (``--engine torch``): the served path with in-process numerics."""
     from serving.serve import TritonServer
@@ -56,14 +63,12 @@ def torch_server(torch_repository):
     srv.kill()                       # no graceful unload at teardown (tests/clients/test_client.py tests that)
 
 
-def test_served_risk_equals_in_process_pytorch(torch_server, in_process, patients):
+def test_served_risk_equals_in_process_pytorch(torch_server, in_process, patients, eager):
     """The prognose BLS (volume checks, preprocessing, one feature pass, radiomics, EHR tokens, merged LoRA
     encoder, head) on PyTorch units gives the in-process PyTorch risk to a relative 1e-4."""
-    model, extractor, meta = in_process
+    model, _, meta = in_process
     with SegmentationClient(torch_server.grpc_url) as client:
-        for p in patients:
-            ph = pet_volume(p)   # random PET acquisition: 2-4 mm, permuted and flipped axes
-            feats = extractor(ph.image, ph.affine)
+        for p, (ph, feats) in zip(patients, eager):   # random PET acquisitions: 2-4 mm, permuted and flipped axes
             expected = float(model.risk(feats.vector[None], [p.note])[0])
             served = client.prognose(ph.image, ph.affine, "PET", T1, p.note)
             assert abs(served.risk - expected) <= 1e-4 * max(abs(expected), 1e-2), (served.risk, expected)
@@ -76,22 +81,21 @@ def test_served_risk_equals_in_process_pytorch(torch_server, in_process, patient
 
 
 def test_onnx_runtime_server_equals_in_process_onnx_and_is_close_to_pytorch(client, in_process, patients,
-                                                                            triton_repository):
+                                                                            triton_repository, eager):
     """The default server (ONNX Runtime units) equals in-process scoring with the same exported image_features
     unit to a relative 1e-4; against PyTorch eager it differs by what fp32 ONNX Runtime vs PyTorch convolutions
     leave (segmenter logits ~1e-3, amplified by the head's standardisation): well below the risk's spread."""
     from training.evaluate_prognosis import OnnxFeatureExtractor
 
-    model, extractor, meta = in_process
+    model, _, meta = in_process
     onnx = OnnxFeatureExtractor(triton_repository, ROOT / meta["segmentation_checkpoint"], model.cfg.modality,
                                 model.cfg.t1)
-    for p in patients:
-        ph = pet_volume(p)
+    for p, (ph, feats) in zip(patients, eager):
         expected = float(model.risk(onnx(ph.image, ph.affine).vector[None], [p.note])[0])
-        eager = float(model.risk(extractor(ph.image, ph.affine).vector[None], [p.note])[0])
+        pytorch = float(model.risk(feats.vector[None], [p.note])[0])
         served = client.prognose(ph.image, ph.affine, "PET", T1, p.note)
         assert abs(served.risk - expected) <= 1e-4 * max(abs(expected), 1e-2), (served.risk, expected)
-        assert abs(served.risk - eager) < 0.05, (served.risk, eager)
+        assert abs(served.risk - pytorch) < 0.05, (served.risk, pytorch)
 
 
 def test_served_text_encoder_ehr_is_the_merged_adapted_encoder(triton_server, in_process, patients):
