@@ -389,12 +389,13 @@ def tune_hf_clip(path: Path, out: Path, steps: int, seed: int = 0, *, pool: dict
     names = [c.name for c in classes_of(keys)]
     zero_shot = tower.encode_text(zero_shot_texts(names, cfg.ctx_init))
     acc = {}
-    for name, text, visual in (("zero_shot", zero_shot, None), ("dpt", tuned.text_features(), tuned.visual)):
+    tuned_text = tuned.text_features()
+    for name, text, visual in (("zero_shot", zero_shot, None), ("dpt", tuned_text, tuned.visual)):
         probs = predict(image, text, val["views"], visual, scale)
         acc[name] = float((probs.argmax(1) == val["labels"]).float().mean())
     record = {"kind": "context_prompts_hf_clip", "backbone": str(path), "keys": keys, "ctx": tuned.learner.ctx.data,
               "visual_prompts": tuned.visual.state_dict() if tuned.visual is not None else None,
-              "text_features": tuned.text_features(), "logit_scale": scale, "losses": tuned.losses,
+              "text_features": tuned_text, "logit_scale": scale, "losses": tuned.losses,
               "val_accuracy": acc, "tune_steps": steps, "minutes": (time.time() - t0) / 60}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(record, out)

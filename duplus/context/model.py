@@ -18,6 +18,7 @@ methods can be used: :mod:`duplus.context.hf_clip` reads a CLIP checkpoint in Hu
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -133,7 +134,7 @@ class TextTower(Protocol):
     def encode_text(self, texts: list[str]) -> torch.Tensor: ...
 
 
-class FrozenTextTower(nn.Module):
+class FrozenTextTower(nn.Module, ABC):
     """What every frozen :class:`TextTower` shares: no training mode (dropout stays off), a Hugging Face tokenizer
     (``self.tokenizer``, ``self.max_tokens``) and batched ``encode_text``; subclasses give ``embed_tokens`` and
     ``encode_embeds``."""
@@ -149,11 +150,13 @@ class FrozenTextTower(nn.Module):
                            return_tensors="pt")
         return b["input_ids"], b["attention_mask"]
 
+    @abstractmethod
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """[B, T] token ids -> [B, T, E] input embeddings."""
 
+    @abstractmethod
     def encode_embeds(self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """[B, T, E] (possibly edited) input embeddings of ``ids`` -> [B, D] L2-normalised text features."""
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
