@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,8 +32,19 @@ T1, TARGETS = "CT of the head and neck", ["primary tumour", "lymph node"]
 
 @pytest.fixture(scope="module")
 def small_ct():
+    """A permuted, flipped 3 mm head-and-neck CT cut to 144 x 144 x 108 mm around its primary tumour: two
+    sliding windows in model space (the whole phantom takes twelve, about 6 s a request on 2 cores). These
+    tests are about the client; what a whole volume gives is tested in tests/serving/test_triton_server.py."""
     acq = AcquisitionSpec(spacing=(3.0, 3.0, 3.0), axis_order=(1, 0, 2), flips=(True, False, True), noise=1.0)
-    return generate_phantom("head_neck", "CT", 464646, acquisition=acq)
+    ph = generate_phantom("head_neck", "CT", 464646, acquisition=acq)
+    tumour = np.argwhere(ph.label == ph.label_names.index("primary tumour") + 1).mean(0).round().astype(int)
+    size = (48, 48, 36)
+    lo = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(tumour, size, ph.image.shape)]
+    affine = ph.affine.copy()
+    affine[:3, 3] = (ph.affine @ np.array([*lo, 1.0]))[:3]
+    crop = tuple(slice(a, a + s) for a, s in zip(lo, size))
+    return SimpleNamespace(image=np.ascontiguousarray(ph.image[crop]), affine=affine,
+                           label=np.ascontiguousarray(ph.label[crop]))
 
 
 def test_shared_memory_equals_plain_grpc(triton_server, small_ct):
