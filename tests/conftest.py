@@ -18,6 +18,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+def tumour_crop(ph, size: tuple[int, int, int], structure: str = "primary tumour"):
+    """``ph`` (a phantom) cut to ``size`` voxels centred on ``structure`` (clipped to the volume), with the affine
+    that keeps every voxel's world position: a volume of one or two sliding windows in model space, for the tests
+    that are about a client, a node or a transport rather than about what a whole volume gives."""
+    from types import SimpleNamespace
+
+    centre = np.argwhere(ph.label == ph.label_names.index(structure) + 1).mean(0).round().astype(int)
+    lo = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size, ph.image.shape)]
+    affine = ph.affine.copy()
+    affine[:3, 3] = (ph.affine @ np.array([*lo, 1.0]))[:3]
+    crop = tuple(slice(a, a + s) for a, s in zip(lo, size))
+    return SimpleNamespace(image=np.ascontiguousarray(ph.image[crop]), affine=affine,
+                           label=np.ascontiguousarray(ph.label[crop]), label_names=ph.label_names)
+
+
 @pytest.fixture(scope="session")
 def text_encoder():
     from duplus.text_encoder import TextEncoder

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from clients.grpc_client import (
 )
 from duplus.synth.phantoms import AcquisitionSpec, generate_phantom
 from serving.serve import TritonServer, free_port
-from tests.conftest import DEMO_CHECKPOINT, ROOT
+from tests.conftest import DEMO_CHECKPOINT, ROOT, tumour_crop
 
 pytestmark = pytest.mark.server
 T1, TARGETS = "CT of the head and neck", ["primary tumour", "lymph node"]
@@ -36,15 +35,7 @@ def small_ct():
     sliding windows in model space (the whole phantom takes twelve, about 6 s a request on 2 cores). These
     tests are about the client; what a whole volume gives is tested in tests/serving/test_triton_server.py."""
     acq = AcquisitionSpec(spacing=(3.0, 3.0, 3.0), axis_order=(1, 0, 2), flips=(True, False, True), noise=1.0)
-    ph = generate_phantom("head_neck", "CT", 464646, acquisition=acq)
-    tumour = np.argwhere(ph.label == ph.label_names.index("primary tumour") + 1).mean(0).round().astype(int)
-    size = (48, 48, 36)
-    lo = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(tumour, size, ph.image.shape)]
-    affine = ph.affine.copy()
-    affine[:3, 3] = (ph.affine @ np.array([*lo, 1.0]))[:3]
-    crop = tuple(slice(a, a + s) for a, s in zip(lo, size))
-    return SimpleNamespace(image=np.ascontiguousarray(ph.image[crop]), affine=affine,
-                           label=np.ascontiguousarray(ph.label[crop]))
+    return tumour_crop(generate_phantom("head_neck", "CT", 464646, acquisition=acq), (48, 48, 36))
 
 
 def test_shared_memory_equals_plain_grpc(triton_server, small_ct):

@@ -13,6 +13,7 @@ from clients.__main__ import main as clients_main
 from clients.dicom_io import DicomSeriesError, normal_ordered, read_series, write_series
 from clients.dicom_seg import SNOMED, derive_t1, seg_to_labels, write_seg
 from duplus.synth.phantoms import generate_phantom
+from tests.conftest import tumour_crop
 
 
 def _rotation(deg_z, deg_x):
@@ -26,8 +27,9 @@ def _rotation(deg_z, deg_x):
 
 @pytest.fixture(scope="module")
 def oblique_ct(tmp_path_factory):
-    """A head-and-neck CT phantom written as a DICOM series that is not axis-aligned with RAS."""
-    ph = generate_phantom("head_neck", "CT", 454545)
+    """A head-and-neck CT phantom (cut to about 100 x 100 x 70 mm around its tumour: one or two sliding windows)
+    written as a DICOM series that is not axis-aligned with RAS."""
+    ph = tumour_crop(generate_phantom("head_neck", "CT", 454545), (56, 56, 40))
     affine = _rotation(15, 10) @ ph.affine
     folder = tmp_path_factory.mktemp("dicom") / "ct"
     write_series(ph.image, affine, folder, body_part="HEADNECK", series_description="CT neck with contrast")

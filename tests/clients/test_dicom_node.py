@@ -21,6 +21,7 @@ from clients.grpc_client import SegmentationClient
 from duplus.instructions import ImageContext, named_targets
 from duplus.synth.phantoms import generate_phantom
 from serving.serve import free_port
+from tests.conftest import tumour_crop
 
 pytestmark = pytest.mark.server
 ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).exists()), None)
@@ -76,7 +77,9 @@ def node(triton_server, orthanc, tmp_path_factory):
 
 
 def _oblique_series(folder, seed=474747):
-    ph = generate_phantom("head_neck", "CT", seed)
+    """A head-and-neck CT cut to about 100 x 100 x 70 mm around its tumour, tilted by 12 and 8 degrees: one sliding
+    window in model space (the whole phantom takes eight)."""
+    ph = tumour_crop(generate_phantom("head_neck", "CT", seed), (56, 56, 40))
     a, b = np.deg2rad(12), np.deg2rad(8)
     rot = np.eye(4)
     rot[:3, :3] = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]]) @ \
