@@ -3,7 +3,7 @@ validation), scored on image features of the exported image_features unit on ONN
 server runs.
 
 The 100 patients' features are stored (``fixtures/prognosis_heldout_features``, the feature cache of
-``python -m training.evaluate_prognosis``, written by the command in ``REGENERATE``): extracting them is 100
+``python -m training.evaluate_prognosis``, written by ``make prognosis-fixture``): extracting them is 100
 whole-volume passes of the unit, about 3 minutes of the CI's 2 cores, while the statistics below need a second.
 What keeps the stored features honest: every tenth patient is extracted again through the exported unit of this
 session's build and must equal its stored vector, and the stored set must cover this seed's cohort exactly;
@@ -34,11 +34,11 @@ HELD_OUT_SEED = 9002
 PATIENTS = 100
 STORED = Path(__file__).parent / "fixtures" / "prognosis_heldout_features"
 SPOT_CHECK = range(0, PATIENTS, 10)   # re-extracted through the exported unit in every run
-REGENERATE = ("python export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository "
-              "--prognosis-checkpoint checkpoints/duplus_prognosis.pt && rm -rf "
-              "tests/training/fixtures/prognosis_heldout_features && python -m training.evaluate_prognosis "
-              f"--patients {PATIENTS} --seed {HELD_OUT_SEED} --repository model_repository "
-              "--cache tests/training/fixtures/prognosis_heldout_features")
+# the Makefile's prognosis-fixture target runs (kept in step with PATIENTS and HELD_OUT_SEED there):
+# python export/build_engines.py --checkpoint checkpoints/duplus_demo.pt --output model_repository
+#   --prognosis-checkpoint checkpoints/duplus_prognosis.pt; rm -rf the fixture; python -m training.evaluate_prognosis
+#   --patients 100 --seed 9002 --repository model_repository --cache tests/training/fixtures/prognosis_heldout_features
+REGENERATE = "make prognosis-fixture"
 # fp32 ONNX Runtime on another CPU (AVX2 against AVX-512 kernels) moves a probability by ~1e-6, which can tip
 # a voxel over the radiomics' 0.5 threshold; a changed export, preprocessing or phantom moves features by far
 # more (the ONNX Runtime / PyTorch difference alone is ~1e-3 on the pooled features)
