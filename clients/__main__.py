@@ -113,11 +113,15 @@ def segment(args) -> int:
                 ctx = t1_for_series(series.datasets[0], classify)
                 t1, modality, note = t1 or ctx.t1, modality or ctx.modality, ctx.note
             else:                    # a NIfTI with --modality: the classifier's region for that modality
-                from duplus.context.guard import fill_t1
+                from duplus.context.guard import DEFAULT_ALPHA, ImageContradictsHeader, fill_t1
 
                 res = classify()
                 keys = list(res.probabilities)
-                t1, key, p = fill_t1(modality, keys, np.array([res.probabilities[k] for k in keys]))
+                try:
+                    t1, key, p = fill_t1(modality, keys, np.array([res.probabilities[k] for k in keys]),
+                                         alpha=float(res.verdict.get("alpha", DEFAULT_ALPHA)))
+                except ImageContradictsHeader as exc:
+                    raise UsageError(f"no T1 prompt from the context classifier: {exc}; give --t1") from None
                 note = f"T1 {t1!r} from the context classifier ({key}, p = {p:.2f} among the {modality} contexts)"
                 log.warning("%s", note)
         context = None

@@ -104,9 +104,10 @@ def t1_for_series(ds, classify=None) -> SeriesContext:
     """The series' T1 prompt: :func:`derive_t1`, and when the header names no body region, the context
     classifier's region for the header's modality (``classify()`` -> a :class:`clients.grpc_client.ContextResult`);
     ``note`` then says so (logged, kept in the job's record). Without ``classify`` a silent header is
-    :class:`RegionUnknown`, as before."""
+    :class:`RegionUnknown`, as before, and so is one whose image the classifier does not take for the header's
+    modality (:class:`duplus.context.guard.ImageContradictsHeader`, at the server's guard alpha)."""
     from duplus.context.classes import parse_key
-    from duplus.context.guard import fill_t1
+    from duplus.context.guard import DEFAULT_ALPHA, ImageContradictsHeader, fill_t1
 
     try:
         t1, modality, sequence = derive_t1(ds)
@@ -119,7 +120,11 @@ def t1_for_series(ds, classify=None) -> SeriesContext:
     sequence = header_sequence(ds) if modality == "MR" else None
     result = classify()
     keys = list(result.probabilities)
-    t1, key, p = fill_t1(modality, keys, np.array([result.probabilities[k] for k in keys]), sequence)
+    try:
+        t1, key, p = fill_t1(modality, keys, np.array([result.probabilities[k] for k in keys]), sequence,
+                             alpha=float(result.verdict.get("alpha", DEFAULT_ALPHA)))
+    except ImageContradictsHeader as exc:
+        raise RegionUnknown(f"{silent}, and {exc}: check the series and give its T1 prompt") from None
     note = (f"T1 {t1!r} from the context classifier ({key}, p = {p:.2f} among the {modality} contexts; it looks "
             f"like {result.context}): {silent}")
     log.warning("%s", note)

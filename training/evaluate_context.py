@@ -205,9 +205,11 @@ def real_images() -> list[tuple[str, np.ndarray, np.ndarray, str]]:
 
 
 def real_protocol(checkpoint: Path) -> dict:
-    """The served classifier on real images: its top classes, and the guard's verdict on the image's true T1
-    (a false alarm if it disagrees) and on DuPLUS's mismatch T1 (should be flagged)."""
-    from duplus.context.guard import verdict
+    """The served classifier on real images: its top classes, the guard's verdict on the image's true T1
+    (a false alarm if it disagrees) and on DuPLUS's mismatch T1 (should be flagged), and what a client filling in
+    the T1 of a header that names the true modality (and MR sequence) but no region gets: a T1, or a refusal."""
+    from duplus.context.classes import parse_key
+    from duplus.context.guard import ImageContradictsHeader, fill_t1, verdict
     from duplus.context.model import load_classifier
     from duplus.context.views import context_views
 
@@ -220,11 +222,17 @@ def real_protocol(checkpoint: Path) -> dict:
         true_t1 = classes_of([key])[0].name
         right, wrong = verdict(clf.keys, probs, true_t1, alpha), verdict(clf.keys, probs, wrong_t1(key), alpha)
         top = np.argsort(-probs)[:3]
+        truth = parse_key(key)
+        try:
+            filled = fill_t1(truth.modality, list(clf.keys), probs, truth.sequence, alpha=alpha)[0]
+        except ImageContradictsHeader as exc:
+            filled = f"refused: {exc}"
         out.append({"image": name, "shape": list(volume.shape), "truth": key, "predicted": clf.keys[int(top[0])],
                     "top3": {clf.keys[int(i)]: round(float(probs[i]), 4) for i in top},
                     "p_truth": round(float(probs[clf.keys.index(key)]), 4),
                     "true_t1": true_t1, "true_t1_flagged": right.agrees is False, "true_t1_reason": right.reason,
-                    "wrong_t1": wrong_t1(key), "wrong_t1_flagged": wrong.agrees is False})
+                    "wrong_t1": wrong_t1(key), "wrong_t1_flagged": wrong.agrees is False,
+                    "silent_header_fill": filled})
     return {"alpha": alpha, "images": out}
 
 

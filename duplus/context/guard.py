@@ -44,10 +44,14 @@ class ContextVerdict:
     t1_region: str | None = None
     agrees: bool | None = None      # None: no T1 was checked, or it names neither modality nor region
     reason: str = ""
+    alpha: float | None = None      # the mass under which a named modality or region contradicts the image
 
     def to_dict(self) -> dict:
-        return {"looks_like": self.key, "probability": round(self.probability, 4), "t1": self.t1,
-                "agrees": self.agrees, "reason": self.reason}
+        out = {"looks_like": self.key, "probability": round(self.probability, 4), "t1": self.t1,
+               "agrees": self.agrees, "reason": self.reason}
+        if self.alpha is not None:  # a client filling a T1 in applies the same threshold (fill_t1)
+            out["alpha"] = self.alpha
+        return out
 
 
 def _mass(probs: dict[str, float], *, modality: str | None = None, region: str | None = None) -> float:
@@ -62,7 +66,7 @@ def verdict(keys: list[str], probabilities: np.ndarray, t1: str | None = None,
     probs = {k: float(p) for k, p in zip(keys, np.asarray(probabilities, dtype=np.float64).reshape(-1))}
     best = max(probs, key=probs.get)
     top = parse_key(best)
-    base = dict(key=best, probability=probs[best], t1=top.name, probabilities=probs)
+    base = dict(key=best, probability=probs[best], t1=top.name, probabilities=probs, alpha=float(alpha))
     if t1 is None:
         return ContextVerdict(**base)
     mod, region = t1_modality(t1), t1_region(t1)
@@ -78,17 +82,34 @@ def verdict(keys: list[str], probabilities: np.ndarray, t1: str | None = None,
     return ContextVerdict(**base, t1_modality=mod, t1_region=region, agrees=agrees, reason=reason)
 
 
+class ImageContradictsHeader(ValueError):
+    """The context classifier gives the header's modality less than alpha: its region for that modality would be a
+    guess about an image it does not recognise, so no T1 prompt is filled in from it."""
+
+
 def fill_t1(modality: str, keys: list[str], probabilities: np.ndarray,
-            sequence: str | None = None) -> tuple[str, str, float]:
+            sequence: str | None = None, alpha: float | None = None) -> tuple[str, str, float]:
     """The T1 prompt for a volume whose header names its ``modality`` (DICOM Modality is always there) but not
     its region: the most probable context of that modality (and MR ``sequence``, when the header gives one).
-    Returns (T1 prompt, context key, the probability of that context among the allowed ones)."""
+    Returns (T1 prompt, context key, the probability of that context among the allowed ones).
+
+    With ``alpha`` (the guard's, as the server's verdict carries it): raises :class:`ImageContradictsHeader` when
+    the image gets less than ``alpha`` of its probability for the header's modality, the case in which the guard
+    would flag a T1 naming that modality. The renormalised probability alone would hide it (a CT-looking MR image
+    gets p = 1.00 "among the MR contexts"): nilearn's real MNI152 T1 head, which the phantom-trained classifier reads
+    as CT (p(MR) = 0.045 against the shipped alpha 0.1), is refused, not filled in with a region guessed from 4.5 %."""
     probs = {k: float(p) for k, p in zip(keys, np.asarray(probabilities, dtype=np.float64).reshape(-1))}
     allowed = {k: p for k, p in probs.items() if parse_key(k).modality == modality
                and (sequence is None or parse_key(k).sequence == sequence)}
     if not allowed:
         raise ValueError(f"the context classifier has no class of modality {modality!r}"
                          + (f" and sequence {sequence!r}" if sequence else ""))
+    if alpha is not None and _mass(probs, modality=modality) < alpha:
+        top = max(probs, key=probs.get)
+        raise ImageContradictsHeader(
+            f"the header says {modality} but the image does not look like {modality} to the context classifier "
+            f"(p({modality}) = {_mass(probs, modality=modality):.3f}, under the guard's alpha {alpha:g}; it looks like "
+            f"{parse_key(top).name}, p = {probs[top]:.2f}), so it cannot choose the region")
     best = max(allowed, key=allowed.get)
     total = sum(allowed.values())
     return parse_key(best).name, best, allowed[best] / total if total > 0 else 0.0

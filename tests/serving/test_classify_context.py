@@ -190,6 +190,41 @@ def test_classify_context_names_the_ct_abdomen_and_judges_t1_prompts(client, ct,
     assert wrong["agrees"] is False and "names MR" in wrong["reason"], wrong
 
 
+def test_a_silent_header_gets_the_classifiers_t1_unless_the_image_contradicts_its_modality(
+        triton_server, manifest, ct_part, tmp_path, caplog):
+    """`python -m clients segment` on the CT as a DICOM series whose header names no region: CT series -> the T1 is
+    the classifier's (CT of the abdomen), noted and logged, and the verdict agrees; the same image as an MR series ->
+    no T1 from the classifier's MR contexts (renormalised, one of them would get p near 1): exit 2 naming the
+    modality's probability and the server's alpha (the verdict carries it), nothing written."""
+    import logging
+
+    from clients.__main__ import main as clients_main
+    from clients.dicom_io import write_series
+
+    image, affine = ct_part
+    for modality in ("CT", "MR"):
+        write_series(image, affine, tmp_path / modality, modality=modality, body_part="", series_description="")
+    with SegmentationClient(triton_server.grpc_url) as c:
+        assert c.classify_context(image, affine).verdict["alpha"] == manifest["context"]["alpha"] == 0.1
+    runs = {}
+    for modality in ("CT", "MR"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            code = clients_main(["segment", str(tmp_path / modality), "--targets", "liver", "--out",
+                                 str(tmp_path / f"out_{modality}"), "--url", triton_server.grpc_url])
+        runs[modality] = code, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    code, warnings = runs["CT"]
+    assert code == 0, warnings
+    result = json.loads((tmp_path / "out_CT" / "result.json").read_text())
+    assert result["t1"] == "CT of the abdomen" and "from the context classifier" in result["t1_note"]
+    assert result["context_verdict"]["agrees"] is True
+    assert any("from the context classifier" in w for w in warnings)
+    code, messages = runs["MR"]
+    assert code == 2 and not (tmp_path / "out_MR" / "result.json").exists(), messages
+    assert re.search(r"cannot tell the body region .*header says MR but the image does not look like MR .*"
+                     r"p\(MR\) = 0\.\d{3}, under the guard's alpha 0\.1; it looks like CT of the abdomen", messages[-1]), messages
+
+
 def test_segment_volume_reports_and_strictly_refuses_a_contradicting_t1(client, ct_trimmed, ct_part):
     image, affine = ct_trimmed
     wrong = client.segment_volume(image, affine, "CT", WRONG_T1, ["liver"])

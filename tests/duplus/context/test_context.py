@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from duplus.context.classes import BASE_KEYS, CONTEXT_KEYS, NOVEL_KEYS, parse_key
-from duplus.context.guard import fill_t1, t1_region, verdict
+from duplus.context.guard import ImageContradictsHeader, fill_t1, t1_region, verdict
 from duplus.context.model import ContextConfig, ImageTower, VisualPrompts
 from duplus.context.views import context_views
 from duplus.synth.phantoms import AcquisitionSpec, generate_phantom
@@ -115,6 +115,15 @@ def test_guard_verdicts():
     assert fill_t1("MR", keys, mr)[:2] == ("T2-weighted MRI of the head and neck", "MR:T2|head_neck")
     assert fill_t1("MR", keys, mr, sequence="T1")[1] == "MR:T1|abdomen"
     assert fill_t1("CT", keys, mr) == ("CT of the abdomen", "CT|abdomen", 1.0)
+    # with the guard's alpha, a header modality the image does not look like is refused, not renormalised to 1.0
+    assert fill_t1("CT", keys, mr, alpha=0.3) == ("CT of the abdomen", "CT|abdomen", 1.0)    # p(CT) = 0.3
+    with pytest.raises(ImageContradictsHeader, match=r"header says CT .*\(p\(CT\) = 0\.300, under the guard's alpha "
+                       r"0\.31; it looks like T2-weighted MRI of the head and neck, p = 0\.50"):
+        fill_t1("CT", keys, mr, alpha=0.31)
+    assert fill_t1("MR", keys, mr, sequence="T1", alpha=0.7)[1] == "MR:T1|abdomen"           # p(MR) = 0.7
+    with pytest.raises(ImageContradictsHeader):
+        fill_t1("PET", keys, mr, alpha=0.02)                                                 # p(PET) = 0
+    assert verdict(keys, ct, alpha=0.1).to_dict()["alpha"] == 0.1      # the served verdict carries it to clients
 
 
 def test_shipped_classifier_on_fresh_renderings():
@@ -176,3 +185,8 @@ def test_real_image_protocol_reads_the_packaged_mni152_t1():
         probs = model(context_views(volume, affine)[None])[0].numpy()
     p_mr = sum(p for k, p in zip(model.keys, probs) if parse_key(k).modality == "MR")
     assert img["true_t1_flagged"] == (p_mr < out["alpha"]), (p_mr, img)
+    # a silent header naming MR T1: the fill refuses exactly when the guard would flag that modality
+    assert img["silent_header_fill"].startswith("refused: the header says MR") == (p_mr < out["alpha"]), img
+    if p_mr < out["alpha"]:
+        with pytest.raises(ImageContradictsHeader, match="does not look like MR"):
+            fill_t1("MR", list(model.keys), probs, "T1", alpha=out["alpha"])
