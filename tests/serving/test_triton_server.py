@@ -73,7 +73,8 @@ def test_segment_volume_equals_in_process_and_evaluation(client, demo_predictor,
     assert served.stem == "CT"
     # the T1 guard ran on it (every response carries its verdict) and the labels below still equal the in-process
     # pipeline's, which has no guard
-    assert set(served.context_verdict) == {"looks_like", "probability", "t1", "agrees", "reason"}
+    assert set(served.context_verdict) == {"looks_like", "probability", "t1", "agrees", "reason", "alpha"}
+    assert served.context_verdict["alpha"] == 0.1          # the shipped classifier's guard alpha, for T1 fills
 
     # in process: the evaluation command's function on the same case (its phantom is this fixture's), keeping
     # its prediction, so one in-process pass serves both comparisons
