@@ -90,7 +90,8 @@ class VolumeResult:
     similarity: tuple[float, ...]
     stem: str = ""                # the stem the volume ran through: the modality T1 names, else MODALITY
     conditioned_by: tuple[str, ...] = ()  # the text that conditioned each target: its name or its instruction
-    # the T1 guard: {"looks_like", "probability", "t1", "agrees", "reason"} (duplus.context.guard.ContextVerdict);
+    # the T1 guard: {"looks_like", "probability", "t1", "agrees", "reason", "alpha"} (duplus.context.guard.
+    # ContextVerdict; alpha is the guard's threshold, absent when the server has no context classifier);
     # agrees None when the T1 names neither modality nor region, or the server has no context classifier
     context_verdict: dict | None = None
 
