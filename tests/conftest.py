@@ -18,19 +18,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+def cut(image: np.ndarray, affine: np.ndarray, lo, size) -> tuple[np.ndarray, np.ndarray]:
+    """``image[lo : lo + size]`` (clipped at the far edge) and the affine that keeps every voxel's world position."""
+    lo = np.asarray(lo, dtype=int)
+    hi = np.minimum(lo + np.asarray(size, dtype=int), image.shape)
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+    return np.ascontiguousarray(image[tuple(slice(a, b) for a, b in zip(lo, hi))]), shifted
+
+
 def tumour_crop(ph, size: tuple[int, int, int], structure: str = "primary tumour"):
-    """``ph`` (a phantom) cut to ``size`` voxels centred on ``structure`` (clipped to the volume), with the affine
+    """``ph`` (a phantom) cut to ``size`` voxels centred on ``structure`` (moved inside the volume), with the affine
     that keeps every voxel's world position: a volume of one or two sliding windows in model space, for the tests
     that are about a client, a node or a transport rather than about what a whole volume gives."""
     from types import SimpleNamespace
 
     centre = np.argwhere(ph.label == ph.label_names.index(structure) + 1).mean(0).round().astype(int)
     lo = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size, ph.image.shape)]
-    affine = ph.affine.copy()
-    affine[:3, 3] = (ph.affine @ np.array([*lo, 1.0]))[:3]
-    crop = tuple(slice(a, a + s) for a, s in zip(lo, size))
-    return SimpleNamespace(image=np.ascontiguousarray(ph.image[crop]), affine=affine,
-                           label=np.ascontiguousarray(ph.label[crop]), label_names=ph.label_names)
+    image, affine = cut(ph.image, ph.affine, lo, size)
+    return SimpleNamespace(image=image, affine=affine, label=cut(ph.label, ph.affine, lo, size)[0],
+                           label_names=ph.label_names)
 
 
 @pytest.fixture(scope="session")
@@ -158,11 +165,8 @@ PETCT_SEED = 4242
 
 def _crop(image: np.ndarray, affine: np.ndarray, centre_vox, size) -> tuple[np.ndarray, np.ndarray]:
     """A sub-volume of ``size`` voxels around ``centre_vox`` and its affine (same world positions)."""
-    lo = np.clip(np.round(np.asarray(centre_vox) - np.asarray(size) / 2).astype(int), 0, None)
-    hi = np.minimum(lo + np.asarray(size).astype(int), image.shape)
-    shifted = affine.copy()
-    shifted[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
-    return np.ascontiguousarray(image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]), shifted
+    return cut(image, affine, np.clip(np.round(np.asarray(centre_vox) - np.asarray(size) / 2).astype(int), 0, None),
+               size)
 
 
 @pytest.fixture(scope="session")

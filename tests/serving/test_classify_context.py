@@ -23,7 +23,7 @@ from duplus.context.classes import CONTEXT_KEYS, parse_key
 from duplus.context.model import load_classifier
 from duplus.contract import InvalidRequest
 from serving.pipelines import NO_CONTEXT_CLASSIFIER, ContextContradiction, ContextGuard, VolumeContextClassifier
-from tests.conftest import CONTEXT_CHECKPOINT
+from tests.conftest import CONTEXT_CHECKPOINT, cut
 
 pytestmark = pytest.mark.server
 
@@ -55,10 +55,7 @@ def ct():
 def _centre(image, affine, size):
     """The central ``size`` voxels (per axis, at most the image's), the affine moved with them."""
     size = np.minimum(size, image.shape)
-    lo = (np.asarray(image.shape) - size) // 2
-    shifted = affine.copy()
-    shifted[:3, 3] += affine[:3, :3] @ lo
-    return np.ascontiguousarray(image[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]]), shifted
+    return cut(image, affine, (np.asarray(image.shape) - size) // 2, size)
 
 
 @pytest.fixture(scope="module")
