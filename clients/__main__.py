@@ -113,13 +113,11 @@ def segment(args) -> int:
                 ctx = t1_for_series(series.datasets[0], classify)
                 t1, modality, note = t1 or ctx.t1, modality or ctx.modality, ctx.note
             else:                    # a NIfTI with --modality: the classifier's region for that modality
-                from duplus.context.guard import DEFAULT_ALPHA, ImageContradictsHeader, fill_t1
+                from clients.dicom_seg import classifier_t1
+                from duplus.context.guard import ImageContradictsHeader
 
-                res = classify()
-                keys = list(res.probabilities)
                 try:
-                    t1, key, p = fill_t1(modality, keys, np.array([res.probabilities[k] for k in keys]),
-                                         alpha=float(res.verdict.get("alpha", DEFAULT_ALPHA)))
+                    t1, key, p = classifier_t1(classify(), modality)
                 except ImageContradictsHeader as exc:
                     raise UsageError(f"no T1 prompt from the context classifier: {exc}; give --t1") from None
                 note = f"T1 {t1!r} from the context classifier ({key}, p = {p:.2f} among the {modality} contexts)"

@@ -100,6 +100,18 @@ class SeriesContext:
     note: str | None = None        # set when the context classifier filled the T1 in
 
 
+def classifier_t1(result, modality: str, sequence: str | None = None) -> tuple[str, str, float]:
+    """:func:`duplus.context.guard.fill_t1` on a served :class:`clients.grpc_client.ContextResult`, at the guard alpha
+    its verdict carries (the library default from a server that does not send one): (T1, context key, p among the
+    ``modality`` contexts); :class:`duplus.context.guard.ImageContradictsHeader` when the image is not of that
+    modality."""
+    from duplus.context.guard import DEFAULT_ALPHA, fill_t1
+
+    keys = list(result.probabilities)
+    return fill_t1(modality, keys, np.array([result.probabilities[k] for k in keys]), sequence,
+                   alpha=float(result.verdict.get("alpha", DEFAULT_ALPHA)))
+
+
 def t1_for_series(ds, classify=None) -> SeriesContext:
     """The series' T1 prompt: :func:`derive_t1`, and when the header names no body region, the context
     classifier's region for the header's modality (``classify()`` -> a :class:`clients.grpc_client.ContextResult`);
@@ -107,7 +119,7 @@ def t1_for_series(ds, classify=None) -> SeriesContext:
     :class:`RegionUnknown`, as before, and so is one whose image the classifier does not take for the header's
     modality (:class:`duplus.context.guard.ImageContradictsHeader`, at the server's guard alpha)."""
     from duplus.context.classes import parse_key
-    from duplus.context.guard import DEFAULT_ALPHA, ImageContradictsHeader, fill_t1
+    from duplus.context.guard import ImageContradictsHeader
 
     try:
         t1, modality, sequence = derive_t1(ds)
@@ -119,10 +131,8 @@ def t1_for_series(ds, classify=None) -> SeriesContext:
     modality = header_modality(ds)
     sequence = header_sequence(ds) if modality == "MR" else None
     result = classify()
-    keys = list(result.probabilities)
     try:
-        t1, key, p = fill_t1(modality, keys, np.array([result.probabilities[k] for k in keys]), sequence,
-                             alpha=float(result.verdict.get("alpha", DEFAULT_ALPHA)))
+        t1, key, p = classifier_t1(result, modality, sequence)
     except ImageContradictsHeader as exc:
         raise RegionUnknown(f"{silent}, and {exc}: check the series and give its T1 prompt") from None
     note = (f"T1 {t1!r} from the context classifier ({key}, p = {p:.2f} among the {modality} contexts; it looks "

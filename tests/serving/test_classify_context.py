@@ -220,6 +220,17 @@ def test_a_silent_header_gets_the_classifiers_t1_unless_the_image_contradicts_it
     assert code == 2 and not (tmp_path / "out_MR" / "result.json").exists(), messages
     assert re.search(r"cannot tell the body region .*header says MR but the image does not look like MR .*"
                      r"p\(MR\) = 0\.\d{3}, under the guard's alpha 0\.1; it looks like CT of the abdomen", messages[-1]), messages
+    # a NIfTI (no header) given --modality MR and no --t1: the same refusal from the command's other fill path
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "ct.nii.gz"))
+    caplog.clear()
+    code = clients_main(["segment", str(tmp_path / "ct.nii.gz"), "--modality", "MR", "--targets", "liver", "--out",
+                         str(tmp_path / "out_nifti"), "--url", triton_server.grpc_url])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 2 and len(errors) == 1 and not (tmp_path / "out_nifti" / "result.json").exists(), errors
+    assert errors[0].startswith("no T1 prompt from the context classifier: the header says MR but the image does not "
+                                "look like MR") and errors[0].endswith("give --t1"), errors
 
 
 def test_segment_volume_reports_and_strictly_refuses_a_contradicting_t1(client, ct_trimmed, ct_part):
