@@ -117,7 +117,7 @@ def segment(args) -> int:
                 from duplus.context.guard import ImageContradictsHeader
 
                 try:
-                    t1, key, p = classifier_t1(classify(), modality)
+                    t1, key, p = classifier_t1(classify(), modality, source="--modality")
                 except ImageContradictsHeader as exc:
                     raise UsageError(f"no T1 prompt from the context classifier: {exc}; give --t1") from None
                 note = f"T1 {t1!r} from the context classifier ({key}, p = {p:.2f} among the {modality} contexts)"

@@ -100,7 +100,8 @@ class SeriesContext:
     note: str | None = None        # set when the context classifier filled the T1 in
 
 
-def classifier_t1(result, modality: str, sequence: str | None = None) -> tuple[str, str, float]:
+def classifier_t1(result, modality: str, sequence: str | None = None,
+                  source: str = "the header") -> tuple[str, str, float]:
     """:func:`duplus.context.guard.fill_t1` on a served :class:`clients.grpc_client.ContextResult`, at the guard alpha
     its verdict carries (the library default from a server that does not send one): (T1, context key, p among the
     ``modality`` contexts); :class:`duplus.context.guard.ImageContradictsHeader` when the image is not of that
@@ -109,7 +110,7 @@ def classifier_t1(result, modality: str, sequence: str | None = None) -> tuple[s
 
     keys = list(result.probabilities)
     return fill_t1(modality, keys, np.array([result.probabilities[k] for k in keys]), sequence,
-                   alpha=float(result.verdict.get("alpha", DEFAULT_ALPHA)))
+                   alpha=float(result.verdict.get("alpha", DEFAULT_ALPHA)), source=source)
 
 
 def t1_for_series(ds, classify=None) -> SeriesContext:

@@ -88,7 +88,8 @@ class ImageContradictsHeader(ValueError):
 
 
 def fill_t1(modality: str, keys: list[str], probabilities: np.ndarray,
-            sequence: str | None = None, alpha: float | None = None) -> tuple[str, str, float]:
+            sequence: str | None = None, alpha: float | None = None,
+            source: str = "the header") -> tuple[str, str, float]:
     """The T1 prompt for a volume whose header names its ``modality`` (DICOM Modality is always there) but not
     its region: the most probable context of that modality (and MR ``sequence``, when the header gives one).
     Returns (T1 prompt, context key, the probability of that context among the allowed ones).
@@ -97,7 +98,8 @@ def fill_t1(modality: str, keys: list[str], probabilities: np.ndarray,
     the image gets less than ``alpha`` of its probability for the header's modality, the case in which the guard
     would flag a T1 naming that modality. The renormalised probability alone would hide it (a CT-looking MR image
     gets p = 1.00 "among the MR contexts"): nilearn's real MNI152 T1 head, which the phantom-trained classifier reads
-    as CT (p(MR) = 0.045 against the shipped alpha 0.1), is refused, not filled in with a region guessed from 4.5 %."""
+    as CT (p(MR) = 0.045 against the shipped alpha 0.1), is refused, not filled in with a region guessed from 4.5 %.
+    ``source`` names where ``modality`` came from, for that message ("the header"; "--modality" for a NIfTI)."""
     probs = {k: float(p) for k, p in zip(keys, np.asarray(probabilities, dtype=np.float64).reshape(-1))}
     allowed = {k: p for k, p in probs.items() if parse_key(k).modality == modality
                and (sequence is None or parse_key(k).sequence == sequence)}
@@ -107,7 +109,7 @@ def fill_t1(modality: str, keys: list[str], probabilities: np.ndarray,
     if alpha is not None and _mass(probs, modality=modality) < alpha:
         top = max(probs, key=probs.get)
         raise ImageContradictsHeader(
-            f"the header says {modality} but the image does not look like {modality} to the context classifier "
+            f"{source} says {modality} but the image does not look like {modality} to the context classifier "
             f"(p({modality}) = {_mass(probs, modality=modality):.3f}, under the guard's alpha {alpha:g}; it looks like "
             f"{parse_key(top).name}, p = {probs[top]:.2f}), so it cannot choose the region")
     best = max(allowed, key=allowed.get)

@@ -229,8 +229,8 @@ def test_a_silent_header_gets_the_classifiers_t1_unless_the_image_contradicts_it
                          str(tmp_path / "out_nifti"), "--url", triton_server.grpc_url])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert code == 2 and len(errors) == 1 and not (tmp_path / "out_nifti" / "result.json").exists(), errors
-    assert errors[0].startswith("no T1 prompt from the context classifier: the header says MR but the image does not "
-                                "look like MR") and errors[0].endswith("give --t1"), errors
+    assert errors[0].startswith("no T1 prompt from the context classifier: --modality says MR but the image does "
+                                "not look like MR") and errors[0].endswith("give --t1"), errors
 
 
 def test_segment_volume_reports_and_strictly_refuses_a_contradicting_t1(client, ct_trimmed, ct_part):

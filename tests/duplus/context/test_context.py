@@ -121,8 +121,8 @@ def test_guard_verdicts():
                        r"0\.31; it looks like T2-weighted MRI of the head and neck, p = 0\.50"):
         fill_t1("CT", keys, mr, alpha=0.31)
     assert fill_t1("MR", keys, mr, sequence="T1", alpha=0.7)[1] == "MR:T1|abdomen"           # p(MR) = 0.7
-    with pytest.raises(ImageContradictsHeader):
-        fill_t1("PET", keys, mr, alpha=0.02)                                                 # p(PET) = 0
+    with pytest.raises(ImageContradictsHeader, match=r"^--modality says PET but"):            # p(PET) = 0
+        fill_t1("PET", keys, mr, alpha=0.02, source="--modality")                            # a NIfTI's source
     assert verdict(keys, ct, alpha=0.1).to_dict()["alpha"] == 0.1      # the served verdict carries it to clients
 
 
