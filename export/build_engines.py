@@ -89,7 +89,7 @@ log = logging.getLogger("build_engines")
 #: the shipped prognosis checkpoint; built into the repository when present
 DEFAULT_PROGNOSIS = "checkpoints/duplus_prognosis.pt"
 #: the shipped PEMMA checkpoint (PET/CT head-and-neck segmenter); built into the repository when present
-DEFAULT_PEMMA = "checkpoints/pemma_lora.pt"
+DEFAULT_PEMMA = "checkpoints/pemma_lora_ms.pt"
 #: the shipped context classifier (Biomed-DPT, python -m training.train_context); built into the repository when
 #: present: the classify_context model and segment_volume's T1 guard
 DEFAULT_CONTEXT = "checkpoints/context_dpt.pt"

@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--kit", type=Path, required=True)
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--checkpoint", type=Path, default=Path("checkpoints/duplus_demo.pt"))
-    q.add_argument("--pemma-checkpoint", type=Path, default=Path("checkpoints/pemma_lora.pt"))
+    q.add_argument("--pemma-checkpoint", type=Path, default=Path("checkpoints/pemma_lora_ms.pt"))
     q.add_argument("--budget-s", type=float, default=300.0, help="start no block after this many seconds")
     q.add_argument("--quick", action="store_true", help="few repeats and three volumes (a rehearsal on a CPU)")
     q.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=BLOCKS, help="what to measure, in order")

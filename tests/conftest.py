@@ -8,7 +8,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "duplus_demo.pt"
 PROGNOSIS_CHECKPOINT = ROOT / "checkpoints" / "duplus_prognosis.pt"
-PEMMA_CHECKPOINT = ROOT / "checkpoints" / "pemma_lora.pt"
+PEMMA_CHECKPOINT = ROOT / "checkpoints" / "pemma_lora_ms.pt"     # the served default (export/build_engines.py)
 #: the shipped context classifier (Biomed-DPT); DUPLUS_CONTEXT_CHECKPOINT points the session builds at another one
 #: (e.g. a development checkpoint of python -m training.train_context)
 CONTEXT_CHECKPOINT = Path(os.environ.get("DUPLUS_CONTEXT_CHECKPOINT") or ROOT / "checkpoints" / "context_dpt.pt")

@@ -180,6 +180,7 @@ class StageConfig:
     pet_only_prob: float = 0.0        # ... and with the CT withheld
     val_cases: int = 2                # the last N cases of the data are the validation curve's (never held-out)
     val_every: int = 100
+    pet_pathway: dict = field(default_factory=dict)   # PemmaUNETR.add_pet_pathway options (deep_skips, ...)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1:

@@ -5,6 +5,9 @@ Stages (``configs/pemma.yaml``), each a run of its own that writes ``OUTPUT/<sta
 * ``pretrain``      a UNETR on CT only, centres A-D: the backbone every other stage starts from;
 * ``pemma_lora`` / ``pemma_dora``: PEMMA on centre E: CT weights frozen; PET patch embedding, PET skip
   block and LoRA / DoRA adapters on the attention projections train, with modality dropout;
+* ``pemma_lora_ms`` the variant with PET skips at every resolution (PET's own copies of the three skip blocks
+  that read the transformer) and a low-rank PET patch embedding (the CT's, frozen, plus LoRA), which pays for
+  them (``PemmaUNETR.add_pet_pathway``; ``pet_pathway`` in the stage's configuration);
 * ``early_fusion``  baseline: CT and PET as two input channels, every weight trains;
 * ``full_finetune`` baseline: the PEMMA architecture with every weight training, no adapters;
 * ``pet_only``      baseline: the CT-pretrained UNETR fine-tuned on PET alone;
@@ -57,7 +60,7 @@ from training.train_segmentation import native_bf16
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "pemma_lora", "pemma_dora", "early_fusion", "full_finetune", "pet_only",
+STAGES = ("pretrain", "pemma_lora", "pemma_dora", "pemma_lora_ms", "early_fusion", "full_finetune", "pet_only",
           "continual_adapters", "continual_full", "continual_early_fusion")
 
 
@@ -183,9 +186,10 @@ def build_stage_model(cfg: PemmaConfig, stage: str) -> tuple[torch.nn.Module, tu
         return model, ("ct",)
     base = load_stage_model(cfg, "pretrain")
     assert isinstance(base, PemmaUNETR)
-    if stage in ("pemma_lora", "pemma_dora"):
+    if stage in ("pemma_lora", "pemma_dora", "pemma_lora_ms"):
         adapter = AdapterConfig(**{**cfg.adapter, "kind": stage.split("_")[1]})
-        return base.add_pet_pathway().add_adapters(adapter).freeze_for_adaptation(), ()
+        pathway = cfg.stages[stage].pet_pathway if stage in cfg.stages else {}
+        return base.add_pet_pathway(**pathway).add_adapters(adapter).freeze_for_adaptation(), ()
     if stage == "full_finetune":
         return base.add_pet_pathway().freeze_for_adaptation(full=True), ()
     if stage == "early_fusion":
@@ -335,7 +339,7 @@ def backbone_from(cfg: PemmaConfig, shipped: Path) -> Path:
     from peft import PeftModel
 
     state = torch.load(shipped, weights_only=False)
-    if state.get("stage") not in ("pemma_lora", "pemma_dora"):
+    if state.get("stage") not in ("pemma_lora", "pemma_dora", "pemma_lora_ms"):
         raise ValueError(f"{shipped} is not a PEMMA checkpoint (stage {state.get('stage')!r})")
     adapted = model_from_state(state["model"])
     if isinstance(adapted.unetr.vit, PeftModel):

@@ -105,6 +105,9 @@ class PemmaUNETR(nn.Module):
         self.pet_embedding: nn.Module | None = None
         self.pet_encoder1: nn.Module | None = None
         self.pet_skip_weight: nn.Parameter | None = None
+        self.pet_deep_skips: nn.ModuleList | None = None
+        self.pet_deep_weights: nn.Parameter | None = None
+        self.pet_embedding_rank: int | None = None
         self.adapter: AdapterConfig | None = None
 
     # construction -------------------------------------------------------------------
@@ -112,15 +115,39 @@ class PemmaUNETR(nn.Module):
     def has_pet(self) -> bool:
         return self.pet_embedding is not None
 
-    def add_pet_pathway(self) -> PemmaUNETR:
-        """The PET patch embedding and skip block, initialised from the CT's (so PET starts as 'another CT')."""
+    @property
+    def pet_pathway(self) -> dict | None:
+        """How the PET pathway is built (what :func:`model_state` stores): None without one."""
+        if not self.has_pet:
+            return None
+        return {"deep_skips": self.pet_deep_skips is not None, "embedding_rank": self.pet_embedding_rank}
+
+    def add_pet_pathway(self, deep_skips: bool = False, embedding_rank: int | None = None) -> PemmaUNETR:
+        """The PET patch embedding and skip block, initialised from the CT's (so PET starts as 'another CT').
+
+        ``deep_skips``: PET also gets its own copies of the three skip blocks that read the transformer (UNETR's
+        ``encoder2..4``, fed the PET tokens of blocks 3, 6 and 9), each added to the CT's with a learnable weight
+        as the image skip is; the frozen decoder then reads PET at every resolution, not only at the image's.
+        ``embedding_rank``: the PET patch embedding is the CT's, frozen, plus a trainable LoRA of that rank on its
+        convolution (peft), and its own position embeddings: the full copy is 786,432 weights, most of PEMMA's
+        trainable share, which the deep skips need to stay under 10 %."""
         if self.has_pet:
             return self
         self.pet_embedding = copy.deepcopy(self._vit().patch_embedding)
+        if embedding_rank is not None:
+            from peft import LoraConfig, get_peft_model
+
+            self.pet_embedding = get_peft_model(self.pet_embedding, LoraConfig(
+                r=embedding_rank, lora_alpha=float(embedding_rank), target_modules=["patch_embeddings"], bias="none"))
+            self.pet_embedding_rank = int(embedding_rank)
         self.pet_encoder1 = copy.deepcopy(self.unetr.encoder1)
         # 1.0: the PET skip joins at full strength (with 0.1 it stayed at 0.10 through 600 steps and CT+PET used
         # the PET little: validation node Dice 0.31 for CT+PET against 0.44 for PET alone)
         self.pet_skip_weight = nn.Parameter(torch.tensor(1.0))
+        if deep_skips:
+            u = self.unetr
+            self.pet_deep_skips = nn.ModuleList(copy.deepcopy(m) for m in (u.encoder2, u.encoder3, u.encoder4))
+            self.pet_deep_weights = nn.Parameter(torch.ones(3))
         return self
 
     def add_adapters(self, adapter: AdapterConfig) -> PemmaUNETR:
@@ -142,14 +169,18 @@ class PemmaUNETR(nn.Module):
 
         if isinstance(self.unetr.vit, PeftModel):
             self.unetr.vit = self.unetr.vit.merge_and_unload()
+        if isinstance(self.pet_embedding, PeftModel):
+            self.pet_embedding = self.pet_embedding.merge_and_unload()
+            self.pet_embedding_rank = None       # a plain embedding now
         self.adapter = None
         return self
 
     def freeze_for_adaptation(self, full: bool = False) -> PemmaUNETR:
         """PEMMA: only the adapters, the PET embedding, the PET skip block and its weight train; ``full``: all."""
         for name, param in self.named_parameters():
-            # "lora_" covers LoRA's A/B and DoRA's magnitude vectors; "pet_" the PET embedding, skip and weight
-            param.requires_grad = full or "lora_" in name or name.startswith("pet_")
+            # "lora_" covers LoRA's A/B and DoRA's magnitude vectors; "pet_" the PET embedding, skips and weights,
+            # but for the frozen CT convolution under a low-rank PET embedding ("base_layer")
+            param.requires_grad = full or "lora_" in name or (name.startswith("pet_") and "base_layer" not in name)
         return self
 
     def _vit(self) -> nn.Module:
@@ -163,6 +194,13 @@ class PemmaUNETR(nn.Module):
         """The ViT part (what the adapters change): CT and/or PET tokens side by side through every block ->
         (each block's output, the normed last output), of the first modality's tokens (CT's when present): what
         the decoder reads."""
+        hidden, x, n = self._sequence(ct, pet)
+        return [h[:, :n] for h in hidden], x[:, :n]
+
+    def _sequence(self, ct: torch.Tensor | None, pet: torch.Tensor | None
+                  ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        """Every block's output and the normed last one, of the whole sequence (CT tokens first), and the number of
+        tokens of one modality."""
         vit = self._vit()
         tokens = []
         if ct is not None:
@@ -174,8 +212,8 @@ class PemmaUNETR(nn.Module):
         hidden = []
         for block in vit.blocks:
             x = block(x)
-            hidden.append(x[:, :n])
-        return hidden, vit.norm(x)[:, :n]
+            hidden.append(x)
+        return hidden, vit.norm(x), n
 
     def forward(self, ct: torch.Tensor | None = None, pet: torch.Tensor | None = None) -> torch.Tensor:
         if ct is None and pet is None:
@@ -183,21 +221,35 @@ class PemmaUNETR(nn.Module):
         if pet is not None and not self.has_pet:
             raise ValueError("this model has no PET pathway (CT-pretrained only); add_pet_pathway() first")
         u = self.unetr
-        hidden, x = self.transformer(ct, pet)
-        if ct is not None:
-            enc1 = u.encoder1(ct)
-            if pet is not None:
-                enc1 = enc1 + self.pet_skip_weight * self.pet_encoder1(pet)
-        else:
-            enc1 = self.pet_encoder1(pet)    # PET alone: its own skip takes the CT skip's place
-        return self._decode(hidden, x, enc1)
+        sequence, x, n = self._sequence(ct, pet)
+        hidden, x = [h[:, :n] for h in sequence], x[:, :n]
+        if ct is None:   # PET alone: its own skips take the CT skips' places
+            deep = self._pet_deep(hidden)
+            return self._decode(self.pet_encoder1(pet), *(deep if deep is not None else self._ct_deep(hidden)), x)
+        enc = [u.encoder1(ct), *self._ct_deep(hidden)]
+        if pet is not None:
+            enc[0] = enc[0] + self.pet_skip_weight * self.pet_encoder1(pet)
+            deep = self._pet_deep([h[:, n:] for h in sequence])
+            if deep is not None:
+                enc[1:] = [e + w * d for e, w, d in zip(enc[1:], self.pet_deep_weights, deep)]
+        return self._decode(*enc, x)
 
-    def _decode(self, hidden: list[torch.Tensor], x: torch.Tensor, enc1: torch.Tensor) -> torch.Tensor:
-        """UNETR's decoder: the tokens of blocks 3, 6, 9 and the normed last ones (``x``), and the image skip."""
+    #: the blocks whose tokens UNETR's encoder2, 3 and 4 read
+    DEEP_BLOCKS = (3, 6, 9)
+
+    def _ct_deep(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         u = self.unetr
-        enc2 = u.encoder2(u.proj_feat(hidden[3]))
-        enc3 = u.encoder3(u.proj_feat(hidden[6]))
-        enc4 = u.encoder4(u.proj_feat(hidden[9]))
+        return [enc(u.proj_feat(hidden[i])) for enc, i in zip((u.encoder2, u.encoder3, u.encoder4), self.DEEP_BLOCKS)]
+
+    def _pet_deep(self, pet_hidden: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        if self.pet_deep_skips is None:
+            return None
+        return [enc(self.unetr.proj_feat(pet_hidden[i])) for enc, i in zip(self.pet_deep_skips, self.DEEP_BLOCKS)]
+
+    def _decode(self, enc1: torch.Tensor, enc2: torch.Tensor, enc3: torch.Tensor, enc4: torch.Tensor,
+                x: torch.Tensor) -> torch.Tensor:
+        """UNETR's decoder: the image skip, the skips of blocks 3, 6, 9 and the normed last tokens (``x``)."""
+        u = self.unetr
         dec3 = u.decoder5(u.proj_feat(x), enc4)
         dec2 = u.decoder4(dec3, enc3)
         dec1 = u.decoder3(dec2, enc2)
@@ -223,15 +275,21 @@ class PemmaUNETR(nn.Module):
         n = ct_tokens.shape[1]
         x = torch.cat([ct_tokens, pet_tokens], dim=1)
         keys = torch.cat([has_ct.expand(n), has_pet.expand(n)])[None].expand(x.shape[0], 2 * n)
-        hidden = []
+        hidden, pet_hidden = [], []
         for block in vit.blocks:
             x = block(x, attn_mask=keys)
             hidden.append(has_ct * x[:, :n] + (1 - has_ct) * x[:, n:])
+            pet_hidden.append(x[:, n:])
         x = vit.norm(x)
         x = has_ct * x[:, :n] + (1 - has_ct) * x[:, n:]
         pet_weight = has_ct * self.pet_skip_weight + (1 - has_ct)     # PET alone: its skip at full strength
         enc1 = has_ct * u.encoder1(ct) + has_pet * pet_weight * self.pet_encoder1(pet)
-        return self._decode(hidden, x, enc1)
+        deep = self._ct_deep(hidden)
+        pet_deep = self._pet_deep(pet_hidden)
+        if pet_deep is not None:   # PET alone: the PET's deep skips replace the CT's (read on the PET tokens)
+            weights = has_ct * self.pet_deep_weights + (1 - has_ct)
+            deep = [has_ct * e + has_pet * w * d for e, w, d in zip(deep, weights, pet_deep)]
+        return self._decode(enc1, *deep, x)
 
     def forward_channels(self, image: torch.Tensor, mode: str = "ct+pet") -> torch.Tensor:
         """``image`` [B, 2, D, H, W] (channel 0 CT, channel 1 PET) run in ``mode`` (one of INPUT_MODES).
@@ -308,8 +366,11 @@ def model_state(model: nn.Module) -> dict:
     if isinstance(model, PemmaUNETR):
         kind = "pemma"
         adapter = asdict(model.adapter) if model.adapter is not None else None
-        return {"kind": kind, "unetr": asdict(model.cfg), "pet": model.has_pet, "adapter": adapter,
-                "state_dict": model.state_dict()}
+        state = {"kind": kind, "unetr": asdict(model.cfg), "pet": model.has_pet, "adapter": adapter,
+                 "state_dict": model.state_dict()}
+        if model.pet_pathway is not None and any(model.pet_pathway.values()):   # the variant; the default stays as it was
+            state["pet_pathway"] = model.pet_pathway
+        return state
     if isinstance(model, EarlyFusionUNETR):
         return {"kind": "early_fusion", "unetr": asdict(model.cfg), "state_dict": model.state_dict()}
     raise TypeError(f"not a PEMMA-family model: {type(model).__name__}")
@@ -322,7 +383,7 @@ def model_from_state(state: dict) -> nn.Module:
     elif state["kind"] == "pemma":
         model = PemmaUNETR(cfg)
         if state.get("pet"):
-            model.add_pet_pathway()
+            model.add_pet_pathway(**state.get("pet_pathway", {}))
         if state.get("adapter"):
             model.add_adapters(AdapterConfig(**state["adapter"]))
     else:
@@ -383,7 +444,7 @@ def load_pemma_checkpoint(path) -> tuple[PemmaUNETR, dict]:
     model = model_from_state(state["model"])
     if not (isinstance(model, PemmaUNETR) and model.has_pet):
         raise ValueError(f"{path} (stage {state.get('stage')}) has no PET pathway: serve a PEMMA stage "
-                         "(pemma_lora, pemma_dora, full_finetune, continual_*)")
+                         "(pemma_lora, pemma_dora, pemma_lora_ms, full_finetune, continual_*)")
     record = {k: v for k, v in state.items() if k != "model"}
     record["model"] = {k: v for k, v in state["model"].items() if k != "state_dict"}
     return model.float().eval(), record

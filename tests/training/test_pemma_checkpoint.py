@@ -1,5 +1,7 @@
-"""The shipped PEMMA checkpoint (checkpoints/pemma_lora.pt, trained by configs/pemma.yaml's stages): what it
-records, the trainable share and the merge of its LoRA adapters at full size."""
+"""The shipped PEMMA checkpoints (trained by configs/pemma.yaml's stages): what they record and the trainable
+share; for the served one (checkpoints/pemma_lora_ms.pt) the merge of its LoRA adapters at full size and the CT's
+air. checkpoints/pemma_lora.pt (the first PEMMA model) stays for the study's continual-learning and prognosis
+figures."""
 
 from __future__ import annotations
 
@@ -9,23 +11,30 @@ import pytest
 import torch
 
 from duplus.models.pemma import INPUT_MODES, PemmaUNETR, model_from_state
-from tests.conftest import ROOT
+from tests.conftest import PEMMA_CHECKPOINT, ROOT
 
-CHECKPOINT = ROOT / "checkpoints" / "pemma_lora.pt"
+CHECKPOINT = PEMMA_CHECKPOINT
+
+
+def _load(path):
+    if not path.is_file():
+        pytest.fail(f"a shipped PEMMA checkpoint is missing: {path}")
+    return torch.load(path, weights_only=False)
 
 
 @pytest.fixture(scope="module")
 def state():
-    if not CHECKPOINT.is_file():
-        pytest.fail(f"the shipped PEMMA checkpoint is missing: {CHECKPOINT}")
-    return torch.load(CHECKPOINT, weights_only=False)
+    return _load(CHECKPOINT)
 
 
-def test_record_of_the_training_run(state):
-    assert state["stage"] == "pemma_lora" and state["format"] == "pemma-checkpoint/1"
+@pytest.mark.parametrize("name,stage", [("pemma_lora_ms.pt", "pemma_lora_ms"), ("pemma_lora.pt", "pemma_lora")])
+def test_record_of_the_training_run(name, stage):
+    state = _load(ROOT / "checkpoints" / name)
+    assert state["stage"] == stage and state["format"] == "pemma-checkpoint/1"
     counts = state["parameters"]
     assert counts["trainable"] / counts["total"] <= 0.10, counts
     assert state["model"]["adapter"]["kind"] == "lora" and state["model"]["pet"]
+    assert state["model"].get("pet_pathway", {}).get("deep_skips", False) == (stage == "pemma_lora_ms")
     assert all(case.startswith("E-") for case in state["training_cases"] + state["validation_cases"])
     assert set(state["history"]["modes"]) == set(INPUT_MODES) and min(state["history"]["modes"].values()) > 50
 

@@ -30,8 +30,9 @@ def ct_model():
     return PemmaUNETR(TINY).eval()
 
 
-def adapted(base: PemmaUNETR, kind: str) -> PemmaUNETR:
-    model = copy.deepcopy(base).add_pet_pathway().add_adapters(AdapterConfig(kind=kind, rank=4)).freeze_for_adaptation()
+def adapted(base: PemmaUNETR, kind: str, **pathway) -> PemmaUNETR:
+    model = (copy.deepcopy(base).add_pet_pathway(**pathway).add_adapters(AdapterConfig(kind=kind, rank=4))
+             .freeze_for_adaptation())
     with torch.no_grad():                       # adapters that do something (peft starts LoRA's B at zero)
         g = torch.Generator().manual_seed(1)
         for name, p in model.named_parameters():
@@ -166,3 +167,46 @@ def test_adapter_config_is_checked():
         AdapterConfig(kind="ia3")
     with pytest.raises(ValueError, match="multiple of 16"):
         UnetrConfig(crop=40)
+
+
+def test_pet_skips_at_every_resolution_and_a_low_rank_pet_embedding(ct_model):
+    """The ``pemma_lora_ms`` variant: PET's own copies of encoder2..4 on the PET tokens, added with learnable
+    weights (replacing the CT's with PET alone), and the CT's patch embedding frozen under a LoRA for PET. Under
+    10 % trainable at the shipped size; the CT convolution under the PET LoRA stays frozen; merged and exported
+    as one graph it gives each mode's own forward; its checkpoint state rebuilds it."""
+    import yaml
+
+    from duplus.models.pemma import merged_for_export
+    from duplus.models.units import PemmaSegmenterUnit, pemma_example_inputs
+    from tests.conftest import ROOT
+
+    cfg = yaml.safe_load((ROOT / "configs" / "pemma.yaml").read_text())
+    pathway = cfg["stages"]["pemma_lora_ms"]["pet_pathway"]
+    full = PemmaUNETR(UnetrConfig(**cfg["model"])).add_pet_pathway(**pathway).add_adapters(
+        AdapterConfig(**cfg["adapter"])).freeze_for_adaptation()
+    counts = parameter_counts(full)
+    assert 0.05 < counts["trainable"] / counts["total"] <= 0.10, counts
+    trainable = {n for n, p in full.named_parameters() if p.requires_grad}
+    assert not any("base_layer" in n for n in trainable if n.startswith("pet_embedding"))
+    assert any(n.startswith("pet_embedding") and "lora_A" in n for n in trainable)
+    assert any(n.startswith("pet_deep_skips.2.") for n in trainable) and "pet_deep_weights" in trainable
+
+    model = adapted(ct_model, "lora", deep_skips=True, embedding_rank=4)
+    with torch.no_grad():       # weights other than 1 tell the CT+PET and PET-alone skips apart
+        model.pet_skip_weight.fill_(0.6)
+        model.pet_deep_weights.copy_(torch.tensor([0.5, 0.7, 1.3]))
+    merged, diff = merged_for_export(model)
+    assert diff["max_abs"] < 1e-9 and diff["max_abs_float32"] < 1e-5, diff
+    assert merged.pet_pathway == {"deep_skips": True, "embedding_rank": None}
+    unit = PemmaSegmenterUnit(merged).eval()
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        for i, mode in enumerate(INPUT_MODES):
+            feed = pemma_example_inputs(TINY.crop, batch=2, mode=i, seed=i)
+            expected = model.forward_channels(feed["image"], mode)
+            assert float((unit(**feed)[0] - expected).abs().max()) < 1e-5, mode
+        again = model_from_state(model_state(model))      # the checkpoint's state gives the same model back
+        assert torch.equal(again.forward_channels(x, "ct+pet"), model.forward_channels(x, "ct+pet"))
+        before = model.forward_channels(x, "ct+pet")      # the deep PET skips are not idle
+        model.pet_deep_weights.zero_()
+        assert float((model.forward_channels(x, "ct+pet") - before).abs().max()) > 1e-4
