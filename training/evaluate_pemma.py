@@ -43,6 +43,7 @@ MODEL_NAMES = {
     "continual_adapters": "PEMMA (LoRA) + centre F, adapters only",
     "continual_full": "PEMMA (LoRA) + centre F, full fine-tuning",
     "continual_early_fusion": "early fusion + centre F, full fine-tuning",
+    "continual_adapters_ms": "PEMMA (LoRA), PET skips at every resolution + centre F, adapters only",
 }
 
 
@@ -140,6 +141,9 @@ COMPARISONS = [
     ("continual_early_fusion", "ct+pet", "early_fusion", "ct+pet"),
     ("continual_early_fusion", "pet", "early_fusion", "pet"),
     ("continual_early_fusion", "ct", "early_fusion", "ct"),
+    ("continual_adapters_ms", "ct+pet", "pemma_lora_ms", "ct+pet"),
+    ("continual_adapters_ms", "pet", "pemma_lora_ms", "pet"),
+    ("continual_adapters_ms", "ct", "pemma_lora_ms", "ct"),
 ]
 
 

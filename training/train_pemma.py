@@ -17,7 +17,8 @@ Stages (``configs/pemma.yaml``), each a run of its own that writes ``OUTPUT/<sta
   baseline: its PET pathway gets no gradient from CT-only data);
 * ``continual_early_fusion``: the early-fusion model of centre E updated on centre F with CT only (the PET
   channel zeroed), every weight training: what a single multi-channel model does when a new centre has one
-  modality.
+  modality;
+* ``continual_adapters_ms``: ``continual_adapters`` for ``pemma_lora_ms``.
 
 All baselines start from the ``pretrain`` checkpoint and get the same data and steps as PEMMA.  The
 validation curve uses the last ``val_cases`` cases of the stage's own training data; the held-out
@@ -61,7 +62,7 @@ from training.train_segmentation import native_bf16
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "pemma_lora", "pemma_dora", "pemma_lora_ms", "early_fusion", "full_finetune", "pet_only",
-          "continual_adapters", "continual_full", "continual_early_fusion")
+          "continual_adapters", "continual_full", "continual_early_fusion", "continual_adapters_ms")
 
 
 # --------------------------------------------------------------------------------------
@@ -174,8 +175,8 @@ def build_stage_model(cfg: PemmaConfig, stage: str) -> tuple[torch.nn.Module, tu
     """The model a stage trains, with its trainable parameters set, and the input modes it trains on."""
     if stage == "pretrain":
         return PemmaUNETR(UnetrConfig(**cfg.model)), ("ct",)
-    if stage in ("continual_adapters", "continual_full"):
-        model = load_stage_model(cfg, "pemma_lora")
+    if stage in ("continual_adapters", "continual_full", "continual_adapters_ms"):
+        model = load_stage_model(cfg, "pemma_lora_ms" if stage.endswith("_ms") else "pemma_lora")
         for name, p in model.named_parameters():
             p.requires_grad = stage == "continual_full" or "lora_" in name
         return model, ("ct",)

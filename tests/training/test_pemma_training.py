@@ -20,7 +20,9 @@ TINY = {
     "heldout": {"e": {"centres": ["F"], "cases": 1, "seed": 9}},
     "stages": {"pretrain": {"data": "ct", "steps": 2, "lr": 0.001, "val_cases": 1, "val_every": 2},
                "pemma_lora": {"data": "pet_ct", "steps": 3, "lr": 0.001, "val_cases": 1, "ct_only_prob": 0.3,
-                              "pet_only_prob": 0.3}},
+                              "pet_only_prob": 0.3},
+               "pemma_lora_ms": {"data": "pet_ct", "steps": 3, "lr": 0.001, "val_cases": 1,
+                                 "pet_pathway": {"deep_skips": True, "embedding_rank": 4}}},
 }
 
 
@@ -77,6 +79,10 @@ def _backbone_from_and_the_early_fusion_update(config_path, tmp_path):
     model, modes = train_pemma.build_stage_model(cfg, "continual_early_fusion")
     assert isinstance(model, EarlyFusionUNETR) and modes == ("ct",)
     assert all(p.requires_grad for p in model.parameters())
+    # the served variant's stage builds its PET pathway from the stage's configuration, the CT weights frozen
+    ms, _ = train_pemma.build_stage_model(cfg, "pemma_lora_ms")
+    assert ms.pet_pathway == {"deep_skips": True, "embedding_rank": 4}
+    assert all(not p.requires_grad for n, p in ms.named_parameters() if n.startswith("unetr.") and "lora_" not in n)
 
 
 def test_configuration_errors_are_named(tmp_path):
