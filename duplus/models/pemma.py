@@ -176,7 +176,8 @@ class PemmaUNETR(nn.Module):
         return self
 
     def freeze_for_adaptation(self, full: bool = False) -> PemmaUNETR:
-        """PEMMA: only the adapters, the PET embedding, the PET skip block and its weight train; ``full``: all."""
+        """PEMMA: only the adapters, the PET embedding (its LoRA and position embeddings when low-rank), the PET skip
+        blocks and their weights train; ``full``: all."""
         for name, param in self.named_parameters():
             # "lora_" covers LoRA's A/B and DoRA's magnitude vectors; "pet_" the PET embedding, skips and weights,
             # but for the frozen CT convolution under a low-rank PET embedding ("base_layer")
