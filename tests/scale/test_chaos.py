@@ -2,7 +2,7 @@
 
 PostgreSQL (the shared job queue), two Triton replicas (the session server and one of this module's own),
 two DICOM receivers (``workers: 0``) and two worker nodes (``receive: false``, two threads each) as separate
-processes on one spool directory, Orthanc as the PACS. 40 small CT series (coarse spacing) are sent by
+processes on one spool directory, Orthanc as the PACS. 24 small CT series (coarse spacing) are sent by
 storescu, half to each receiver. Mid-load one worker process and the second replica get SIGKILL (the replica
 with its whole process group: its python-backend stubs die with it, as a pod's would). Then:
 
@@ -40,7 +40,7 @@ psycopg = pytest.importorskip("psycopg")
 pytestmark = [pytest.mark.server,
               pytest.mark.skipif(not (ORTHANC and STORESCU), reason="needs Orthanc and dcmtk (make pacs-tools)")]
 
-N_SERIES = 40
+N_SERIES = 24
 LEASE_S = 3.0
 DEADLINE_S = 300.0
 

@@ -258,3 +258,56 @@ def test_prognoser_orchestrates_units_and_refuses_bad_notes_first(text_encoder, 
         with pytest.raises(InvalidRequest, match=words):
             prog(vol, aff, "PET", "FDG PET of the head and neck", notes)
     assert calls["features"] == 2                                    # refused before any image work
+
+
+# ---- the served tokenizer ----------------------------------------------------------------------------------------
+
+TOKENIZER_TEXTS = ["CT of the abdomen", "T2-weighted MRI of the abdomen", "PET/CT of the head and neck", "left kidney",
+                   "   Spaced   OUT  ", "Ünïcødé façade — 肝臓 ✓", "a-b-c-d " * 80, "x"]
+
+
+def test_word_tokenizer_gives_transformers_ids_without_importing_it(text_encoder, tmp_path):
+    """The tokenizer stubs run tokenizer.json on the tokenizers library: the ids, masks and counts that
+    transformers' AutoTokenizer gives (padding=True, no truncation, although the file stores the encoder's fixed
+    128), for every vocabulary prompt and odd texts, in batches of mixed lengths; a process that tokenises imports
+    neither transformers nor torch. A folder without tokenizer.json goes through AutoTokenizer, with the same ids."""
+    import subprocess
+    import sys
+
+    from serving.requests import WordTokenizer
+
+    folder = tmp_path / "tok"
+    text_encoder.tokenizer.save_pretrained(str(folder))
+    reference = text_encoder.tokenizer
+    fast = WordTokenizer(folder)
+    assert fast.fast is not None
+    vocab = PromptVocabulary()
+    vocabulary = sorted({text for texts in (*vocab.all_t1().values(), *vocab.all_t2().values()) for text in texts})
+    assert len(vocabulary) > 50
+    batches = [TOKENIZER_TEXTS, TOKENIZER_TEXTS[:1], TOKENIZER_TEXTS[3:5], TOKENIZER_TEXTS[6:7]]
+    batches += [vocabulary[i:i + 16] for i in range(0, len(vocabulary), 16)]
+    for batch in batches:
+        want = reference(batch, padding=True, truncation=False, return_tensors="np")
+        got = fast(batch)
+        assert got["input_ids"].dtype == np.int64 and got["input_ids"].shape == want["input_ids"].shape, batch
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(got["attention_mask"], want["attention_mask"])
+    assert fast(TOKENIZER_TEXTS)["input_ids"].shape[1] > 128                   # the stored truncation is off
+    for text in TOKENIZER_TEXTS:
+        assert fast.count(text) == len(reference(text)["input_ids"])
+    probe = ("import sys; from serving.requests import PromptTokenizer; "
+             f"out = PromptTokenizer({str(folder)!r}, ('CT', 'MR', 'PET'))('CT', 'CT of the abdomen', ['liver']); "
+             "assert out['t2_input_ids'].shape[0] == 1; "
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr[-2000:] + res.stdout
+    # a tokenizer saved without tokenizer.json (vocab.txt only): transformers builds it, same ids
+    slow_folder = tmp_path / "slow"
+    slow_folder.mkdir()
+    (slow_folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text())
+    vocab = sorted(reference.get_vocab().items(), key=lambda kv: kv[1])
+    (slow_folder / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
+    slow = WordTokenizer(slow_folder)
+    assert slow.fast is None
+    for batch in batches[:4]:
+        np.testing.assert_array_equal(slow(batch)["input_ids"], fast(batch)["input_ids"])
