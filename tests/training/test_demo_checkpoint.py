@@ -115,34 +115,37 @@ def _evaluate_cli(*args):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-def test_evaluate_command_prints_json_with_dice():
-    """Golden run through the real command line: one held-out PET head-and-neck case."""
-    res = _evaluate_cli("--modality", "PET", "--cases", "1", "--seed", "31337", "--json")
+#: issue 2's bars (CT >= 0.85, MR and PET >= 0.80) on held-out phantoms, a regression guard. Seed 4040 was also the
+#: set the training stages were judged on; the README gives the unbiased figures from a fresh seed (52021), where
+#: all three bars are met with the largest-component post-processing that evaluate applies.
+BAR_SEED, BARS = 4040, {"CT": 0.85, "MR": 0.80, "PET": 0.80}
+
+
+def test_evaluate_command_prints_json_with_dice_and_the_pet_bar():
+    """Golden run through the real command line, the PET bar's two held-out head-and-neck cases (one process:
+    the bar and the command line tested by one run)."""
+    res = _evaluate_cli("--modality", "PET", "--cases", "2", "--seed", str(BAR_SEED), "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert set(out["dice"]) == {"primary tumour", "lymph node"}
     assert out["mean_dice"] == pytest.approx(np.mean(list(out["dice"].values())), abs=1e-3)
-    assert 0.0 <= out["mean_dice"] <= 1.0
-    case = out["per_case"][0]
-    assert case["seconds"] > 0 and len(case["shape"]) == 3 and case["t1"] == "PET of the head and neck"
+    assert len(out["per_case"]) == 2
+    for case in out["per_case"]:
+        assert case["seconds"] > 0 and len(case["shape"]) == 3 and case["t1"] == "PET of the head and neck"
+    print(json.dumps(out["dice"]))
+    assert out["mean_dice"] >= BARS["PET"]
 
 
-@pytest.mark.parametrize("modality,bar", [("CT", 0.85), ("MR", 0.80), ("PET", 0.80)])
-def test_held_out_dice_bar(demo_predictor, modality, bar):
-    """Issue 2's bars (CT >= 0.85, MR and PET >= 0.80) on held-out phantoms, as a regression guard.
-
-    Seed 4040 was also the set the training stages were judged on; the README gives the unbiased
-    figures from a fresh seed (52021), where all three bars are met with the largest-component
-    post-processing that evaluate applies. In process: the function
-    behind `python -m training.evaluate` (whose command line the golden run above covers), with its
-    default overlap (0.25).
-    """
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_held_out_dice_bar(demo_predictor, modality):
+    """The CT and MR bars (``BARS``) in process: the function behind `python -m training.evaluate` (whose command
+    line, with the PET bar, the golden run above covers), with its default overlap (0.25)."""
     from training.evaluate import evaluate
 
     assert demo_predictor.overlap == 0.25
-    out = evaluate(demo_predictor, load_checkpoint(DEMO_CHECKPOINT), modality, 2, 4040, progress=False)
+    out = evaluate(demo_predictor, load_checkpoint(DEMO_CHECKPOINT), modality, 2, BAR_SEED, progress=False)
     print(json.dumps(out["dice"]))
-    assert out["mean_dice"] >= bar
+    assert out["mean_dice"] >= BARS[modality]
 
 
 def test_evaluate_refuses_training_seeds():
