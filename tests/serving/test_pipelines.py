@@ -311,3 +311,25 @@ def test_word_tokenizer_gives_transformers_ids_without_importing_it(text_encoder
     assert slow.fast is None
     for batch in batches[:4]:
         np.testing.assert_array_equal(slow(batch)["input_ids"], fast(batch)["input_ids"])
+
+
+def test_bls_stubs_import_monai_without_transformers():
+    """What every BLS stub imports, after ``import_monai_without_transformers`` (as their ``initialize`` does):
+    no transformers loaded (MONAI's TransChex finds it missing), MONAI's sliding window and resampling work, and
+    transformers is importable again afterwards. The served pipelines' numbers are the server tests' (the served
+    labels equal in-process PyTorch's, tests/serving/test_triton_server.py)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from serving.triton_models import import_monai_without_transformers; "
+             "import_monai_without_transformers(); "
+             "import serving.pipelines, duplus.models.prognosis, duplus.models.pemma, duplus.context.views; "
+             "loaded = sorted(m for m in sys.modules if m == 'transformers' or m.startswith('transformers.')); "
+             "import torch; from monai.inferers import sliding_window_inference; from monai.transforms import Spacing; "
+             "out = sliding_window_inference(torch.ones(1, 1, 20, 20, 12), (8, 8, 8), 2, lambda x: 2.0 * x); "
+             "img = Spacing(pixdim=(2.0, 2.0, 2.0))(torch.ones(1, 8, 8, 8)); "
+             "import transformers; "
+             "print(loaded, float(out.mean()), tuple(img.shape), transformers.__name__)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[] 2.0 (1, 4, 4, 4) transformers", res.stdout
