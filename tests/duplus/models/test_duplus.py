@@ -133,11 +133,23 @@ def test_stem_selection_matches_per_modality_and_mixed_batches():
 
 
 def test_dynamic_head_equals_explicit_convolutions():
+    """Eager (one addmm per layer over the batch's voxels) and traced (the batched MatMul + Add that ONNX gets)
+    both equal K explicit 1x1x1 convolution stacks, in values and in gradients."""
     cfg = DuPLUSConfig(**SMALL)
     torch.manual_seed(3)
-    feats = torch.randn(2, cfg.head_in_channels, 4, 5, 6)
-    params = torch.randn(3, cfg.head_params)
+    feats = torch.randn(2, cfg.head_in_channels, 4, 5, 6, requires_grad=True)
+    params = torch.randn(3, cfg.head_params, requires_grad=True)
     out = apply_dynamic_head(feats, params, cfg.head_shapes)
+    traced = torch.jit.trace(lambda f, p: apply_dynamic_head(f, p, cfg.head_shapes), (feats, params))
+    assert "aten::addmm" not in str(traced.graph) and "aten::matmul" in str(traced.graph)
+    graph_out = traced(feats, params)
+    torch.testing.assert_close(out, graph_out, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (feats, params), upstream)
+    graph_grads = torch.autograd.grad(graph_out, (feats, params), upstream)
+    for got, want in zip(grads, graph_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    out = out.detach()
     ref = []
     for k in range(3):
         h, off = feats, 0
@@ -149,7 +161,7 @@ def test_dynamic_head_equals_explicit_convolutions():
             h = torch.nn.functional.conv3d(h, w, b)
             if layer < len(cfg.head_shapes) - 1:
                 h = torch.relu(h)
-        ref.append(h)
+        ref.append(h.detach())
     torch.testing.assert_close(out, torch.cat(ref, 1), rtol=1e-5, atol=1e-5)
 
 
