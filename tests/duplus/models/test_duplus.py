@@ -133,7 +133,7 @@ def test_stem_selection_matches_per_modality_and_mixed_batches():
 
 
 def test_dynamic_head_equals_explicit_convolutions():
-    """Eager (one addmm per layer over the batch's voxels) and traced (the batched MatMul + Add that ONNX gets)
+    """Eager (one baddbmm per layer on channels-first features) and traced (the batched MatMul + Add that ONNX gets)
     both equal K explicit 1x1x1 convolution stacks, in values and in gradients."""
     cfg = DuPLUSConfig(**SMALL)
     torch.manual_seed(3)
@@ -141,7 +141,7 @@ def test_dynamic_head_equals_explicit_convolutions():
     params = torch.randn(3, cfg.head_params, requires_grad=True)
     out = apply_dynamic_head(feats, params, cfg.head_shapes)
     traced = torch.jit.trace(lambda f, p: apply_dynamic_head(f, p, cfg.head_shapes), (feats, params))
-    assert "aten::addmm" not in str(traced.graph) and "aten::matmul" in str(traced.graph)
+    assert "aten::baddbmm" not in str(traced.graph) and "aten::matmul" in str(traced.graph)
     graph_out = traced(feats, params)
     torch.testing.assert_close(out, graph_out, rtol=1e-6, atol=1e-6)
     upstream = torch.randn_like(out)
