@@ -238,14 +238,16 @@ class PemmaUNETR(nn.Module):
     #: the blocks whose tokens UNETR's encoder2, 3 and 4 read
     DEEP_BLOCKS = (3, 6, 9)
 
+    def _deep_skips(self, blocks, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``blocks`` (three skip encoders) on the tokens of blocks 3, 6, 9 of ``hidden``."""
+        return [enc(self.unetr.proj_feat(hidden[i])) for enc, i in zip(blocks, self.DEEP_BLOCKS)]
+
     def _ct_deep(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         u = self.unetr
-        return [enc(u.proj_feat(hidden[i])) for enc, i in zip((u.encoder2, u.encoder3, u.encoder4), self.DEEP_BLOCKS)]
+        return self._deep_skips((u.encoder2, u.encoder3, u.encoder4), hidden)
 
     def _pet_deep(self, pet_hidden: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        if self.pet_deep_skips is None:
-            return None
-        return [enc(self.unetr.proj_feat(pet_hidden[i])) for enc, i in zip(self.pet_deep_skips, self.DEEP_BLOCKS)]
+        return None if self.pet_deep_skips is None else self._deep_skips(self.pet_deep_skips, pet_hidden)
 
     def _decode(self, enc1: torch.Tensor, enc2: torch.Tensor, enc3: torch.Tensor, enc4: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:
