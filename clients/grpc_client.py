@@ -17,8 +17,8 @@
 - **Timeouts**: per request (``timeout_s``); a deadline surfaces as ``RequestTimeout``.
 - **Retries**: only on UNAVAILABLE (server restarting, connection refused; ``segment_volume``
   answers UNAVAILABLE when the server stops under it) and on a model with "no available versions"
-  (unloading at shutdown), with exponential backoff up to ``retry_deadline_s``; INVALID_ARGUMENT and
-  everything else is raised at once.
+  (unloading at shutdown), with exponential backoff (``backoff_s`` doubling, capped at ``max_backoff_s``)
+  up to ``retry_deadline_s``; INVALID_ARGUMENT and everything else is raised at once.
 - **Large tensors**: gRPC message limits are raised for whole volumes; with
   ``shared_memory="system"`` the volume and the label map travel through POSIX shared memory
   registered with the server (client and server on one host).
@@ -241,7 +241,10 @@ class _Replicas:
 class _Common:
     def __init__(self, url: str | Sequence[str], *, timeout_s: float, retry_deadline_s: float, backoff_s: float,
                  shared_memory: str, max_message_mb: int, down_s: float = 5.0,
-                 observer: Callable[[str, str, float], None] | None = None):
+                 observer: Callable[[str, str, float], None] | None = None, max_backoff_s: float = 10.0):
+        if not 0 <= backoff_s <= max_backoff_s:
+            raise ValueError(f"backoff_s must be >= 0 and <= max_backoff_s, got backoff_s={backoff_s}, "
+                             f"max_backoff_s={max_backoff_s}")
         if shared_memory not in ("none", "system", "cuda"):
             raise ValueError(f"shared_memory must be 'none', 'system' or 'cuda', got {shared_memory!r}")
         urls = replica_urls(url)
@@ -255,7 +258,7 @@ class _Common:
             except (ImportError, RuntimeError) as exc:
                 raise ValueError(f"shared_memory='cuda' needs tritonclient[cuda] (cuda-python) and a GPU: {exc}") from None
         self.urls, self.url, self.timeout_s = urls, ",".join(urls), timeout_s
-        self.retry_deadline_s, self.backoff_s = retry_deadline_s, backoff_s
+        self.retry_deadline_s, self.backoff_s, self.max_backoff_s = retry_deadline_s, backoff_s, max_backoff_s
         self.shared_memory = shared_memory
         self.replicas = _Replicas(urls, down_s=down_s)
         self.observer = observer       # observer(replica, "ok" | "failed" | "error", seconds) after every attempt
@@ -327,7 +330,7 @@ class _Common:
             return None
         if time.monotonic() - started > self.retry_deadline_s:
             return None
-        wait = min(self.backoff_s * 2 ** attempt, 10.0)
+        wait = min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
         log.warning("server unavailable (%s); retry %d in %.1f s", str(exc).splitlines()[0] if str(exc) else
                     type(exc).__name__, attempt + 1, wait)
         return wait
@@ -342,10 +345,10 @@ class SegmentationClient(_Common):
     def __init__(self, url: str | Sequence[str] = "127.0.0.1:8001", *, timeout_s: float = 600.0,
                  retry_deadline_s: float = 120.0, backoff_s: float = 0.5, shared_memory: str = "none",
                  max_message_mb: int = 1024, cuda_device: int = 0, down_s: float = 5.0,
-                 observer: Callable[[str, str, float], None] | None = None):
+                 observer: Callable[[str, str, float], None] | None = None, max_backoff_s: float = 10.0):
         super().__init__(url, timeout_s=timeout_s, retry_deadline_s=retry_deadline_s, backoff_s=backoff_s,
                          shared_memory=shared_memory, max_message_mb=max_message_mb, down_s=down_s,
-                         observer=observer)
+                         observer=observer, max_backoff_s=max_backoff_s)
         import tritonclient.grpc as grpcclient
 
         self.cuda_device = cuda_device
@@ -634,9 +637,11 @@ class AsyncSegmentationClient(_Common):
 
     def __init__(self, url: str | Sequence[str] = "127.0.0.1:8001", *, timeout_s: float = 600.0,
                  retry_deadline_s: float = 120.0, backoff_s: float = 0.5, max_message_mb: int = 1024,
-                 down_s: float = 5.0, observer: Callable[[str, str, float], None] | None = None):
+                 down_s: float = 5.0, observer: Callable[[str, str, float], None] | None = None,
+                 max_backoff_s: float = 10.0):
         super().__init__(url, timeout_s=timeout_s, retry_deadline_s=retry_deadline_s, backoff_s=backoff_s,
-                         shared_memory="none", max_message_mb=max_message_mb, down_s=down_s, observer=observer)
+                         shared_memory="none", max_message_mb=max_message_mb, down_s=down_s, observer=observer,
+                         max_backoff_s=max_backoff_s)
         import tritonclient.grpc as grpcclient
         import tritonclient.grpc.aio as aio
 

@@ -318,8 +318,8 @@ def _build_pemma(path: Path, stage: _Units) -> dict:
     entry = export_unit(
         name, unit, spec[name], stage.output, engine=stage.engine, precision=stage.precision,
         example=pemma_example_inputs(crop, batch=2, mode=0, seed=0) if onnx else None,
-        # one parity input per mode: the masked attention and the skip selection of each are checked
-        fresh=[pemma_example_inputs(crop, batch=1 + (i == 0), mode=i, seed=1000 + i)
+        # one parity input per mode (batch 1, traced at 2): the masked attention and the skip selection of each
+        fresh=[pemma_example_inputs(crop, batch=1, mode=i, seed=1000 + i)
                for i in range(len(PETCT_MODES))] if onnx else (),
         profile=profile, engine_inputs=engine_inputs or (), checkpoint=checkpoint,
         timing_cache=stage.output / ".timing.cache")

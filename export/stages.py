@@ -74,10 +74,12 @@ def fresh_inputs(name: str, cfg, patch, runs: int, *, image_dim: int | None = No
     if name in PROGNOSIS_UNITS:
         return [_example(name, cfg, image_dim, text_dim, n=1 + i, tokens=20 + 30 * i, spatial=(64, 48 + 16 * i, 48),
                          seed=2000 + i) for i in range(runs)]
+    # other than the traced (2, patch): batch 1 at the patch, then batch 2 one level factor smaller in-plane
+    # (smaller rather than larger: the same check of the dynamic axes at half the voxels of a larger window)
     factor = cfg.level_factor
     return [example_inputs(name, cfg, batch=1 + (i % 2), k=1 + 2 * i, tokens=7 + 5 * i,
-                           spatial=tuple(p if i == 0 else p + factor for p in patch[:2]) + (patch[2],),
-                           seed=1000 + i) for i in range(runs)]
+                           spatial=tuple(p if i == 0 else max(factor, p - factor * i) for p in patch[:2])
+                           + (patch[2],), seed=1000 + i) for i in range(runs)]
 
 
 def inputs_for_shapes(name: str, cfg, shapes: dict[str, tuple[int, ...]], *, seed: int,

@@ -34,6 +34,7 @@ def tumour_crop(ph, size: tuple[int, int, int], structure: str = "primary tumour
     from types import SimpleNamespace
 
     centre = np.argwhere(ph.label == ph.label_names.index(structure) + 1).mean(0).round().astype(int)
+    size = tuple(min(s, n) for s, n in zip(size, ph.image.shape))     # never more than the volume has
     lo = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size, ph.image.shape)]
     image, affine = cut(ph.image, ph.affine, lo, size)
     return SimpleNamespace(image=image, affine=affine, label=cut(ph.label, ph.affine, lo, size)[0],

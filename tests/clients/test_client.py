@@ -38,6 +38,21 @@ def small_ct():
     return tumour_crop(generate_phantom("head_neck", "CT", 464646, acquisition=acq), (48, 48, 36))
 
 
+def test_retry_backoff_doubles_up_to_its_cap_and_bad_settings_are_named():
+    """No server: the waits between retries on UNAVAILABLE double from backoff_s and stop at max_backoff_s."""
+    unavailable = InferenceServerException("failed to connect to all addresses", status="StatusCode.UNAVAILABLE")
+    with SegmentationClient("127.0.0.1:1", backoff_s=0.5, max_backoff_s=3.0, retry_deadline_s=60) as client:
+        assert [client._retryable(unavailable, time.monotonic(), a) for a in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+        assert client._retryable(unavailable, time.monotonic() - 61, 0) is None      # past retry_deadline_s
+        bad = InferenceServerException("unknown target prompt", status="StatusCode.INVALID_ARGUMENT")
+        assert client._retryable(bad, time.monotonic(), 0) is None
+    for kw in ({"backoff_s": 5.0, "max_backoff_s": 1.0}, {"backoff_s": -1.0}):
+        with pytest.raises(ValueError, match="backoff_s must be >= 0 and <= max_backoff_s"):
+            SegmentationClient("127.0.0.1:1", **kw)
+    with pytest.raises(ValueError, match="max_backoff_s"):
+        AsyncSegmentationClient("127.0.0.1:1", backoff_s=2.0, max_backoff_s=1.0)
+
+
 def test_shared_memory_equals_plain_grpc(triton_server, small_ct):
     with SegmentationClient(triton_server.grpc_url) as plain, \
             SegmentationClient(triton_server.grpc_url, shared_memory="system") as shm:
@@ -139,7 +154,8 @@ def test_server_restart_mid_batch_is_retried_and_the_command_stops_cleanly(trito
     server = None
 
     def batch():
-        with SegmentationClient(url, retry_deadline_s=240, backoff_s=0.5) as client:
+        # backoff capped at 1 s: the batch goes on within a second of the server's return, not up to 10 s later
+        with SegmentationClient(url, retry_deadline_s=240, backoff_s=0.5, max_backoff_s=1.0) as client:
             for _ in range(3):
                 try:
                     results.append(client.segment_volume(small_ct.image, small_ct.affine, "CT", T1, TARGETS))
@@ -157,7 +173,7 @@ def test_server_restart_mid_batch_is_retried_and_the_command_stops_cleanly(trito
             except InferenceServerException:
                 pass
             assert proc.poll() is None, proc.stdout.read()
-            time.sleep(1)
+            time.sleep(0.2)
         assert probe.is_model_ready("segment_volume") and probe.is_model_ready("segmenter")
         assert not probe.is_model_ready("prognose")   # --models: only segment_volume and what it calls
         with caplog.at_level(logging.WARNING, logger="clients.grpc_client"):

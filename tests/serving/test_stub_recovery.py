@@ -103,7 +103,8 @@ def _outage(server, victims, request_fn):
     health: list[tuple[float, int]] = []
 
     def load():
-        with SegmentationClient(server.grpc_url, retry_deadline_s=60.0, backoff_s=0.2, timeout_s=60.0) as client:
+        with SegmentationClient(server.grpc_url, retry_deadline_s=60.0, backoff_s=0.2, max_backoff_s=1.0,
+                                timeout_s=60.0) as client:
             i = 0
             while not stop.is_set():
                 try:
