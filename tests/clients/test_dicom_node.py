@@ -188,8 +188,8 @@ def test_silent_header_gets_the_classifiers_t1_and_a_contradicting_header_is_not
     the context classifier's T1, end to end to Orthanc, and the job's record says so; the same volume sent as a PET
     (a header that contradicts the image; shifted to positive values, which the classifier's per-volume scaling does
     not see) is segmented as the header says, and the record notes the contradiction. The CT is a neck field of view
-    of 140 x 140 x 120 mm around the tumour (one sliding window; the classifier gives it CT|head_neck 0.92, the whole
-    phantom 0.83, measured 2026-12-05)."""
+    of 140 x 140 x 120 mm around the tumour (two sliding windows, the whole phantom twelve; the classifier gives it
+    CT|head_neck 0.92, the whole phantom 0.83, measured 2026-12-05)."""
     from duplus.synth.phantoms import AcquisitionSpec
 
     ph = tumour_crop(generate_phantom("head_neck", "CT", 494949, acquisition=AcquisitionSpec(
