@@ -10,7 +10,8 @@ overlay with the ground truth outlined, and ``summary.json`` with per-case modal
 Dice per target and seconds. When the repository holds the prognosis models, a few held-out synthetic
 head-and-neck patients (PET + EHR note) also go through ``prognose`` (risk, measured vs true tumour); when it
 holds PEMMA, one held-out head-and-neck PET/CT pair goes through ``segment_petct`` as CT+PET, CT alone and PET alone
-(labels on the CT's grid, Dice per target, an overlay of the CT+PET result).
+(labels on the CT's grid, the PET's for PET alone; Dice per target, for PET alone against the truth resampled onto
+the PET's grid; an overlay of the CT+PET result).
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ def _prognose(client, manifest: dict) -> list[dict]:
 PETCT_CENTRE, PETCT_SEED = "E", 454545
 
 
+def grid_dice(labels: np.ndarray, affine: np.ndarray, truth: np.ndarray, truth_affine: np.ndarray,
+              names) -> dict[str, float]:
+    """Dice per target (``names[k]`` for label k >= 1) of ``labels`` on the grid ``affine``, against ``truth`` on its
+    own grid: where the grids differ (PET alone answers on the PET's grid, the truth lies on the CT's), the truth is
+    resampled onto the labels' grid, nearest neighbour."""
+    if labels.shape != truth.shape or not np.allclose(affine, truth_affine, atol=1e-6):
+        import torch
+
+        from duplus.preprocessing import to_input_grid
+
+        truth = to_input_grid(torch.from_numpy(np.asarray(truth, np.float32)[None]), truth_affine, affine,
+                              labels.shape, mode="nearest")[0].numpy().round().astype(np.uint8)
+    return {t: round(dice(labels == k, truth == k), 4) for k, t in enumerate(names) if k}
+
+
 def _segment_petct(client, out: Path) -> list[dict]:
     """One held-out PET/CT pair through Triton's segment_petct in each input mode (PEMMA)."""
     import nibabel as nib
@@ -119,12 +135,11 @@ def _segment_petct(client, out: Path) -> list[dict]:
         name = f"labels_{mode.replace('+', '_')}.nii.gz"
         grid = pair.ct if mode != "pet" else pair.pet
         nib.save(nib.Nifti1Image(res.labels, grid.affine), str(case_dir / name))
-        scores = {}
-        if mode != "pet":   # the truth lies on the CT's grid
-            scores = {t: round(dice(res.labels == k, pair.label == k), 4) for k, t in enumerate(res.label_names) if k}
+        scores = grid_dice(res.labels, grid.affine, pair.label, pair.ct.affine, res.label_names)
         rows.append({"mode": res.mode, "dice": scores, "seconds": round(seconds, 2), "shape": list(res.labels.shape),
+                     "grid": "PET" if mode == "pet" else "CT",    # the PET's: scored against the truth resampled to it
                      "file": f"petct_head_neck/{name}"})
-        log.info("PET/CT %s: %s in %.1f s", mode, scores or "labels on the PET grid", seconds)
+        log.info("PET/CT %s: %s in %.1f s", mode, scores, seconds)
         if mode == "ct+pet":
             overlay_png(pair.ct.image, res.labels, pair.ct.affine, case_dir / "overlay.png",
                         list(res.label_names[1:]), truth=pair.label, window=(-200.0, 300.0),
@@ -197,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['patient']:15s} prognose: risk {r['risk']:+.3f} (true log-hazard {r['true_risk']:+.3f})  "
               f"tumour {r['tumour_ml']['measured']} ml (true {r['tumour_ml']['true']})  {r['seconds']:.1f} s")
     for r in summary.get("petct", []):
-        print(f"petct_head_neck {r['mode']:6s} segment_petct: {json.dumps(r['dice']) if r['dice'] else 'PET grid'}"
+        print(f"petct_head_neck {r['mode']:6s} segment_petct: {json.dumps(r['dice'])} ({r['grid']} grid)"
               f"  {r['seconds']:.1f} s")
     print(f"wrote {args.out}/summary.json")
     return 0
