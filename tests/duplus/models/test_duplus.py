@@ -133,8 +133,9 @@ def test_stem_selection_matches_per_modality_and_mixed_batches():
 
 
 def test_dynamic_head_equals_explicit_convolutions():
-    """Eager (one baddbmm per layer on channels-first features) and traced (the batched MatMul + Add that ONNX gets)
-    both equal K explicit 1x1x1 convolution stacks, in values and in gradients."""
+    """Eager (one baddbmm per layer on channels-first features), eager without gradients (chunks of voxels) and
+    traced (the batched MatMul + Add that ONNX gets) all equal K explicit 1x1x1 convolution stacks, in values and
+    (where they have them) in gradients."""
     cfg = DuPLUSConfig(**SMALL)
     torch.manual_seed(3)
     feats = torch.randn(2, cfg.head_in_channels, 4, 5, 6, requires_grad=True)
@@ -163,6 +164,10 @@ def test_dynamic_head_equals_explicit_convolutions():
                 h = torch.relu(h)
         ref.append(h.detach())
     torch.testing.assert_close(out, torch.cat(ref, 1), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():   # inference: the layers run chunk by chunk (7 voxels here: 17 chunks, the last one short)
+        chunked = apply_dynamic_head(feats, params, cfg.head_shapes, chunk=7)
+    assert not chunked.requires_grad
+    torch.testing.assert_close(chunked, torch.cat(ref, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_film_identity_at_initialisation():
