@@ -85,12 +85,12 @@ class AdapterConfig:
 def build_unetr(cfg: UnetrConfig, in_channels: int = 1):
     from monai.networks.nets import UNETR
 
-    from duplus.models.norm import use_groupwise_instance_norm
+    from duplus.models.fastpaths import use_cpu_fast_paths
 
     unetr = UNETR(in_channels=in_channels, out_channels=len(PEMMA_TARGETS) + 1, img_size=cfg.crop,
                   feature_size=cfg.feature_size, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
                   num_heads=cfg.num_heads, norm_name="instance", res_block=True, qkv_bias=False)
-    use_groupwise_instance_norm(unetr)    # the same function, about twice as fast on CPU
+    use_cpu_fast_paths(unetr)    # eager CPU inference: the same functions, faster kernels
     return unetr
 
 
