@@ -232,15 +232,20 @@ class Predictor:
     """
 
     def __init__(self, model: DuPLUS, vocabulary: PromptVocabulary, text_encoder: TextEncoder | None = None, *,
-                 device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int = 2,
+                 device: str | torch.device = "cpu", overlap: float = 0.25, sw_batch_size: int | None = None,
                  limits: ServingLimits | None = None, bf16: bool = False, largest_component: bool = True,
                  target_conditioning: str = "canonical", instruction_generator=None):
         """``instruction_generator``: a ``duplus.instructions.InstructionGenerator`` for ``instructions='auto'``
-        (default: the offline knowledge base, built on first use)."""
+        (default: the offline knowledge base, built on first use). ``sw_batch_size``: sliding windows per forward
+        pass; by default one on CPU (with ``duplus.models.fastpaths`` a batch of one is the fastest there: an MR
+        abdomen 16.4-16.8 s against 19.7-20.6 s with two, the same labels, 2-core Xeon, 2026-12-05) and the served
+        default (``ServingLimits``) on a GPU."""
         if target_conditioning not in TARGET_CONDITIONING:
             raise ValueError(f"target_conditioning must be one of {TARGET_CONDITIONING}, got {target_conditioning!r}")
         self.target_conditioning = target_conditioning
         self.device = torch.device(device)
+        if sw_batch_size is None:
+            sw_batch_size = 1 if self.device.type == "cpu" else ServingLimits().sw_batch_size
         self.model = model.to(self.device).eval()
         self.cfg: DuPLUSConfig = model.cfg
         self.vocabulary = vocabulary

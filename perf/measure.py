@@ -158,6 +158,7 @@ def run(cfg: BenchConfig) -> Results:
     from clients.grpc_client import SegmentationClient
     from duplus.inference import Predictor
     from duplus.metrics import dice
+    from duplus.models.fastpaths import pytorch_kernels
     from perf.gpu_monitor import GpuMonitor
     from serving.serve import RepositoryError, TritonServer, check_repository
 
@@ -188,8 +189,16 @@ def run(cfg: BenchConfig) -> Results:
 
     with GpuMonitor() as monitor:
         mark("eager")
-        predictor = Predictor.from_checkpoint(cfg.checkpoint, device=device, sw_batch_size=4)
+        # each device's best window batch: one on CPU (the Predictor's default there), four on a GPU
+        predictor = Predictor.from_checkpoint(cfg.checkpoint, device=device, sw_batch_size=4 if device == "cuda" else None)
         eager_labels = {name: p.labels for name, p in per_volume("pytorch_eager", predictor.predict_array).items()}
+        if device == "cpu":   # the same model on PyTorch's own kernels: what duplus.models.fastpaths gains
+            mark("eager, PyTorch's kernels")
+            with pytorch_kernels():
+                for name, p in per_volume("pytorch_eager_stock", predictor.predict_array).items():
+                    res.extra.setdefault("fast_paths_vs_stock_dice", {})[name] = {
+                        t: round(dice(p.labels == k + 1, eager_labels[name] == k + 1), 4)
+                        for k, t in enumerate(cases[name].targets)}
         if device == "cuda":
             mark("eager bf16")
             half = Predictor.from_checkpoint(cfg.checkpoint, device=device, sw_batch_size=4, bf16=True)
@@ -244,6 +253,8 @@ def _patch_latency(cfg, res, predictor, ort_segmenter, server, device) -> None:
     import torch
     import tritonclient.grpc as grpcclient
 
+    from duplus.models.fastpaths import pytorch_kernels
+
     patch = phantom_patch("ct_abdomen", PATCH)
     t1, targets = t1_prompt("ct_abdomen"), TARGETS["abdomen"]
     cond = predictor.condition(t1, targets)
@@ -262,9 +273,15 @@ def _patch_latency(cfg, res, predictor, ort_segmenter, server, device) -> None:
     ens_inputs = _triton_inputs({"IMAGE": patch, "MODALITY": _strings(["CT"]), "T1": _strings([t1]),
                                  "TARGETS": _strings(targets)})
     ens_outputs = [grpcclient.InferRequestedOutput("LOGITS")]
-    for path, fn in (("pytorch_eager", eager), ("onnxruntime", lambda: ort_segmenter(feed)),
-                     ("triton", lambda: client.infer("segmenter", inputs, outputs=outputs)),
-                     ("triton_ensemble", lambda: client.infer("segment_patch", ens_inputs, outputs=ens_outputs))):
+    def stock():
+        with pytorch_kernels():
+            return eager()
+
+    paths = [("pytorch_eager", eager)] + ([("pytorch_eager_stock", stock)] if device == "cpu" else [])
+    paths += [("onnxruntime", lambda: ort_segmenter(feed)),
+              ("triton", lambda: client.infer("segmenter", inputs, outputs=outputs)),
+              ("triton_ensemble", lambda: client.infer("segment_patch", ens_inputs, outputs=ens_outputs))]
+    for path, fn in paths:
         times, _ = time_calls(fn, 1, cfg.patch_repeats, f"patch {path}")
         res.patch_latency_ms[path] = [t * 1000 for t in times]
 

@@ -52,6 +52,9 @@ def summarise(res: Results) -> dict:
         "machine": res.machine,
         **res.extra,
     }
+    if "pytorch_eager_stock" in lat:
+        summary["fast_paths_speedup"] = round(mean_over_volumes("pytorch_eager_stock")
+                                              / mean_over_volumes("pytorch_eager"), 3)
     if "pytorch_eager_bf16" in lat:
         summary["half_vs_fp32_eager"] = round(mean_over_volumes("pytorch_eager")
                                               / mean_over_volumes("pytorch_eager_bf16"), 3)
@@ -107,7 +110,8 @@ def write_report(res: Results, out: Path, label: str) -> Path:
     m = res.machine
     lines = [f"# Benchmark `{label}`", "",
              f"Command: `python -m perf.bench --label {label} --volumes {' '.join(volumes)} "
-             f"--repeats {res.repeats} --concurrency {' '.join(map(str, concurrency))}`", "",
+             f"--repeats {res.repeats} --concurrency {' '.join(map(str, concurrency))}"
+             + (f" --requests-per-level {res.throughput[0]['requests']}" if res.throughput else "") + "`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; Python {m['python']}, "
              f"torch {m['torch']}, ONNX Runtime {m['onnxruntime']} ({', '.join(m['onnxruntime_providers'])}), "
              f"Triton {m['triton_server']}; {m['created']}.", "",
@@ -130,6 +134,9 @@ def write_report(res: Results, out: Path, label: str) -> Path:
               "ONNX Runtime in-process, whole volume |",
               f"| prompt_cache_speedup | {s['prompt_cache_speedup']:.2f} | encode_prompts with fresh prompts / "
               "repeated prompts (response cache) |"]
+    if "fast_paths_speedup" in s:
+        lines.append(f"| fast_paths_speedup | {s['fast_paths_speedup']:.2f} | eager on PyTorch's own kernels / eager "
+                     "with duplus.models.fastpaths (CPU), whole volume |")
     if "half_vs_fp32_eager" in s:
         lines.append(f"| half_vs_fp32_eager | {s['half_vs_fp32_eager']:.2f} | eager fp32 / eager bf16 autocast |")
     if "ct512_end_to_end_s" in s:
@@ -149,7 +156,11 @@ def write_report(res: Results, out: Path, label: str) -> Path:
                   "command records them on a GPU). TensorRT cannot be installed on these machines (DESIGN.md), so "
                   "no TensorRT engine path is timed here either."]
     lines += ["", "## Served vs eager labels (Dice per target)", "", "```", json.dumps(res.agreement, indent=1), "```",
-              "", f"GPU monitor: {s['gpu_monitor']}.", "", "![latency](latency_by_path.png)",
+              ""]
+    if "fast_paths_vs_stock_dice" in s:
+        lines += ["## Eager with the fast paths vs PyTorch's own kernels (labels, Dice per target)", "", "```",
+                  json.dumps(s["fast_paths_vs_stock_dice"], indent=1), "```", ""]
+    lines += [f"GPU monitor: {s['gpu_monitor']}.", "", "![latency](latency_by_path.png)",
               "![throughput](throughput_vs_concurrency.png)"]
     if (out / "gpu.png").exists():
         lines.append("![gpu](gpu.png)")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from duplus.contract import level_factor
-from duplus.models.fastpaths import use_cpu_fast_paths
+from duplus.models.fastpaths import eager_cpu_inference, use_cpu_fast_paths
 from duplus.vocabulary import MODALITIES
 
 
@@ -191,10 +191,11 @@ def apply_dynamic_head(features: torch.Tensor, head_params: torch.Tensor,
     In eager mode each layer is one ``baddbmm`` on the channels-first features (weights [K*out, in] times
     [B, in, N], the bias added in the GEMM, no transposes) with the ReLU in place: the same products, 45-47 % less
     time for K = 4-7 on 2 CPU cores (2026-12-05) and equal outputs; a traced or exported graph keeps the batched
-    ``MatMul`` + ``Add`` it always had, so the ONNX units do not change. Without gradients (inference) the eager
-    layers run over ``chunk`` voxels at a time, all layers per chunk, so the [K*out, N] intermediates (130 MB for
-    K = 7 on a 96 x 96 x 64 patch) never leave the cache: 61 -> 21, 126 -> 32 and 227 -> 75 ms per patch for
-    K = 2, 4 and 7 (2-core Xeon, 2026-12-05), outputs equal to float rounding.
+    ``MatMul`` + ``Add`` it always had, so the ONNX units do not change. In eager CPU inference
+    (``duplus.models.fastpaths.eager_cpu_inference``) the layers run over ``chunk`` voxels at a time, all layers
+    per chunk, so the [K*out, N] intermediates (130 MB for K = 7 on a 96 x 96 x 64 patch) never leave the cache:
+    61 -> 21, 126 -> 32 and 227 -> 75 ms per patch for K = 2, 4 and 7 (2-core Xeon, 2026-12-05), outputs equal to
+    float rounding.
     """
     b, c = features.shape[0], features.shape[1]
     spatial = features.shape[2:]
@@ -222,8 +223,7 @@ def apply_dynamic_head(features: torch.Tensor, head_params: torch.Tensor,
             if layer < len(layers) - 1:
                 h = torch.relu(h)
         return h.transpose(1, 2).reshape(b, k, *spatial)
-    grad = torch.is_grad_enabled() and (features.requires_grad or head_params.requires_grad)
-    if grad:
+    if not eager_cpu_inference(features):       # training, CUDA (one large GEMM per layer suits a GPU), stock
         for layer, (weight, bias) in enumerate(layers):
             h = torch.baddbmm(bias.reshape(1, -1, 1), weight.t().expand(b, -1, -1), h)   # [B, K*out, N]
             if layer < len(layers) - 1:

@@ -15,6 +15,10 @@ Two swaps, both for eager CPU inference only (no gradients, not traced, not expo
   2026-12-05): the stem 1 -> 8 on 96 x 96 x 64 42.8 -> 29.7 ms, 32 -> 32 on 24 x 24 x 16 10.2 -> 1.8 ms,
   128 -> 64 on 12 x 12 x 8 6.4 -> 1.7 ms; the shapes PyTorch already sends to oneDNN take the same kernel.
 
+A third, in ``duplus.models.duplus.apply_dynamic_head``: without gradients on CPU the dynamic head runs chunk by
+chunk (its intermediates stay in the cache). ``with pytorch_kernels():`` turns all three off, for a benchmark's
+side-by-side run (``python -m perf.bench``: ``pytorch_eager_stock``) or to rule them out when numbers look odd.
+
 Training keeps PyTorch's own kernels (its numerics, which the two-rank DDP test compares to 2e-6, stay those the
 shipped checkpoints were trained with); a traced or exported graph keeps ``InstanceNormalization`` and ``Conv``
 (the ONNX units do not change); CUDA tensors keep cuDNN. The modules keep their class's parameters and buffers, so
@@ -23,21 +27,41 @@ checkpoints load as before.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+_enabled = True
 
-def _eager_cpu_inference(x: torch.Tensor) -> bool:
-    return not (torch.is_grad_enabled() or x.device.type != "cpu" or torch.jit.is_tracing()
-                or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+@contextlib.contextmanager
+def pytorch_kernels() -> Iterator[None]:
+    """Within it the eager paths run PyTorch's own kernels: ``F.instance_norm``, PyTorch's choice of convolution
+    kernel and one ``baddbmm`` per head layer over the whole patch (process-wide, not thread-local)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def eager_cpu_inference(x: torch.Tensor) -> bool:
+    """Whether the fast paths apply to ``x``: eager CPU inference (no gradients, not traced, scripted, exported or
+    compiled) outside :func:`pytorch_kernels`."""
+    return _enabled and not (torch.is_grad_enabled() or x.device.type != "cpu" or torch.jit.is_tracing()
+                             or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+                             or torch.compiler.is_compiling())
 
 
 class GroupwiseInstanceNorm3d(nn.InstanceNorm3d):
     """``nn.InstanceNorm3d`` whose eager CPU forward without gradients is ``F.group_norm``, one group per channel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.track_running_stats or x.dim() != 5 or not _eager_cpu_inference(x):
+        if self.track_running_stats or x.dim() != 5 or not eager_cpu_inference(x):
             return super().forward(x)
         return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
 
@@ -48,7 +72,7 @@ class OneDNNConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() != 5 or x.dtype != torch.float32 or self.padding_mode != "zeros" or isinstance(self.padding, str)
                 or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled
-                or not _eager_cpu_inference(x)):
+                or not eager_cpu_inference(x)):
             return super().forward(x)
         return torch.ops.aten.mkldnn_convolution(x.contiguous(), self.weight.contiguous(), self.bias,
                                                  list(self.padding), list(self.stride), list(self.dilation),

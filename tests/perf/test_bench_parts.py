@@ -46,6 +46,10 @@ def test_summary_ratios_are_the_documented_quotients():
     assert s["triton_overhead_ratio"] == pytest.approx(1.25)
     assert s["prompt_cache_speedup"] == pytest.approx(10.0)
     assert "half_vs_fp32_eager" not in s   # GPU only
+    assert "fast_paths_speedup" not in s   # no stock eager path in these results
+    res = _results()
+    res.volume_latency_s["pytorch_eager_stock"] = {"v": [16.5, 16.5, 16.5]}
+    assert summarise(res)["fast_paths_speedup"] == pytest.approx(16.5 / 11.0, abs=1e-3)
 
 
 def test_report_files(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from duplus.models.duplus import DuPLUS, DuPLUSConfig, apply_dynamic_head
+from duplus.models.fastpaths import pytorch_kernels
 
 SMALL = dict(channels=(4, 8, 16), patch_size=(16, 16, 16), film_hidden=32, controller_hidden=32, head_channels=4, head_levels=2)
 
@@ -166,8 +167,12 @@ def test_dynamic_head_equals_explicit_convolutions():
     torch.testing.assert_close(out, torch.cat(ref, 1), rtol=1e-5, atol=1e-5)
     with torch.no_grad():   # inference: the layers run chunk by chunk (7 voxels here: 17 chunks, the last one short)
         chunked = apply_dynamic_head(feats, params, cfg.head_shapes, chunk=7)
+        with pytorch_kernels(), torch.profiler.profile() as prof:   # the stock path: one baddbmm per layer
+            stock = apply_dynamic_head(feats, params, cfg.head_shapes, chunk=7)
+    assert [e.name for e in prof.events()].count("aten::baddbmm") == len(cfg.head_shapes)
     assert not chunked.requires_grad
     torch.testing.assert_close(chunked, torch.cat(ref, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stock, torch.cat(ref, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_film_identity_at_initialisation():

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from duplus.models.fastpaths import GroupwiseInstanceNorm3d, OneDNNConv3d, use_cpu_fast_paths
+from duplus.models.fastpaths import GroupwiseInstanceNorm3d, OneDNNConv3d, pytorch_kernels, use_cpu_fast_paths
 
 
 def _ops(fn) -> set[str]:
@@ -34,6 +34,10 @@ def test_equal_in_inference_and_pytorchs_kernels_in_training_and_in_graphs():
         assert "aten::slow_conv3d_forward" in _ops(lambda: ref[0](x))
         ops = _ops(lambda: fast[:2](x))
     assert {"aten::group_norm", "aten::mkldnn_convolution"} <= ops and "aten::slow_conv3d_forward" not in ops
+    with torch.no_grad(), pytorch_kernels():        # the benchmark's stock path: PyTorch's kernels, bit for bit
+        ops = _ops(lambda: fast[:2](x))
+        assert torch.equal(fast(x), ref(x))
+    assert "aten::group_norm" not in ops and "aten::slow_conv3d_forward" in ops
     x.requires_grad_()
     ops = _ops(lambda: fast(x))                     # with gradients: PyTorch's kernels, bit for bit
     assert "aten::group_norm" not in ops and "aten::slow_conv3d_forward" in ops
