@@ -413,7 +413,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     sampler = PatchSampler(cfg, train_sets, seed=cfg.seed + start, instructions=pool)
     if ckpt is not None and "rng" in ckpt:  # continue the random streams where the interrupted run was
         restore_sampler_state(sampler, ckpt["rng"])
-    predictor = Predictor(model, vocab, encoder, device=device, sw_batch_size=2, bf16=bf16)
+    predictor = Predictor(model, vocab, encoder, device=device, bf16=bf16)   # windows per pass: the device's default
     predictor.cache = cache
 
     model.train()

@@ -497,8 +497,12 @@ def window_probabilities(windows: WindowFn, image: torch.Tensor, crop: int, *, o
 
 
 def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, mode: str, *, overlap: float = 0.25,
-                                 sw_batch_size: int = 2, ct_body: bool = False) -> torch.Tensor:
-    """:func:`window_probabilities` of ``model`` run in ``mode``."""
+                                 sw_batch_size: int | None = None, ct_body: bool = False) -> torch.Tensor:
+    """:func:`window_probabilities` of ``model`` run in ``mode``; by default one window per forward pass for a model
+    on CPU (the fastest there: 408-442 against 506-542 ms per 64³ window with two, 2-core Xeon, 2026-12-05) and
+    two elsewhere."""
+    if sw_batch_size is None:
+        sw_batch_size = 1 if next(model.parameters()).device.type == "cpu" else 2
     return window_probabilities(lambda x: model.forward_channels(x, mode), image, model.cfg.crop, overlap=overlap,
                                 sw_batch_size=sw_batch_size, ct_body=ct_body)
 
