@@ -50,10 +50,10 @@ def pytorch_kernels() -> Iterator[None]:
 
 
 def eager_cpu_inference(x: torch.Tensor) -> bool:
-    """Whether the fast paths apply to ``x``: eager CPU inference (no gradients, not traced, scripted, exported or
-    compiled) outside :func:`pytorch_kernels`."""
-    return _enabled and not (torch.is_grad_enabled() or x.device.type != "cpu" or torch.jit.is_tracing()
-                             or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+    """Whether the fast paths apply to ``x``: eager CPU inference (no gradients, no autocast, not traced, scripted,
+    exported or compiled) outside :func:`pytorch_kernels`."""
+    return _enabled and not (torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+                             or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
                              or torch.compiler.is_compiling())
 
 
@@ -70,7 +70,8 @@ class OneDNNConv3d(nn.Conv3d):
     """``nn.Conv3d`` whose eager CPU float32 forward without gradients always runs oneDNN's convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() != 5 or x.dtype != torch.float32 or self.padding_mode != "zeros" or isinstance(self.padding, str)
+        if (x.dim() != 5 or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or self.padding_mode != "zeros" or isinstance(self.padding, str)
                 or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled
                 or not eager_cpu_inference(x)):
             return super().forward(x)

@@ -38,6 +38,8 @@ def test_equal_in_inference_and_pytorchs_kernels_in_training_and_in_graphs():
         ops = _ops(lambda: fast[:2](x))
         assert torch.equal(fast(x), ref(x))
     assert "aten::group_norm" not in ops and "aten::slow_conv3d_forward" in ops
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # bf16 autocast: PyTorch's kernels too
+        assert "aten::group_norm" not in _ops(lambda: fast[:2](x))
     x.requires_grad_()
     ops = _ops(lambda: fast(x))                     # with gradients: PyTorch's kernels, bit for bit
     assert "aten::group_norm" not in ops and "aten::slow_conv3d_forward" in ops
