@@ -93,7 +93,16 @@ DEFAULT_PEMMA = "checkpoints/pemma_lora_ms.pt"
 #: the shipped context classifier (Biomed-DPT, python -m training.train_context); built into the repository when
 #: present: the classify_context model and segment_volume's T1 guard
 DEFAULT_CONTEXT = "checkpoints/context_dpt.pt"
-__all__ = ["SOURCE_REPOSITORY", "build", "main", "resolve_engine"]
+__all__ = ["SOURCE_REPOSITORY", "build", "default_max_batch_size", "main", "resolve_engine"]
+
+
+def default_max_batch_size(engine: str, device: str) -> int:
+    """Windows per segmenter call in segment_volume when ``--max-batch-size`` is not given: one for PyTorch units on
+    CPU, four otherwise. With duplus.models.fastpaths a batch of one is the fastest on CPU: ``ct_256`` through
+    segment_volume took 9.20 s with PyTorch units and one window per call, 11.75 s with four and 11.01 s on ONNX
+    Runtime units with four (median of 3, 2-core Xeon, 2026-12-05); ONNX Runtime is batch-insensitive on CPU
+    (461-485 ms per window for 1, 2 and 4) and a GPU wants batches."""
+    return 1 if (engine, device) == ("torch", "cpu") else 4
 
 
 def resolve_engine(engine: str, flavour: str) -> tuple[str, str]:
@@ -165,7 +174,7 @@ class _Units:
 
 
 def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: str = "auto",
-          precision: str = "fp32", patch_size: tuple[int, int, int] | None = None, max_batch_size: int = 4,
+          precision: str = "fp32", patch_size: tuple[int, int, int] | None = None, max_batch_size: int | None = None,
           max_targets: int = 16, instances: int = 1, threads: int = 0, ort_optimization: str = "all",
           units: tuple[str, ...] = ("text_encoder", "conditioning", "segmenter"), parity_runs: int = 2,
           prognosis_checkpoint: Path | None = None, generator_config: Path | None = None,
@@ -201,6 +210,8 @@ def build(checkpoint: Path, output: Path, *, target: str = "embedded", engine: s
                "segmenter": SegmenterUnit(model)}
     spec = contracts(cfg, vocab_size=_vocab_size(encoder))
     engine, device = resolve_engine(engine, target)
+    if max_batch_size is None:
+        max_batch_size = default_max_batch_size(engine, device)
     if precision != "fp32" and engine != "tensorrt":
         log.info("--precision %s applies to TensorRT engines; the %s units stay fp32", precision, engine)
     limits = ServingLimits(max_targets=max_targets, sw_batch_size=max_batch_size)
@@ -410,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(table cached in <output>/.<unit>.int8-calibration), the text units are built in fp16")
     ap.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                     help="sliding-window patch; default: the checkpoint's training patch")
-    ap.add_argument("--max-batch-size", type=int, default=4,
-                    help="windows per segmenter call in segment_volume, and the TensorRT profile's largest batch")
+    ap.add_argument("--max-batch-size", type=int, default=None,
+                    help="windows per segmenter call in segment_volume, and the TensorRT profile's largest batch "
+                         "(default 4; 1 for PyTorch units on CPU, the fastest there)")
     ap.add_argument("--max-targets", type=int, default=16, help="largest number of target prompts K per request")
     ap.add_argument("--instances", type=int, default=1, help="segmenter instances (2 helps on a GPU)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance (0: all cores)")

@@ -1,5 +1,6 @@
 """The unit runners the python-backend models use: ONNX Runtime and PyTorch agree; TensorRT where it exists."""
 
+import re
 import shutil
 
 import numpy as np
@@ -147,8 +148,9 @@ def test_a_rebuild_with_another_engine_leaves_no_stale_unit_files(small_checkpoi
     out = tmp_path / "repo"
     build(small_checkpoint, out, engine="onnxruntime", units=("conditioning",))
     assert (out / "conditioning" / "1" / "model.onnx").is_file()
-    manifest = build(small_checkpoint, out, engine="torch", units=("conditioning",))
+    manifest = build(small_checkpoint, out, engine="torch", units=("conditioning",), max_batch_size=3)
     assert not (out / "conditioning" / "1" / "model.onnx").exists()
+    assert manifest["max_batch_size"] == 3      # an explicit window batch wins over the CPU default of one
     assert check_repository(out, small_checkpoint)["units"] == manifest["units"]
 
 
@@ -200,3 +202,20 @@ def test_tensorrt_runner_names_a_shape_outside_the_profile():
     with pytest.raises(InvalidRequest, match=r"segmenter: TensorRT refused input image of shape \(6, 1, 32, 32, 16\)"
                                              r".*allows \(1, 1, 32, 32, 16\) to \(4, 1, 32, 32, 16\)"):
         runner(feed)
+
+
+def test_torch_units_on_cpu_take_one_window_per_call(torch_repository):
+    """The window batch defaults by engine and device (one for PyTorch units on CPU, the fastest there; four
+    otherwise) and reaches segment_volume's limits (an explicit value wins: test_a_rebuild_with_another_engine_leaves_no_stale_unit_files)."""
+    from duplus.contract import ServingLimits
+    from export.build_engines import default_max_batch_size
+    from serving.requests import read_manifest
+
+    manifest = read_manifest(torch_repository)
+    assert (manifest["engine"], manifest["device"]) == ("torch", "cpu")
+    assert manifest["max_batch_size"] == 1
+    config = (torch_repository / "segment_volume" / "config.pbtxt").read_text()
+    params = dict(re.findall(r'key: "(\w+)"\s+value \{\s+string_value: "([^"]*)"', config))
+    assert ServingLimits.from_parameters(params).sw_batch_size == 1
+    assert [default_max_batch_size(*ed) for ed in (("onnxruntime", "cpu"), ("torch", "gpu"), ("tensorrt", "gpu"))] \
+        == [4, 4, 4]
