@@ -31,6 +31,7 @@ from duplus.checkpoint import load_checkpoint
 from duplus.checks import CountTokensFn, check_prompts, check_request_volume, request_stem
 from duplus.contract import EncodedPrompts, InvalidRequest, ServingLimits
 from duplus.models.duplus import DuPLUS, DuPLUSConfig
+from duplus.models.fastpaths import windows_per_pass
 from duplus.preprocessing import body_box, fuse_labels, keep_largest_components, to_input_grid, to_model_space
 from duplus.text_encoder import EmbeddingCache, TextEncoder
 from duplus.vocabulary import (
@@ -237,15 +238,14 @@ class Predictor:
                  target_conditioning: str = "canonical", instruction_generator=None):
         """``instruction_generator``: a ``duplus.instructions.InstructionGenerator`` for ``instructions='auto'``
         (default: the offline knowledge base, built on first use). ``sw_batch_size``: sliding windows per forward
-        pass; by default one on CPU (with ``duplus.models.fastpaths`` a batch of one is the fastest there: an MR
-        abdomen 16.4-16.8 s against 19.7-20.6 s with two, the same labels, 2-core Xeon, 2026-12-05) and the served
-        default (``ServingLimits``) on a GPU."""
+        pass; by default one on CPU and the served default (``ServingLimits``) on a GPU
+        (``duplus.models.fastpaths.windows_per_pass``)."""
         if target_conditioning not in TARGET_CONDITIONING:
             raise ValueError(f"target_conditioning must be one of {TARGET_CONDITIONING}, got {target_conditioning!r}")
         self.target_conditioning = target_conditioning
         self.device = torch.device(device)
         if sw_batch_size is None:
-            sw_batch_size = 1 if self.device.type == "cpu" else ServingLimits().sw_batch_size
+            sw_batch_size = windows_per_pass(self.device.type, ServingLimits().sw_batch_size)
         self.model = model.to(self.device).eval()
         self.cfg: DuPLUSConfig = model.cfg
         self.vocabulary = vocabulary

@@ -98,11 +98,11 @@ __all__ = ["SOURCE_REPOSITORY", "build", "default_max_batch_size", "main", "reso
 
 def default_max_batch_size(engine: str, device: str) -> int:
     """Windows per segmenter call in segment_volume when ``--max-batch-size`` is not given: one for PyTorch units on
-    CPU, four otherwise. With duplus.models.fastpaths a batch of one is the fastest on CPU: ``ct_256`` through
-    segment_volume took 9.20 s with PyTorch units and one window per call, 11.75 s with four and 11.01 s on ONNX
-    Runtime units with four (median of 3, 2-core Xeon, 2026-12-05); ONNX Runtime is batch-insensitive on CPU
-    (461-485 ms per window for 1, 2 and 4) and a GPU wants batches."""
-    return 1 if (engine, device) == ("torch", "cpu") else 4
+    CPU (``duplus.models.fastpaths.windows_per_pass``), four otherwise (ONNX Runtime is batch-insensitive on CPU,
+    461-485 ms per window for 1, 2 and 4 on the 2-core Xeon; TensorRT and a GPU want batches)."""
+    from duplus.models.fastpaths import windows_per_pass
+
+    return windows_per_pass(device, 4) if engine == "torch" else 4
 
 
 def resolve_engine(engine: str, flavour: str) -> tuple[str, str]:

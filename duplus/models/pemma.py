@@ -499,10 +499,11 @@ def window_probabilities(windows: WindowFn, image: torch.Tensor, crop: int, *, o
 def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, mode: str, *, overlap: float = 0.25,
                                  sw_batch_size: int | None = None, ct_body: bool = False) -> torch.Tensor:
     """:func:`window_probabilities` of ``model`` run in ``mode``; by default one window per forward pass for a model
-    on CPU (the fastest there: 408-442 against 506-542 ms per 64³ window with two, 2-core Xeon, 2026-12-05) and
-    two elsewhere."""
+    on CPU and two on a GPU (``duplus.models.fastpaths.windows_per_pass``)."""
     if sw_batch_size is None:
-        sw_batch_size = 1 if next(model.parameters()).device.type == "cpu" else 2
+        from duplus.models.fastpaths import windows_per_pass
+
+        sw_batch_size = windows_per_pass(next(model.parameters()).device.type, 2)
     return window_probabilities(lambda x: model.forward_channels(x, mode), image, model.cfg.crop, overlap=overlap,
                                 sw_batch_size=sw_batch_size, ct_body=ct_body)
 

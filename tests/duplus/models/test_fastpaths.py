@@ -47,3 +47,9 @@ def test_equal_in_inference_and_pytorchs_kernels_in_training_and_in_graphs():
     graph = str(torch.jit.trace(fast[:4], x.detach()).inlined_graph)
     assert "aten::instance_norm" in graph and "aten::_convolution" in graph
     assert "aten::group_norm" not in graph and "mkldnn" not in graph
+
+
+def test_one_window_per_pass_on_cpu_by_default():
+    from duplus.models.fastpaths import windows_per_pass
+
+    assert [windows_per_pass(d, 4) for d in ("cpu", "cuda", "gpu")] == [1, 4, 4]
